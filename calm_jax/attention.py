@@ -1,0 +1,150 @@
+"""Self-attention with GQA, RoPE, soft-capping, sliding windows and causal/segment masks.
+
+Einsum letters: B batch, T query length, S key length, D width, N query heads, K kv heads,
+G query heads per kv head (N = K * G), H head dim.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from calm_jax.layers import RMSNorm, apply_rope
+
+Array = jax.Array
+
+# Finite, so that a query with no visible key (a padding row) yields a uniform softmax, not NaN.
+_MASKED = float(np.finfo(np.float32).min)
+
+
+def attention_mask(q_index: Array, kv_index: Array, q_segment_ids: Array,
+                   kv_segment_ids: Array, window: int | None = None) -> Array:
+  """Boolean mask [B, T, S]: which key each query may attend.
+
+  Query i sees key j when j <= i (causal, by index in the sequence), both lie in the same
+  segment, the key is a real token (segment id != 0) and, with a window, i - j < window.
+
+  Args:
+    q_index: [B, T] index of each query in its sequence.
+    kv_index: [B, S] index of each key.
+    q_segment_ids: [B, T] segment of each query; 0 marks padding.
+    kv_segment_ids: [B, S] segment of each key; 0 marks padding.
+    window: sliding-window size, or None for unlimited.
+  """
+  q = q_index[:, :, None]
+  k = kv_index[:, None, :]
+  mask = (k <= q) & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
+  mask &= kv_segment_ids[:, None, :] != 0
+  if window is not None:
+    mask &= q - k < window
+  return mask
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,
+                          softcap: float | None = None) -> Array:
+  """Grouped-query attention of scaled queries; softmax in float32.
+
+  Args:
+    q: [B, T, N, H] queries, already scaled.
+    k: [B, S, K, H] keys.
+    v: [B, S, K, H] values.
+    mask: [B, T, S] boolean.
+    softcap: `c * tanh(logits / c)` before masking, or None.
+
+  Returns:
+    [B, T, N, H].
+  """
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, t, kv_heads, n // kv_heads, h)
+  # [B, K, G, T, S]
+  logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, k).astype(jnp.float32)
+  if softcap is not None:
+    logits = softcap * jnp.tanh(logits / softcap)
+  logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  # [B, T, K, G, H]
+  out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v)
+  return out.reshape(b, t, n, h)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention of one decoder layer.
+
+  Attributes:
+    embed_dim: D.
+    num_heads: N.
+    num_kv_heads: K.
+    head_dim: H.
+    query_scale: multiplier of the queries (usually H ** -0.5).
+    inv_freq: rotary inverse frequencies [H // 2] of this layer.
+    window: sliding window, or None.
+    softcap: attention logit soft-cap, or None.
+    qk_norm: RMSNorm over H of queries and keys before RoPE.
+    norm_eps: epsilon of those norms.
+    norm_plus_one: `1 + w` scaling in those norms.
+    qkv_bias: biases on the q/k/v projections.
+    out_bias: bias on the output projection.
+    dtype: compute dtype.
+    param_dtype: storage dtype.
+  """
+
+  embed_dim: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  query_scale: float
+  inv_freq: tuple[float, ...]
+  window: int | None = None
+  softcap: float | None = None
+  qk_norm: bool = False
+  norm_eps: float = 1e-6
+  norm_plus_one: bool = False
+  qkv_bias: bool = False
+  out_bias: bool = False
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def _project(self, name: str, x: Array, heads: int, axis: str) -> Array:
+    init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+    kernel = self.param(name, nn.with_logical_partitioning(init, ('embed', axis, 'kv')),
+                        (self.embed_dim, heads, self.head_dim), self.param_dtype)
+    # [B, T, heads, H]
+    y = jnp.einsum('BTD,DNH->BTNH', x, kernel.astype(self.dtype))
+    if self.qkv_bias:
+      bias = self.param(f'{name}_bias',
+                        nn.with_logical_partitioning(nn.initializers.zeros, (axis, 'kv')),
+                        (heads, self.head_dim), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, segment_ids: Array) -> Array:
+    """Attends `x` [B, T, D] to itself; `positions`, `segment_ids` are [B, T]."""
+    q = self._project('query', x, self.num_heads, 'heads')
+    k = self._project('key', x, self.num_kv_heads, 'kv_heads')
+    v = self._project('value', x, self.num_kv_heads, 'kv_heads')
+    if self.qk_norm:
+      norm = dict(eps=self.norm_eps, plus_one=self.norm_plus_one, axis_name='kv',
+                  param_dtype=self.param_dtype)
+      q = RMSNorm(name='query_norm', **norm)(q)
+      k = RMSNorm(name='key_norm', **norm)(k)
+    inv_freq = np.asarray(self.inv_freq, np.float32)
+    q = apply_rope(q, positions, inv_freq) * jnp.asarray(self.query_scale, self.dtype)
+    k = apply_rope(k, positions, inv_freq)
+    index = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    mask = attention_mask(index, index, segment_ids, segment_ids, self.window)
+    out = dot_product_attention(q, k, v, mask, self.softcap)
+    init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+    kernel = self.param('out', nn.with_logical_partitioning(init, ('heads', 'kv', 'embed')),
+                        (self.num_heads, self.head_dim, self.embed_dim), self.param_dtype)
+    # [B, T, D]
+    y = jnp.einsum('BTNH,NHD->BTD', out, kernel.astype(self.dtype))
+    if self.out_bias:
+      bias = self.param('out_bias', nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                 ('embed',)),
+                        (self.embed_dim,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y

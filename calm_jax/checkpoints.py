@@ -1,0 +1,136 @@
+"""LM checkpoints: an orbax directory of parameters plus the `TransformerConfig` as JSON.
+
+Layout of an LM checkpoint directory (local or `gs://`):
+  config.json   {"format": "calm_jax.lm/1", "config": {...}, "metadata": {...}}
+  params/       orbax StandardCheckpointer tree of the (unboxed) parameters
+
+`config.json` is written last, so a directory without it is an incomplete checkpoint.
+Loading restores straight into device arrays of the requested shardings: there is no second
+full copy of the parameters in host memory.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from calm_jax.configs import TransformerConfig
+from calm_jax.transformer import abstract_params
+
+FORMAT = 'calm_jax.lm/1'
+CONFIG_FILE = 'config.json'
+PARAMS_DIR = 'params'
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing, malformed or does not match the expected model."""
+
+
+def save_lm(path: str | epath.Path, config: TransformerConfig, params: Any,
+            metadata: Mapping[str, Any] | None = None) -> None:
+  """Writes an LM checkpoint.
+
+  Args:
+    path: target directory; must not hold a checkpoint already.
+    config: the architecture of `params`.
+    params: parameter tree (boxed or not) of numpy or jax arrays.
+    metadata: JSON-serialisable provenance stored beside the config.
+  """
+  path = epath.Path(path)
+  if (path / CONFIG_FILE).exists() or (path / PARAMS_DIR).exists():
+    raise CheckpointError(f'{path} already holds a checkpoint; choose a new directory.')
+  _check_shapes(config, nn.unbox(params), str(path))
+  path.mkdir(parents=True, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  # orbax wants absolute local paths.
+  checkpointer.save(path / PARAMS_DIR if _is_remote(path) else (path / PARAMS_DIR).resolve(),
+                    nn.unbox(params))
+  checkpointer.wait_until_finished()
+  document = {'format': FORMAT, 'config': config.to_dict(), 'metadata': dict(metadata or {})}
+  tmp = path / (CONFIG_FILE + '.tmp')
+  tmp.write_text(json.dumps(document, indent=2, sort_keys=True))
+  tmp.rename(path / CONFIG_FILE)
+
+
+def _is_remote(path: epath.Path) -> bool:
+  return '://' in str(path)
+
+
+def load_lm_config(path: str | epath.Path) -> TransformerConfig:
+  """Reads the `TransformerConfig` of the LM checkpoint at `path`."""
+  path = epath.Path(path)
+  file = path / CONFIG_FILE
+  if not file.exists():
+    if not path.exists():
+      raise CheckpointError(f'LM checkpoint {path} does not exist.')
+    raise CheckpointError(f'{path} has no {CONFIG_FILE}: not a (complete) calm_jax LM checkpoint.')
+  try:
+    document = json.loads(file.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f'{file} is not valid JSON ({e}).') from e
+  if document.get('format') != FORMAT:
+    raise CheckpointError(f'{file}: unknown format {document.get("format")!r}, want {FORMAT}.')
+  return TransformerConfig.from_dict(document['config'])
+
+
+def _check_shapes(config: TransformerConfig, tree: Any, where: str) -> None:
+  """Raises a CheckpointError naming the first parameter whose shape differs from `config`'s."""
+  expected = {jax.tree_util.keystr(k): v.shape for k, v in
+              jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_params(config)))[0]}
+  actual = {jax.tree_util.keystr(k): tuple(getattr(v, 'shape', ())) for k, v in
+            jax.tree_util.tree_flatten_with_path(tree)[0]}
+  missing = sorted(set(expected) - set(actual))
+  extra = sorted(set(actual) - set(expected))
+  if missing or extra:
+    raise CheckpointError(f'{where}: parameters do not match the config: missing {missing[:5]}, '
+                          f'unexpected {extra[:5]}.')
+  for key, shape in expected.items():
+    if tuple(actual[key]) != tuple(shape):
+      raise CheckpointError(f'{where}: parameter {key} has shape {tuple(actual[key])}, the '
+                            f'config needs {tuple(shape)}.')
+
+
+def load_lm(path: str | epath.Path, *, config: TransformerConfig | None = None,
+            shardings: Any = None) -> tuple[TransformerConfig, Any]:
+  """Restores an LM checkpoint straight into device arrays.
+
+  Args:
+    path: the LM checkpoint directory (local or `gs://`).
+    config: if given, the architecture the caller expects; a different stored config is an error.
+    shardings: a `jax.sharding.Sharding` for every leaf, or a tree of them matching the
+      parameters; default: the first local device.
+
+  Returns:
+    (config, params) with params a plain (unboxed) tree of `jax.Array`s.
+  """
+  path = epath.Path(path)
+  stored = load_lm_config(path)
+  if config is not None and config != stored:
+    diff = {k: (v, getattr(config, k)) for k, v in stored.to_dict().items()
+            if getattr(config, k) != getattr(stored, k) and k != 'rope_scaling'}
+    if config.rope_scaling != stored.rope_scaling:
+      diff['rope_scaling'] = (stored.rope_scaling, config.rope_scaling)
+    raise CheckpointError(f'LM checkpoint {path} does not match the expected model: '
+                          f'(stored, expected) = {diff}.')
+  params_path = path / PARAMS_DIR
+  if not params_path.exists():
+    raise CheckpointError(f'{path} has no {PARAMS_DIR}/ directory.')
+  if not _is_remote(params_path):
+    params_path = params_path.resolve()
+  checkpointer = ocp.StandardCheckpointer()
+  metadata = checkpointer.metadata(params_path)
+  metadata = getattr(metadata, 'item_metadata', metadata)
+  _check_shapes(stored, metadata, str(path))
+  abstract = nn.unbox(abstract_params(stored))
+  if shardings is None:
+    shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, abstract)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+  return stored, checkpointer.restore(params_path, target)
