@@ -42,8 +42,7 @@ def save_lm(path: str | epath.Path, config: TransformerConfig, params: Any,
     metadata: JSON-serialisable provenance stored beside the config.
   """
   path = epath.Path(path)
-  if (path / CONFIG_FILE).exists() or (path / PARAMS_DIR).exists():
-    raise CheckpointError(f'{path} already holds a checkpoint; choose a new directory.')
+  check_new_lm_dir(path)
   _check_shapes(config, nn.unbox(params), str(path))
   path.mkdir(parents=True, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
@@ -55,6 +54,13 @@ def save_lm(path: str | epath.Path, config: TransformerConfig, params: Any,
   tmp = path / (CONFIG_FILE + '.tmp')
   tmp.write_text(json.dumps(document, indent=2, sort_keys=True))
   tmp.rename(path / CONFIG_FILE)
+
+
+def check_new_lm_dir(path: str | epath.Path) -> None:
+  """Raises a CheckpointError if `path` already holds (part of) an LM checkpoint."""
+  path = epath.Path(path)
+  if (path / CONFIG_FILE).exists() or (path / PARAMS_DIR).exists():
+    raise CheckpointError(f'{path} already holds a checkpoint; choose a new directory.')
 
 
 def _is_remote(path: epath.Path) -> bool:
@@ -111,12 +117,8 @@ def load_lm(path: str | epath.Path, *, config: TransformerConfig | None = None,
   path = epath.Path(path)
   stored = load_lm_config(path)
   if config is not None and config != stored:
-    diff = {k: (v, getattr(config, k)) for k, v in stored.to_dict().items()
-            if getattr(config, k) != getattr(stored, k) and k != 'rope_scaling'}
-    if config.rope_scaling != stored.rope_scaling:
-      diff['rope_scaling'] = (stored.rope_scaling, config.rope_scaling)
     raise CheckpointError(f'LM checkpoint {path} does not match the expected model: '
-                          f'(stored, expected) = {diff}.')
+                          f'(stored, expected) = {stored.differences(config)}.')
   params_path = path / PARAMS_DIR
   if not params_path.exists():
     raise CheckpointError(f'{path} has no {PARAMS_DIR}/ directory.')

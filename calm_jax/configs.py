@@ -148,6 +148,12 @@ class TransformerConfig:
     """Returns 'global' or 'local' for 0-based `layer`."""
     return self.attention_types[layer] if self.attention_types else 'global'
 
+  def differences(self, other: TransformerConfig) -> dict[str, tuple[Any, Any]]:
+    """Fields whose values differ, as {name: (self's, other's)}."""
+    return {f.name: (getattr(self, f.name), getattr(other, f.name))
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)}
+
   def to_dict(self) -> dict[str, Any]:
     """Returns a JSON-serialisable dict; `from_dict` inverts it."""
     return dataclasses.asdict(self)

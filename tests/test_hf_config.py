@@ -82,24 +82,13 @@ def _from_transformers(family):
 def test_defaults_match_transformers(family):
   """Keys a config omits get the defaults of the transformers config class of the family.
 
-  The activation is checked separately (`test_default_activation_matches_transformers`).
   """
   minimal = config_from_hf(_hf(family))
   full = _from_transformers(family)
-  assert dataclasses.replace(full, activation=minimal.activation) == minimal
+  assert full == minimal
 
 
-# Bug in calm_jax (config_from_hf): without `hidden_act`/`hidden_activation` the activation
-# defaults to 'silu' for every family, but transformers' Gemma classes default to
-# 'gelu_pytorch_tanh'. Remove the marks once that is fixed (strict: an XPASS fails).
-_GEMMA_DEFAULT_ACT_BUG = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason='config_from_hf defaults the Gemma activation to silu, not gelu_tanh')
-
-
-@pytest.mark.parametrize('family', [
-    pytest.param(f, marks=_GEMMA_DEFAULT_ACT_BUG) if f.startswith('gemma') else f
-    for f in _DEFAULT_FAMILIES])
+@pytest.mark.parametrize('family', _DEFAULT_FAMILIES)
 def test_default_activation_matches_transformers(family):
   """Without an activation key, the family's transformers default activation is used."""
   assert config_from_hf(_hf(family)).activation == _from_transformers(family).activation

@@ -132,7 +132,8 @@ def config_from_hf(hf: Mapping[str, Any], dtype: str | None = None) -> Transform
   num_layers = int(hf['num_hidden_layers'])
   num_heads = int(hf['num_attention_heads'])
   head_dim = hf.get('head_dim') or hf['hidden_size'] // num_heads
-  act_name = hf.get('hidden_activation') or hf.get('hidden_act') or 'silu'
+  act_name = (hf.get('hidden_activation') or hf.get('hidden_act')
+              or ('gelu_pytorch_tanh' if gemma else 'silu'))
   if gemma and act_name == 'gelu':  # Legacy Gemma configs say 'gelu' but mean tanh (as HF does).
     act_name = 'gelu_pytorch_tanh'
   if act_name not in _ACTIVATIONS:

@@ -8,6 +8,7 @@ Missing tensors, tensors of the wrong shape and unexpected tensors are errors th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -153,11 +154,12 @@ def load_hf_params(hf_dir: str, config: TransformerConfig,
   if unexpected:
     shown = ', '.join(unexpected[:5]) + (' ...' if len(unexpected) > 5 else '')
     raise CheckpointError(
-        f'{len(unexpected)} tensors of {hf_dir} have no place in the model: {shown}')
+        f'{hf_dir} has {len(unexpected)} tensor(s) with no place in the model: {shown}')
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(expected), leaves)
 
 
 def convert_hf_checkpoint(hf_dir: str, output_dir: str, dtype: str | None = None,
+                          expected: TransformerConfig | None = None,
                           log: Callable[[str], None] = print) -> TransformerConfig:
   """Converts a Hugging Face checkpoint directory into a calm_jax LM checkpoint.
 
@@ -165,13 +167,21 @@ def convert_hf_checkpoint(hf_dir: str, output_dir: str, dtype: str | None = None
     hf_dir: local directory with `config.json` and `model.safetensors` (or shards + index).
     output_dir: where to write the LM checkpoint (local or `gs://`); must not exist yet.
     dtype: parameter dtype ('float32', 'bfloat16', 'float16'); default: the checkpoint's.
+    expected: if given, the architecture the checkpoint must have (dtypes aside); checked
+      before anything is read or written.
     log: progress sink.
 
   Returns:
     The `TransformerConfig` written with the checkpoint.
   """
   hf = read_hf_config(hf_dir)
+  checkpoints.check_new_lm_dir(output_dir)
   config = config_from_hf(hf, dtype=dtype)
+  if expected is not None:
+    expected = dataclasses.replace(expected, dtype=config.dtype, param_dtype=config.param_dtype)
+    if config != expected:
+      raise CheckpointError(f'{hf_dir} is not the expected architecture: (checkpoint, expected) '
+                            f'= {config.differences(expected)}.')
   log(f'{hf.get("model_type")}: {config.num_layers} layers, width {config.embed_dim}, '
       f'{config.num_heads}/{config.num_kv_heads} heads, vocab {config.vocab_size}, '
       f'{config.param_dtype}')

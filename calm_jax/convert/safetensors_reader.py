@@ -53,9 +53,12 @@ class SafetensorsReader:
     index_path = os.path.join(directory, INDEX_FILE)
     single_path = os.path.join(directory, SINGLE_FILE)
     if os.path.exists(index_path):
-      with open(index_path) as f:
-        weight_map = json.load(f)['weight_map']
-      files = sorted(set(weight_map.values()))
+      try:
+        with open(index_path) as f:
+          weight_map = json.load(f)['weight_map']
+        files = sorted(set(weight_map.values()))
+      except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f'{index_path} is not a valid safetensors index ({e!r}).') from e
     elif os.path.exists(single_path):
       files = [SINGLE_FILE]
     else:
@@ -67,7 +70,10 @@ class SafetensorsReader:
       if not os.path.exists(path):
         raise CheckpointError(f'Weight shard {path} named in {INDEX_FILE} is missing.')
       header, offset = _read_header(path)
+      size = os.path.getsize(path)
       for tensor, info in header.items():
+        if offset + info['data_offsets'][1] > size:
+          raise CheckpointError(f'{path} is truncated: tensor {tensor} lies past its end.')
         self._entries[tensor] = (path, offset, info)
 
   def names(self) -> Iterator[str]:

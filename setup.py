@@ -1,0 +1,51 @@
+"""calm_jax: CALM (Composition to Augment Language Models) in JAX/Flax for TPUs."""
+
+import setuptools
+
+# Ranges start at the versions tested together (constraints.txt pins the exact set CI uses)
+# and stop before the next minor release of each.
+INSTALL_REQUIRES = [
+    'jax>=0.10.2,<0.11',
+    'flax>=0.12.8,<0.13',
+    'optax>=0.2.8,<0.3',
+    'orbax-checkpoint>=0.12.8,<0.13',
+    'seqio==0.0.20',
+    'tensorflow>=2.21.0,<2.22',
+    'tensorflow-text>=2.21.1,<2.22',
+    'tensorflow-datasets>=4.9.10,<4.10',
+    'gin-config==0.5.0',
+    'absl-py>=2.1',
+    'etils[epath]>=1.15',
+    'ml_dtypes>=0.5',
+    'numpy>=2.0,<3',
+]
+
+EXTRAS_REQUIRE = {
+    'test': [
+        'pytest>=9.0,<10',
+        'pytest-xdist>=3.8,<4',
+        # Reference implementations for parity tests; 2.13.0 is the CPU build.
+        'torch==2.13.0',
+        'transformers>=5.24,<6',
+        'safetensors>=0.8,<1',
+    ],
+    'tpu': ['jax[tpu]>=0.10.2,<0.11'],
+}
+
+setuptools.setup(
+    name='calm_jax',
+    version='0.1.0',
+    description='CALM: composing frozen LLMs through cross-attention bridges, in JAX/Flax.',
+    long_description=open('README.md').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.10',
+    packages=setuptools.find_packages(include=['calm_jax', 'calm_jax.*']),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={
+        'console_scripts': [
+            'calm-convert = calm_jax.convert.cli:main',
+        ],
+    },
+    license='Apache-2.0',
+)

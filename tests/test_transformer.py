@@ -1,0 +1,107 @@
+"""Identities of the transformer itself: masks, padding, packing, config checks."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from calm_jax.attention import attention_mask
+from calm_jax.configs import RopeScaling, TransformerConfig
+from calm_jax.transformer import Transformer
+
+CONFIG = TransformerConfig(
+    vocab_size=61, embed_dim=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16,
+    mlp_dim=48, attention_types=('local', 'global', 'local'), sliding_window=3, qk_norm=True,
+    sandwich_norms=True, norm_plus_one=True, attn_logit_softcap=20.0, tie_embeddings=False,
+    rope_scaling=RopeScaling('linear', 2.0))
+
+
+@pytest.fixture(scope='module')
+def params():
+  return Transformer(CONFIG).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
+
+
+def _logits(params, tokens, **kwargs):
+  return np.asarray(Transformer(CONFIG).apply({'params': params}, jnp.asarray(tokens),
+                                              **kwargs).logits)
+
+
+def test_mask_is_causal_windowed_and_segmented():
+  index = jnp.arange(5)[None]
+  segments = jnp.asarray([[1, 1, 1, 2, 0]])
+  mask = np.asarray(attention_mask(index, index, segments, segments, window=2))[0]
+  expected = np.array([[1, 0, 0, 0, 0],
+                       [1, 1, 0, 0, 0],
+                       [0, 1, 1, 0, 0],
+                       [0, 0, 0, 1, 0],
+                       [0, 0, 0, 0, 0]], bool)
+  np.testing.assert_array_equal(mask, expected)
+
+
+def test_padding_changes_no_real_logit(params):
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(0, CONFIG.vocab_size, (2, 7))
+  padded = np.concatenate([tokens, rng.integers(0, CONFIG.vocab_size, (2, 5))], axis=1)
+  segments = np.concatenate([np.ones((2, 7), np.int32), np.zeros((2, 5), np.int32)], axis=1)
+  np.testing.assert_allclose(_logits(params, padded, segment_ids=segments)[:, :7],
+                             _logits(params, tokens), atol=1e-5, rtol=0)
+
+
+def test_packing_equals_running_apart(params):
+  rng = np.random.default_rng(2)
+  first, second = rng.integers(0, CONFIG.vocab_size, 5), rng.integers(0, CONFIG.vocab_size, 6)
+  packed = np.concatenate([first, second])[None]
+  segments = np.asarray([[1] * 5 + [2] * 6])
+  positions = np.asarray([list(range(5)) + list(range(6))])
+  out = _logits(params, packed, positions=positions, segment_ids=segments)[0]
+  np.testing.assert_allclose(out[:5], _logits(params, first[None])[0], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(out[5:], _logits(params, second[None])[0], atol=1e-5, rtol=0)
+
+
+def test_future_tokens_change_nothing_before_them(params):
+  rng = np.random.default_rng(3)
+  tokens = rng.integers(0, CONFIG.vocab_size, (1, 9))
+  changed = tokens.copy()
+  changed[0, 6] = (changed[0, 6] + 1) % CONFIG.vocab_size
+  a, b = _logits(params, tokens), _logits(params, changed)
+  np.testing.assert_array_equal(a[:, :6], b[:, :6])
+  assert np.abs(a[:, 6:] - b[:, 6:]).max() > 1e-3
+
+
+def test_bfloat16_compute_runs_in_bfloat16(params):
+  config = dataclasses.replace(CONFIG, dtype='bfloat16')
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  out = Transformer(config).apply({'params': params}, tokens, return_hidden=(1,))
+  assert out.hidden[1].dtype == jnp.bfloat16
+  assert out.logits.dtype == jnp.float32
+  assert np.isfinite(np.asarray(out.logits)).all()
+
+
+def test_return_hidden_out_of_range(params):
+  with pytest.raises(ValueError, match=r'return_hidden \[4\]'):
+    Transformer(CONFIG).apply({'params': params}, jnp.zeros((1, 2), jnp.int32),
+                              return_hidden=(4,))
+
+
+def test_config_json_round_trip():
+  assert TransformerConfig.from_json(CONFIG.to_json()) == CONFIG
+
+
+@pytest.mark.parametrize('change,message', [
+    (dict(num_kv_heads=3), 'num_kv_heads'),
+    (dict(attention_types=('local',)), 'attention_types has 1 entries for 3 layers'),
+    (dict(sliding_window=None), 'local attention layers need a sliding_window'),
+    (dict(activation='relu'), 'activation'),
+    (dict(head_dim=15), 'head_dim'),
+    (dict(dtype='float8'), 'dtype'),
+])
+def test_bad_config_is_rejected(change, message):
+  with pytest.raises(ValueError, match=message):
+    dataclasses.replace(CONFIG, **change)
+
+
+def test_unknown_json_field_is_rejected():
+  with pytest.raises(ValueError, match='max_seq_len'):
+    TransformerConfig.from_dict({**CONFIG.to_dict(), 'max_seq_len': 8})
