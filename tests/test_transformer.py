@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,3 +106,19 @@ def test_bad_config_is_rejected(change, message):
 def test_unknown_json_field_is_rejected():
   with pytest.raises(ValueError, match='max_seq_len'):
     TransformerConfig.from_dict({**CONFIG.to_dict(), 'max_seq_len': 8})
+
+
+def test_every_parameter_has_logical_axes():
+  boxed = Transformer(CONFIG).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))['params']
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert len(leaves) == len(jax.tree.leaves(nn.unbox(boxed)))
+  for leaf in leaves:
+    assert isinstance(leaf, nn.LogicallyPartitioned)
+    assert len(leaf.names) == leaf.value.ndim
+    assert set(leaf.names) <= {'vocab', 'embed', 'heads', 'kv_heads', 'kv', 'mlp'}
+
+
+def test_parameter_names_mirror_the_importer(params):
+  assert set(params) == {'embedder', 'final_norm', 'layer_0', 'layer_1', 'layer_2'}
+  assert set(params['layer_0']['attn']) == {'query', 'key', 'value', 'out', 'query_norm',
+                                            'key_norm'}
