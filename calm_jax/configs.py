@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Mapping
 
 ACTIVATIONS = ('silu', 'gelu_tanh', 'gelu')
 ATTENTION_TYPES = ('global', 'local')
 ROPE_SCALINGS = ('linear', 'llama3')
-DTYPES = ('float32', 'bfloat16', 'float16')
+DTYPES = ('float32', 'bfloat16', 'float16', 'float64')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,3 +176,148 @@ class TransformerConfig:
   def from_json(cls, text: str) -> TransformerConfig:
     """Parses `to_json`'s output."""
     return cls.from_dict(json.loads(text))
+
+
+def paper_connections(num_augment_layers: int, num_anchor_layers: int,
+                      every: int = 4) -> tuple[tuple[int, int], ...]:
+  """The paper's rule (section 4): every `every`-th augment layer, anchor layers evenly spaced.
+
+  With n = N_A // k: L_A = {k, 2k, ..., nk} and L_B = {round(j * N_B / n) : j = 1..n}, where
+  round is half-up (so that the rule does not depend on Python's banker's rounding).
+
+  Returns:
+    n pairs (augment_layer, anchor_layer), 1-indexed "after layer" counts.
+  """
+  n = num_augment_layers // every
+  if n < 1:
+    raise ValueError(f'every={every} exceeds the augment depth {num_augment_layers}: no bridge.')
+  return tuple((every * j, int(math.floor(j * num_anchor_layers / n + 0.5)))
+               for j in range(1, n + 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class BridgeConfig:
+  """The bridges from one augmenting model into the anchor.
+
+  Attributes:
+    connections: explicit (augment_layer, anchor_layer) pairs, 1-indexed: bridge j reads the
+      augment's residual stream after layer a_j and adds to the anchor's after layer b_j.
+      Empty means the paper's rule with `every`.
+    every: k of the paper's every-k rule.
+    num_heads: cross-attention heads; None means the anchor's.
+    num_kv_heads: key/value heads (GQA); None means `num_heads`.
+    head_dim: None means anchor width // num_heads.
+    query_norm: RMSNorm on the anchor states before the query projection.
+    kv_norm: RMSNorm on the projected augment states P_j.
+    zero_init_out: W_o starts at zero, so the untrained composition is exactly the anchor.
+    norm_eps: epsilon of both norms.
+  """
+
+  connections: tuple[tuple[int, int], ...] = ()
+  every: int = 4
+  num_heads: int | None = None
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  query_norm: bool = True
+  kv_norm: bool = True
+  zero_init_out: bool = True
+  norm_eps: float = 1e-6
+
+  def __post_init__(self):
+    object.__setattr__(self, 'connections',
+                       tuple(tuple(int(x) for x in pair) for pair in self.connections))
+    if any(len(pair) != 2 for pair in self.connections):
+      raise ValueError(f'BridgeConfig.connections must be (augment_layer, anchor_layer) pairs, '
+                       f'got {self.connections}.')
+    if self.every < 1:
+      raise ValueError(f'BridgeConfig.every must be >= 1, got {self.every}.')
+
+  def resolve(self, augment: TransformerConfig,
+              anchor: TransformerConfig) -> tuple[tuple[int, int], ...]:
+    """The connections for this augment/anchor pair (explicit, else the every-k rule)."""
+    if self.connections:
+      return self.connections
+    return paper_connections(augment.num_layers, anchor.num_layers, self.every)
+
+  def heads(self, anchor: TransformerConfig) -> tuple[int, int, int]:
+    """(num_heads, num_kv_heads, head_dim) of the cross-attention, defaults resolved."""
+    num_heads = self.num_heads or anchor.num_heads
+    if self.head_dim is None and anchor.embed_dim % num_heads:
+      raise ValueError(f'Bridge heads ({num_heads}) do not divide the anchor width '
+                       f'({anchor.embed_dim}); set head_dim or another num_heads.')
+    head_dim = self.head_dim or anchor.embed_dim // num_heads
+    num_kv_heads = self.num_kv_heads or num_heads
+    if num_heads % num_kv_heads:
+      raise ValueError(f'Bridge num_kv_heads ({num_kv_heads}) must divide num_heads '
+                       f'({num_heads}).')
+    return num_heads, num_kv_heads, head_dim
+
+
+def paper_bridge() -> BridgeConfig:
+  """The paper's bridges: no query or key/value norms (W_o still starts at zero)."""
+  return BridgeConfig(query_norm=False, kv_norm=False)
+
+
+_RESERVED_NAMES = frozenset({'name', 'parent', 'config', 'scope', 'variables', 'params'})
+
+
+@dataclasses.dataclass(frozen=True)
+class CalmConfig:
+  """A composition: one anchor, any number of named augmenting models, their bridges.
+
+  Attributes:
+    anchor: the anchor LM (m_B), whose outputs are the composition's.
+    augments: (name, config) of each augmenting LM (m_A), in the order their bridges apply.
+      A mapping is accepted and kept in its order.
+    bridges: (name, BridgeConfig) per augment; an augment without one gets `BridgeConfig()`.
+    augment_as_encoder: ablation: the anchor may read the augment only over the prompt.
+  """
+
+  anchor: TransformerConfig
+  augments: tuple[tuple[str, TransformerConfig], ...]
+  bridges: tuple[tuple[str, BridgeConfig], ...] = ()
+  augment_as_encoder: bool = False
+
+  def __post_init__(self):
+    augments = tuple(self.augments.items() if isinstance(self.augments, Mapping)
+                     else self.augments)
+    bridges = dict(self.bridges.items() if isinstance(self.bridges, Mapping) else self.bridges)
+    if not augments:
+      raise ValueError('CalmConfig needs at least one augment.')
+    names = [name for name, _ in augments]
+    if len(set(names)) != len(names):
+      raise ValueError(f'CalmConfig: augment names must be unique, got {names}.')
+    for name in names:
+      if not name.isidentifier() or name in _RESERVED_NAMES:
+        raise ValueError(f'CalmConfig: augment name {name!r} must be a Python identifier and '
+                         f'not one of {sorted(_RESERVED_NAMES)}.')
+    unknown = sorted(set(bridges) - set(names))
+    if unknown:
+      raise ValueError(f'CalmConfig: bridges for unknown augment(s) {unknown}; augments are '
+                       f'{names}.')
+    bridges = tuple((name, bridges.get(name, BridgeConfig())) for name in names)
+    object.__setattr__(self, 'augments', augments)
+    object.__setattr__(self, 'bridges', bridges)
+    for name, augment in augments:
+      if augment.vocab_size != self.anchor.vocab_size:
+        raise ValueError(f'CalmConfig: augment {name!r} has vocab {augment.vocab_size}, the '
+                         f'anchor {self.anchor.vocab_size}; composed models share a vocabulary.')
+      bridge = dict(bridges)[name]
+      bridge.heads(self.anchor)
+      for a, b in bridge.resolve(augment, self.anchor):
+        if not 1 <= a <= augment.num_layers:
+          raise ValueError(f'CalmConfig: connection ({a}, {b}) of {name!r} reads augment layer '
+                           f'{a}, outside 1..{augment.num_layers}.')
+        if not 1 <= b <= self.anchor.num_layers:
+          raise ValueError(f'CalmConfig: connection ({a}, {b}) of {name!r} writes anchor layer '
+                           f'{b}, outside 1..{self.anchor.num_layers}.')
+
+  def connections(self, name: str) -> tuple[tuple[int, int], ...]:
+    """Resolved (augment_layer, anchor_layer) pairs of augment `name`."""
+    return dict(self.bridges)[name].resolve(dict(self.augments)[name], self.anchor)
+
+  def bridge(self, name: str) -> BridgeConfig:
+    """The BridgeConfig of augment `name`."""
+    if name not in dict(self.bridges):
+      raise KeyError(f'Unknown augment {name!r}; augments are {[n for n, _ in self.augments]}.')
+    return dict(self.bridges)[name]

@@ -109,7 +109,8 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, positions: Array | None = None,
                segment_ids: Array | None = None, *, return_hidden: Sequence[int] = (),
-               compute_logits: bool = True) -> TransformerOutput:
+               compute_logits: bool = True,
+               after_layer: Callable[[int, Array], Array] | None = None) -> TransformerOutput:
     """Runs the LM.
 
     Args:
@@ -119,6 +120,8 @@ class Transformer(nn.Module):
         default all ones. Tokens attend causally within their own segment only.
       return_hidden: layer counts i in [0, num_layers] whose residual stream to return.
       compute_logits: if False, stop after the deepest requested layer and return no logits.
+      after_layer: `f(i, x) -> x` applied to the residual stream after i layers (i >= 1),
+        before the next layer reads it; this is where the composition adds its bridges.
 
     Returns:
       A `TransformerOutput`.
@@ -141,6 +144,8 @@ class Transformer(nn.Module):
     hidden = {0: x} if 0 in wanted else {}
     for i in range(last):
       x = self._layer(i)(x, positions, segment_ids)
+      if after_layer is not None:
+        x = after_layer(i + 1, x)
       if i + 1 in wanted:
         hidden[i + 1] = x
     if not compute_logits:

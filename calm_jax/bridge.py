@@ -1,0 +1,136 @@
+"""CALM bridges: projection of an augment layer into the anchor's width plus cross-attention.
+
+Einsum letters: B batch, T anchor (query) length, S augment (key) length, D anchor width,
+E augment width, N heads, K kv heads, H head dim.
+
+Bridge j: P = proj(h_A(a_j)) [B, S, D]; queries from h_B(b_j), keys/values from P; the output
+`attn @ W_o` is added to the anchor's residual stream after layer b_j (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from calm_jax.attention import dot_product_attention
+from calm_jax.layers import RMSNorm
+
+Array = jax.Array
+
+
+class BridgeBlock(nn.Module):
+  """One connection's projection and cross-attention.
+
+  Attributes:
+    anchor_dim: D.
+    augment_dim: E.
+    num_heads: N.
+    num_kv_heads: K.
+    head_dim: H.
+    use_query_norm: RMSNorm (`query_norm`) on the anchor states before W_q.
+    use_kv_norm: RMSNorm (`kv_norm`) on P.
+    zero_init_out: W_o starts at zero.
+    norm_eps: epsilon of the norms.
+    dtype: compute dtype.
+    param_dtype: storage dtype.
+  """
+
+  anchor_dim: int
+  augment_dim: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  use_query_norm: bool = True
+  use_kv_norm: bool = True
+  zero_init_out: bool = True
+  norm_eps: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    d, e, n, k, h = (self.anchor_dim, self.augment_dim, self.num_heads, self.num_kv_heads,
+                     self.head_dim)
+
+    def kernel(name, shape, axes, in_axis=0, out_axis=-1, init=None):
+      init = init or nn.initializers.lecun_normal(in_axis=in_axis, out_axis=out_axis)
+      return self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
+
+    self.proj = kernel('proj', (e, d), ('augment_embed', 'embed'))
+    self.query = kernel('query', (d, n, h), ('embed', 'heads', 'kv'), out_axis=(1, 2))
+    self.key = kernel('key', (d, k, h), ('embed', 'kv_heads', 'kv'), out_axis=(1, 2))
+    self.value = kernel('value', (d, k, h), ('embed', 'kv_heads', 'kv'), out_axis=(1, 2))
+    self.out = kernel('out', (n, h, d), ('heads', 'kv', 'embed'), in_axis=(0, 1), out_axis=2,
+                      init=nn.initializers.zeros if self.zero_init_out else None)
+    norm = dict(eps=self.norm_eps, param_dtype=self.param_dtype)
+    if self.use_kv_norm:
+      self.kv_norm = RMSNorm(**norm)
+    if self.use_query_norm:
+      self.query_norm = RMSNorm(**norm)
+
+  def keys_values(self, augment_states: Array) -> tuple[Array, Array]:
+    """Projects augment states [B, S, E] to this bridge's keys and values [B, S, K, H]."""
+    # [B, S, D]
+    p = jnp.einsum('BSE,ED->BSD', augment_states.astype(self.dtype),
+                   self.proj.astype(self.dtype))
+    if self.use_kv_norm:
+      p = self.kv_norm(p)
+    # [B, S, K, H] each
+    keys = jnp.einsum('BSD,DKH->BSKH', p, self.key.astype(self.dtype))
+    values = jnp.einsum('BSD,DKH->BSKH', p, self.value.astype(self.dtype))
+    return keys, values
+
+  def attend(self, anchor_states: Array, keys: Array, values: Array, mask: Array) -> Array:
+    """Cross-attends anchor states [B, T, D] to keys/values [B, S, K, H]; returns [B, T, D]."""
+    x = anchor_states.astype(self.dtype)
+    if self.use_query_norm:
+      x = self.query_norm(x)
+    # [B, T, N, H]
+    q = jnp.einsum('BTD,DNH->BTNH', x, self.query.astype(self.dtype))
+    q = q * jnp.asarray(self.head_dim ** -0.5, self.dtype)
+    out = dot_product_attention(q, keys, values, mask)
+    # [B, T, D]
+    y = jnp.einsum('BTNH,NHD->BTD', out, self.out.astype(self.dtype))
+    return y.astype(anchor_states.dtype)
+
+  def __call__(self, anchor_states: Array, augment_states: Array, mask: Array) -> Array:
+    """The bridge's contribution [B, T, D] to the anchor's residual stream.
+
+    Args:
+      anchor_states: h_B(b_j) [B, T, D].
+      augment_states: h_A(a_j) [B, S, E].
+      mask: [B, T, S] which augment position each anchor position may read.
+    """
+    keys, values = self.keys_values(augment_states)
+    return self.attend(anchor_states, keys, values, mask)
+
+
+class Bridge(nn.Module):
+  """All bridges of one augment: `block_{j}` for its j-th connection (0-based).
+
+  Attributes:
+    num_blocks: number of connections.
+    block_kwargs: the BridgeBlock attributes shared by all blocks.
+  """
+
+  num_blocks: int
+  block_kwargs: dict
+
+  def setup(self):
+    for j in range(self.num_blocks):
+      setattr(self, f'block_{j}', BridgeBlock(**self.block_kwargs))
+
+  def block(self, j: int) -> BridgeBlock:
+    """The j-th bridge block."""
+    return getattr(self, f'block_{j}')
+
+  def __call__(self, j: int, anchor_states: Array, augment_states: Array, mask: Array) -> Array:
+    """Runs block j (see `BridgeBlock.__call__`)."""
+    return self.block(j)(anchor_states, augment_states, mask)
+
+
+def connected_layers(connections: Sequence[tuple[int, int]]) -> tuple[int, ...]:
+  """Sorted distinct augment layers read by `connections`."""
+  return tuple(sorted({a for a, _ in connections}))

@@ -1,0 +1,146 @@
+"""The composed model: augments run forward, the anchor runs with bridges added to its stream.
+
+Parameter tree (DESIGN.md):
+  anchor/...                      the anchor LM (frozen)
+  augments/{name}/...             each augmenting LM (frozen)
+  bridge/{name}/block_{j}/...     the trained bridges: proj, query, key, value, out, norms
+
+Einsum letters: B batch, T length.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from calm_jax.attention import attention_mask
+from calm_jax.bridge import Bridge, connected_layers
+from calm_jax.configs import CalmConfig, TransformerConfig
+from calm_jax.transformer import Transformer, TransformerOutput
+
+Array = jax.Array
+
+
+class Augments(nn.Module):
+  """The augmenting LMs, each a child named after its augment.
+
+  Attributes:
+    configs: (name, TransformerConfig) per augment.
+  """
+
+  configs: tuple[tuple[str, TransformerConfig], ...]
+
+  @nn.compact
+  def __call__(self, tokens: Array, positions: Array, segment_ids: Array,
+               layers: dict[str, tuple[int, ...]]) -> dict[str, dict[int, Array]]:
+    """Residual streams {name: {layer: [B, T, E]}} after the requested layers (no logits)."""
+    return {
+        name: Transformer(config, name=name)(tokens, positions, segment_ids,
+                                             return_hidden=layers[name],
+                                             compute_logits=False).hidden
+        for name, config in self.configs
+    }
+
+
+class Bridges(nn.Module):
+  """The bridges of every augment: child `{name}` holds `block_{j}`.
+
+  Attributes:
+    specs: (augment name, number of blocks, BridgeBlock attributes) per augment.
+  """
+
+  specs: tuple[tuple[str, int, Any], ...]
+
+  def setup(self):
+    for name, num_blocks, kwargs in self.specs:
+      setattr(self, name, Bridge(num_blocks=num_blocks, block_kwargs=kwargs))
+
+  def __call__(self, name: str, j: int, anchor_states: Array, augment_states: Array,
+               mask: Array) -> Array:
+    """Block j of augment `name` (see `BridgeBlock.__call__`)."""
+    return getattr(self, name)(j, anchor_states, augment_states, mask)
+
+
+def bridge_block_kwargs(config: CalmConfig, name: str) -> dict[str, Any]:
+  """The BridgeBlock attributes of augment `name`'s bridges."""
+  bridge = config.bridge(name)
+  num_heads, num_kv_heads, head_dim = bridge.heads(config.anchor)
+  return dict(anchor_dim=config.anchor.embed_dim,
+              augment_dim=dict(config.augments)[name].embed_dim, num_heads=num_heads,
+              num_kv_heads=num_kv_heads, head_dim=head_dim, use_query_norm=bridge.query_norm,
+              use_kv_norm=bridge.kv_norm, zero_init_out=bridge.zero_init_out,
+              norm_eps=bridge.norm_eps, dtype=jnp.dtype(config.anchor.dtype),
+              param_dtype=jnp.dtype(config.anchor.param_dtype))
+
+
+def attachments(config: CalmConfig) -> dict[int, list[tuple[str, int, int]]]:
+  """{anchor_layer: [(augment name, block j, augment_layer), ...]} in application order."""
+  attached: dict[int, list[tuple[str, int, int]]] = {}
+  for name, _ in config.augments:
+    for j, (a, b) in enumerate(config.connections(name)):
+      attached.setdefault(b, []).append((name, j, a))
+  return attached
+
+
+class Calm(nn.Module):
+  """Anchor + augments + bridges; outputs are the anchor's.
+
+  Attributes:
+    config: the composition.
+  """
+
+  config: CalmConfig
+
+  def setup(self):
+    cfg = self.config
+    self.anchor = Transformer(cfg.anchor)
+    self.augments = Augments(cfg.augments)
+    self.bridge = Bridges(tuple(
+        (name, len(cfg.connections(name)), bridge_block_kwargs(cfg, name))
+        for name, _ in cfg.augments))
+
+  def cross_mask(self, segment_ids: Array, prompt_mask: Array | None) -> Array:
+    """[B, T, S] mask of the bridges: causal, same segment, real tokens (+ prompt only)."""
+    index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+    mask = attention_mask(index, index, segment_ids, segment_ids)
+    if self.config.augment_as_encoder:
+      if prompt_mask is None:
+        raise ValueError('augment_as_encoder needs a prompt_mask ([B, T], 1 on the prompt).')
+      mask &= prompt_mask[:, None, :].astype(bool)
+    return mask
+
+  def __call__(self, tokens: Array, positions: Array | None = None,
+               segment_ids: Array | None = None, prompt_mask: Array | None = None, *,
+               return_hidden: tuple[int, ...] = ()) -> TransformerOutput:
+    """Runs the composition.
+
+    Args:
+      tokens: [B, T] token ids, read by every model (shared vocabulary).
+      positions: [B, T]; default 0..T-1.
+      segment_ids: [B, T], 0 for padding; default all ones.
+      prompt_mask: [B, T], 1 on prompt tokens; required by `augment_as_encoder`.
+      return_hidden: anchor layers whose (bridged) residual stream to return.
+
+    Returns:
+      The anchor's `TransformerOutput` (logits [B, T, V] float32).
+    """
+    cfg = self.config
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    if segment_ids is None:
+      segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    layers = {name: connected_layers(cfg.connections(name)) for name, _ in cfg.augments}
+    augment_states = self.augments(tokens, positions, segment_ids, layers)
+    mask = self.cross_mask(segment_ids, prompt_mask)
+    attached = attachments(cfg)
+
+    def add_bridges(layer: int, x: Array) -> Array:
+      for name, j, a in attached.get(layer, ()):
+        x = x + self.bridge(name, j, x, augment_states[name][a], mask)
+      return x
+
+    return self.anchor(tokens, positions, segment_ids, return_hidden=return_hidden,
+                       after_layer=add_bridges)
