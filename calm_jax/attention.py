@@ -44,7 +44,7 @@ def attention_mask(q_index: Array, kv_index: Array, q_segment_ids: Array,
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,
                           softcap: float | None = None) -> Array:
-  """Grouped-query attention of scaled queries; softmax in float32.
+  """Grouped-query attention of scaled queries; softmax in (at least) float32.
 
   Args:
     q: [B, T, N, H] queries, already scaled.
@@ -60,7 +60,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,
   kv_heads = k.shape[2]
   q = q.reshape(b, t, kv_heads, n // kv_heads, h)
   # [B, K, G, T, S]
-  logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, k).astype(jnp.float32)
+  logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, k)
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
   if softcap is not None:
     logits = softcap * jnp.tanh(logits / softcap)
   logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED)

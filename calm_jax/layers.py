@@ -23,7 +23,7 @@ def _param(module: nn.Module, name: str, init, shape, axes, dtype):
 
 
 class RMSNorm(nn.Module):
-  """Root-mean-square norm over the last axis, computed in float32.
+  """Root-mean-square norm over the last axis, computed in (at least) float32.
 
   Attributes:
     eps: added to the mean square.
@@ -41,9 +41,10 @@ class RMSNorm(nn.Module):
   def __call__(self, x: Array) -> Array:
     init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
     scale = _param(self, 'scale', init, (x.shape[-1],), (self.axis_name,), self.param_dtype)
-    x32 = x.astype(jnp.float32)
+    wide = jnp.promote_types(x.dtype, jnp.float32)
+    x32 = x.astype(wide)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    scale = scale.astype(jnp.float32)
+    scale = scale.astype(wide)
     return (y * (1.0 + scale if self.plus_one else scale)).astype(x.dtype)
 
 
@@ -167,9 +168,10 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
   (i, i + H/2), so this is the matching layout.
   """
   # [B, T, H/2]
-  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  wide = jnp.promote_types(x.dtype, jnp.float32)
+  angles = positions.astype(wide)[..., None] * jnp.asarray(inv_freq, wide)
   sin = jnp.sin(angles)[:, :, None, :]
   cos = jnp.cos(angles)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  x1, x2 = jnp.split(x.astype(wide), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)

@@ -152,7 +152,8 @@ class Transformer(nn.Module):
       return TransformerOutput(None, hidden)
     x = RMSNorm(eps=cfg.norm_eps, plus_one=cfg.norm_plus_one,
                 param_dtype=jnp.dtype(cfg.param_dtype), name='final_norm')(x)
-    logits = embedder.decode(x).astype(jnp.float32)
+    logits = embedder.decode(x)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     if cfg.final_logit_softcap is not None:
       logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
     return TransformerOutput(logits, hidden)
