@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from calm_jax.attention import attention_mask
-from calm_jax.bridge import Bridge, connected_layers
+from calm_jax.bridge import Bridge, BridgeBlock, connected_layers
 from calm_jax.configs import CalmConfig, TransformerConfig
 from calm_jax.transformer import Transformer, TransformerOutput
 
@@ -144,3 +144,30 @@ class Calm(nn.Module):
 
     return self.anchor(tokens, positions, segment_ids, return_hidden=return_hidden,
                        after_layer=add_bridges)
+
+
+def abstract_params(config: CalmConfig) -> Any:
+  """Shapes of the whole composed tree (boxed with logical axes), without allocating."""
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  return jax.eval_shape(lambda t: Calm(config).init(jax.random.key(0), t), tokens)['params']
+
+
+def init_bridge_params(config: CalmConfig, rng: Array) -> dict[str, Any]:
+  """Initial trained tree {'bridge': {name: {'block_j': ...}}}, touching no frozen model.
+
+  Each augment's blocks share one compiled init (same shapes); block j of augment i uses the
+  key `fold_in(fold_in(rng, i), j)`.
+  """
+  bridges = {}
+  for i, (name, augment) in enumerate(config.augments):
+    block = BridgeBlock(**bridge_block_kwargs(config, name))
+    init = jax.jit(block.init)
+    dtype = jnp.dtype(config.anchor.dtype)
+    x = jnp.zeros((1, 1, config.anchor.embed_dim), dtype)
+    h = jnp.zeros((1, 1, augment.embed_dim), jnp.dtype(augment.dtype))
+    mask = jnp.ones((1, 1, 1), bool)
+    key = jax.random.fold_in(rng, i)
+    bridges[name] = {
+        f'block_{j}': nn.unbox(init(jax.random.fold_in(key, j), x, h, mask)['params'])
+        for j in range(len(config.connections(name)))}
+  return {'bridge': bridges}

@@ -14,6 +14,7 @@ from calm_jax.attention import attention_mask
 from calm_jax.calm import Calm
 from calm_jax.configs import (BridgeConfig, CalmConfig, TransformerConfig, paper_bridge,
                               paper_connections)
+from calm_jax.random_init import random_like
 from calm_jax.transformer import Transformer
 
 VOCAB = 53
@@ -36,8 +37,11 @@ def make_config(zero_init=True, **kwargs):
 
 
 def init(config, seed=0):
-  tokens = jnp.zeros((1, 4), jnp.int32)
-  return nn.unbox(Calm(config).init(jax.random.key(seed), tokens)['params'])
+  """Random frozen models (numpy, fast) and bridges from their real initialiser."""
+  abstract = nn.unbox(calm_lib.abstract_params(config))
+  params = random_like({'anchor': abstract['anchor'], 'augments': abstract['augments']}, seed)
+  params.update(calm_lib.init_bridge_params(config, jax.random.key(seed)))
+  return params
 
 
 @functools.lru_cache(maxsize=None)
