@@ -92,7 +92,7 @@ def train_step(state: TrainState, frozen: Any, batch: Batch, rng: Array, *, appl
   params = optax.apply_updates(state.params, updates)
   metrics = {'loss': out.loss, 'cross_entropy': out.cross_entropy, 'z_loss': out.z_loss,
              'accuracy': out.accuracy, 'target_tokens': out.weight_sum,
-             'grad_norm': optax.global_norm(grads)}
+             'grad_norm': optax.tree.norm(grads)}
   return TrainState(state.step + 1, params, opt_state), metrics
 
 
