@@ -1,0 +1,34 @@
+"""benchmarks/train_step.py on its smallest setting: runs, reports, and shows the step's cost.
+
+No timing is asserted (shared machines are noisy); FLOP counts are deterministic.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+
+def test_small_benchmark(tmp_path, repo_root):
+  output = tmp_path / 'train_step.json'
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # XLA's defaults.
+  env['PYTHONPATH'] = str(repo_root)
+  result = subprocess.run(
+      [sys.executable, str(repo_root / 'benchmarks' / 'train_step.py'), '--size=small',
+       f'--output={output}'], capture_output=True, text=True, timeout=600, env=env,
+      check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(output.read_text())
+  programs = report['programs']
+  assert set(programs) == {'anchor_forward', 'composed_forward', 'composition_step',
+                           'full_finetune_step', 'naive_masked_step'}
+  for row in programs.values():
+    assert row['median_s'] > 0 and row['xla_flops'] > 0 and row['analytic_flops'] > 0
+  # The compiled composition step computes no frozen-weight gradient: XLA's count is within
+  # 3 % of the analytic minimum, while differentiating the whole tree costs about twice that.
+  assert 0.97 <= programs['composition_step']['xla_over_analytic'] <= 1.03
+  assert programs['naive_masked_step']['xla_flops'] > 1.5 * programs['composition_step'][
+      'xla_flops']
+  assert 0.97 <= programs['anchor_forward']['xla_over_analytic'] <= 1.03
+  assert report['ratios']['full_finetune_step/anchor_forward (analytic_flops)'] == 3.0
+  assert report['parameters']['bridges'] > 0
