@@ -39,12 +39,15 @@ setuptools.setup(
     long_description=open('README.md').read(),
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
-    packages=setuptools.find_packages(include=['calm_jax', 'calm_jax.*']),
+    # The tasks/ folder installs as `calm_tasks`: a top-level `tasks` would collide.
+    packages=setuptools.find_packages(include=['calm_jax', 'calm_jax.*']) + ['calm_tasks'],
+    package_dir={'calm_tasks': 'tasks'},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={
         'console_scripts': [
             'calm-convert = calm_jax.convert.cli:main',
+            'calm-train = calm_jax.train:main',
         ],
     },
     license='Apache-2.0',

@@ -136,3 +136,56 @@ def load_lm(path: str | epath.Path, *, config: TransformerConfig | None = None,
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
   return stored, checkpointer.restore(params_path, target)
+
+
+class RunCheckpointer:
+  """Checkpoints of a training run in `model_dir/checkpoints/<step>`: trained state + data position.
+
+  Only what the run trains is saved (for a composition: the bridges and their optimizer state,
+  never the frozen models). orbax writes each step into a temporary directory and renames it
+  when complete, so an interrupted save never hides the previous good checkpoint; resuming
+  takes the latest complete step.
+
+  Args:
+    model_dir: the run's directory (local or `gs://`).
+    max_to_keep: checkpoints kept (older ones are deleted).
+  """
+
+  def __init__(self, model_dir: str | epath.Path, max_to_keep: int = 3):
+    directory = epath.Path(model_dir) / 'checkpoints'
+    if not _is_remote(directory):
+      directory = directory.resolve()
+    self._manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        item_names=('state', 'data'))
+
+  def latest_step(self) -> int | None:
+    """The latest complete checkpoint's step, or None."""
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, batches_consumed: int) -> None:
+    """Saves (asynchronously) the state and the data position at `step`."""
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave({'batches_consumed': int(batches_consumed)})))
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, int]:
+    """(state, batches consumed) of checkpoint `step`, restored into `abstract_state`'s layout."""
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
+        abstract_state)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(f'Checkpoint {step} in {self._manager.directory} does not match '
+                            f'this run (different model or optimizer?): {e}') from e
+    return restored['state'], int(restored['data']['batches_consumed'])
+
+  def wait_until_finished(self) -> None:
+    """Blocks until pending saves are complete."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases resources."""
+    self._manager.close()

@@ -1,0 +1,81 @@
+"""Training and evaluation data through SeqIO, decoder-only features in T5X's layout.
+
+Tasks with `inputs` and `targets` go through seqio's PrefixLMFeatureConverter (loss on targets
+only, `decoder_causal_attention` marks the prompt); tasks with `targets` only through its
+DecoderFeatureConverter. Packing is on request. Each process reads its own shard
+(`seqio.ShardInfo(jax.process_index(), jax.process_count())`) and batches its share of the global
+batch, ready for multi-host runs.
+
+The data position of a run is the number of batches it has consumed: the pipeline is
+deterministic given its seed, so a resumed run skips that many batches and sees exactly the
+batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Mapping
+
+import jax
+import numpy as np
+import seqio
+import tensorflow as tf
+
+
+class UnknownTaskError(ValueError):
+  """No SeqIO task or mixture has the requested name."""
+
+
+def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
+  """The registered task or mixture `name`, or an error listing what is registered."""
+  try:
+    return seqio.get_mixture_or_task(name)
+  except ValueError as e:
+    names = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+    raise UnknownTaskError(
+        f'Unknown task or mixture {name!r}. Registered: {", ".join(names) or "none"} '
+        f'(is the module that registers it imported, e.g. calm_tasks.kv_arithmetic?)') from e
+
+
+def feature_converter(task: seqio.Task | seqio.Mixture, pack: bool) -> seqio.FeatureConverter:
+  """Prefix-LM converter for input/target tasks, plain LM converter for target-only ones."""
+  tasks = task.tasks if isinstance(task, seqio.Mixture) else [task]
+  if all('inputs' in t.output_features for t in tasks):
+    return seqio.PrefixLMFeatureConverter(pack=pack, loss_on_targets_only=True)
+  return seqio.DecoderFeatureConverter(pack=pack)
+
+
+def get_dataset(name: str, task_feature_lengths: Mapping[str, int], split: str,
+                batch_size: int, *, shuffle: bool = True, seed: int = 0, pack: bool = False,
+                num_epochs: int | None = None, skip_batches: int = 0) -> tf.data.Dataset:
+  """This process's batches of `name`, as model features.
+
+  Args:
+    name: a registered task or mixture.
+    task_feature_lengths: e.g. {'inputs': 16, 'targets': 8} (T5X's TASK_FEATURE_LENGTHS).
+    split: dataset split.
+    batch_size: the global batch size; each process batches batch_size / process_count.
+    shuffle: shuffle examples (seeded).
+    seed: the pipeline's seed; the same seed gives the same batches.
+    pack: pack several examples per row (segment ids and positions then come with it).
+    num_epochs: None repeats forever.
+    skip_batches: batches already consumed (resume).
+  """
+  task = get_task_or_mixture(name)
+  processes = jax.process_count()
+  if batch_size % processes:
+    raise ValueError(f'BATCH_SIZE {batch_size} is not divisible by the {processes} processes.')
+  ds = seqio.get_dataset(
+      name, task_feature_lengths=dict(task_feature_lengths), dataset_split=split,
+      shuffle=shuffle, num_epochs=num_epochs, seed=seed, use_cached=False,
+      shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=processes),
+      feature_converter=feature_converter(task, pack))
+  ds = ds.batch(batch_size // processes, drop_remainder=True)
+  if skip_batches:
+    ds = ds.skip(skip_batches)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def as_numpy_batches(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+  """Iterates `ds` as dicts of numpy arrays."""
+  for batch in ds.as_numpy_iterator():
+    yield {k: np.asarray(v) for k, v in batch.items()}

@@ -1,0 +1,90 @@
+"""T5X-style command lines for the gin entry points.
+
+  calm-train --gin_file=runs/compose.gin --gin_search_paths=gin \
+      --gin.MODEL_DIR="'/tmp/run'" --gin.TRAIN_STEPS=1000
+
+`--gin_file` (repeatable) names gin files, found directly or under `--gin_search_paths`;
+`--gin.NAME=VALUE` binds NAME (a macro or `configurable.param`) like a line of gin;
+`--gin_bindings` takes whole binding lines. A file that does not parse, an unknown
+configurable and a `%gin.REQUIRED` macro left unset each stop the run with one message.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+from absl import app
+from absl import flags
+import gin
+
+from calm_jax import logs
+
+_GIN_FILE = flags.DEFINE_multi_string('gin_file', [], 'gin files to parse, in order.')
+_GIN_BINDINGS = flags.DEFINE_multi_string('gin_bindings', [], 'Extra gin binding lines.')
+_GIN_SEARCH_PATHS = flags.DEFINE_list(
+    'gin_search_paths', [], 'Directories searched for --gin_file and gin includes.')
+
+DEFAULT_SEARCH_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                   'gin')
+
+
+class GinConfigError(ValueError):
+  """The gin configuration is malformed or incomplete."""
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+  """Turns T5X's `--gin.NAME=VALUE` flags into `--gin_bindings=NAME=VALUE`."""
+  out = []
+  for arg in argv:
+    if arg.startswith('--gin.'):
+      name, sep, value = arg[len('--gin.'):].partition('=')
+      if not sep:
+        raise app.UsageError(f'{arg}: expected --gin.NAME=VALUE.')
+      out.append(f'--gin_bindings={name} = {value}')
+    else:
+      out.append(arg)
+  return out
+
+
+def parse_gin(files: Sequence[str], bindings: Sequence[str],
+              search_paths: Sequence[str] = ()) -> None:
+  """Parses gin files and bindings with clear errors.
+
+  Raises:
+    GinConfigError: a missing file, a parse error, an unknown configurable.
+  """
+  for path in list(search_paths) + [DEFAULT_SEARCH_PATH]:
+    gin.add_config_file_search_path(path)
+  try:
+    gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
+  except IOError as e:
+    raise GinConfigError(f'gin file not found: {e} (search paths: '
+                         f'{list(search_paths) + [DEFAULT_SEARCH_PATH]}).') from e
+  except (SyntaxError, ValueError) as e:
+    raise GinConfigError(f'Malformed gin configuration: {e}') from e
+
+
+def call_with_gin(fn: Callable[[], object]) -> object:
+  """Calls a gin-configured entry function, turning gin's REQUIRED errors into one message."""
+  try:
+    return fn()
+  except RuntimeError as e:
+    if 'Required bindings' in str(e) or 'REQUIRED' in str(e):
+      raise GinConfigError(f'A required gin value is unset: {e}') from e
+    raise
+
+
+def gin_main(entry: Callable[[], object]) -> None:
+  """Runs `entry` (a gin-configurable taking no arguments) as an absl program."""
+  def _main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    logs.setup_console_logging()
+    try:
+      parse_gin(_GIN_FILE.value, _GIN_BINDINGS.value, _GIN_SEARCH_PATHS.value)
+      call_with_gin(entry)
+    except GinConfigError as e:
+      sys.exit(f'{os.path.basename(sys.argv[0])}: {e}')
+  app.run(_main, argv=rewrite_gin_args(sys.argv))

@@ -1,0 +1,225 @@
+"""`calm-train`: T5X-style training runs, configured by gin.
+
+Modes:
+  pretrain   train one LM from scratch (`model_config`); writes `MODEL_DIR/lm`, an LM checkpoint.
+  compose    load the anchor and augment LM checkpoints, train the bridges only.
+  finetune   load the anchor LM checkpoint, train the parameters matching `trainable`.
+
+A run writes `MODEL_DIR/config.gin` (the resolved configuration), TensorBoard summaries under
+`MODEL_DIR/train`, checkpoints under `MODEL_DIR/checkpoints` (state + data position), and a
+console line per `log_every` steps with step, loss, tokens/s and ETA. It resumes from the
+latest checkpoint in `MODEL_DIR`; a resumed run ends bit-identical to an uninterrupted one.
+
+  calm-train --gin_file=runs/compose.gin --gin.MODEL_DIR="'/tmp/compose'" \
+      --gin.ANCHOR_CHECKPOINT="'/tmp/m_b/lm'" --gin.AUGMENT_CHECKPOINT="'/tmp/m_a/lm'"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+from absl import logging
+from clu import metric_writers
+from etils import epath
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from calm_jax import calm as calm_lib
+from calm_jax import checkpoints, data, optim, trainable
+from calm_jax.configs import BridgeConfig, CalmConfig, TransformerConfig
+from calm_jax.train_step import apply_fn_for, init_train_state, make_train_step
+from calm_jax.transformer import Transformer
+
+MODES = ('pretrain', 'compose', 'finetune')
+DEFAULT_AUGMENT = 'augment'
+
+
+@dataclasses.dataclass
+class Setup:
+  """What a mode builds: the model, its trained and frozen trees, and what to export."""
+
+  model: nn.Module
+  trained: Any
+  frozen: Any
+  lm_config: TransformerConfig | None = None  # pretrain / finetune: the LM to export.
+
+
+def _check_expected(path: str, expected: TransformerConfig | None) -> TransformerConfig:
+  config = checkpoints.load_lm_config(path)
+  if expected is not None and config != expected:
+    raise checkpoints.CheckpointError(
+        f'LM checkpoint {path} does not match the run\'s gin: (checkpoint, gin) = '
+        f'{config.differences(expected)}.')
+  return config
+
+
+def build_setup(mode: str, *, seed: int, model_config: TransformerConfig | None,
+                anchor_checkpoint: str | None, augment_checkpoints: Mapping[str, str] | None,
+                bridges: Mapping[str, BridgeConfig] | None, augment_as_encoder: bool,
+                trainable_patterns: Sequence[str] | None, anchor_config: TransformerConfig | None,
+                augment_configs: Mapping[str, TransformerConfig] | None) -> Setup:
+  """Builds the model and parameter trees of `mode` (see the module docstring)."""
+  if mode not in MODES:
+    raise ValueError(f'Unknown mode {mode!r}; choose from {MODES}.')
+  if mode == 'pretrain':
+    if model_config is None:
+      raise ValueError('pretrain needs a model_config (e.g. MODEL_CONFIG from gin/models/).')
+    model = Transformer(model_config)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    params = jax.jit(model.init)(jax.random.key(seed), tokens)['params']
+    return Setup(model, nn.unbox(params), {}, model_config)
+  if anchor_checkpoint is None:
+    raise ValueError(f'{mode} needs ANCHOR_CHECKPOINT.')
+  anchor_cfg = _check_expected(anchor_checkpoint, anchor_config)
+  _, anchor = checkpoints.load_lm(anchor_checkpoint)
+  if mode == 'finetune':
+    patterns = tuple(trainable_patterns or (r'.*',))
+    trained, frozen = trainable.split_params(anchor, patterns)
+    return Setup(Transformer(anchor_cfg), trained, frozen, anchor_cfg)
+  if not augment_checkpoints:
+    raise ValueError('compose needs AUGMENT_CHECKPOINT (or augment_checkpoints).')
+  augment_configs = dict(augment_configs or {})
+  augments, augment_params = {}, {}
+  for name, path in augment_checkpoints.items():
+    augments[name] = _check_expected(path, augment_configs.get(name))
+    augment_params[name] = checkpoints.load_lm(path)[1]
+  config = CalmConfig(anchor=anchor_cfg, augments=augments, bridges=dict(bridges or {}),
+                      augment_as_encoder=augment_as_encoder)
+  trained = calm_lib.init_bridge_params(config, jax.random.key(seed))
+  return Setup(calm_lib.Calm(config), trained, {'anchor': anchor, 'augments': augment_params})
+
+
+def _progress(step: int, total: int, metrics: Mapping[str, float], tokens_per_s: float,
+              elapsed: float, first: int) -> str:
+  done = step - first
+  eta = elapsed / done * (total - step) if done else float('nan')
+  return (f'step {step}/{total}  loss {metrics["loss"]:.4f}  acc {metrics["accuracy"]:.3f}  '
+          f'lr {metrics["learning_rate"]:.2e}  {tokens_per_s:,.0f} tokens/s  ETA {eta:,.0f}s')
+
+
+@gin.configurable(denylist=['log'])
+def train(*, model_dir: str = gin.REQUIRED, mode: str = 'compose',
+          mixture_or_task_name: str = gin.REQUIRED,
+          task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+          train_steps: int = gin.REQUIRED, batch_size: int = gin.REQUIRED,
+          model_config: TransformerConfig | None = None, anchor_checkpoint: str | None = None,
+          augment_checkpoints: Mapping[str, str] | None = None,
+          augment_checkpoint: str | None = None,
+          bridges: Mapping[str, BridgeConfig] | None = None, bridge: BridgeConfig | None = None,
+          augment_as_encoder: bool = False, trainable_patterns: Sequence[str] | None = None,
+          anchor_config: TransformerConfig | None = None,
+          augment_config: TransformerConfig | None = None,
+          optimizer_fn: Callable[..., Any] = optim.make_optimizer, z_loss: float = 0.0,
+          seed: int = 0, pack: bool = False, split: str = 'train', log_every: int = 50,
+          save_every: int = 500, keep_checkpoints: int = 3,
+          log: Callable[[str], None] = logging.info) -> dict[str, float]:
+  """Trains per `mode` and returns the last logged metrics.
+
+  Args:
+    model_dir: the run's directory (MODEL_DIR), local or gs://.
+    mode: 'pretrain', 'compose' or 'finetune'.
+    mixture_or_task_name: SeqIO task or mixture (MIXTURE_OR_TASK_NAME).
+    task_feature_lengths: e.g. {'inputs': 16, 'targets': 8} (TASK_FEATURE_LENGTHS).
+    train_steps: total steps (TRAIN_STEPS); a resumed run continues up to it.
+    batch_size: global batch (BATCH_SIZE).
+    model_config: pretrain: the LM to train (MODEL_CONFIG).
+    anchor_checkpoint: compose / finetune: the anchor LM checkpoint (ANCHOR_CHECKPOINT).
+    augment_checkpoints: compose: {name: LM checkpoint} of several augments.
+    augment_checkpoint: compose: the one augment's checkpoint (AUGMENT_CHECKPOINT), named
+      'augment'; ignored when augment_checkpoints is given.
+    bridges: compose: {name: BridgeConfig}; `bridge` sets the single augment's.
+    bridge: see `bridges`.
+    augment_as_encoder: compose: the encoder ablation.
+    trainable_patterns: finetune: regular expressions of trained parameter paths (default all).
+    anchor_config: if set, the anchor checkpoint must have exactly this architecture.
+    augment_config: if set, the single augment checkpoint must have this architecture.
+    optimizer_fn: `(total_steps=...) -> (optax transformation, schedule)`; configure
+      `optim.make_optimizer` in gin.
+    z_loss: z-loss coefficient.
+    seed: initialisation and data seed.
+    pack: pack examples.
+    split: dataset split.
+    log_every: steps between console lines and summaries.
+    save_every: steps between checkpoints (the last step is always saved).
+    keep_checkpoints: checkpoints kept.
+    log: console sink.
+  """
+  model_dir = epath.Path(model_dir)
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / 'config.gin').write_text(gin.config_str())
+  if augment_checkpoints is None and augment_checkpoint is not None:
+    augment_checkpoints = {DEFAULT_AUGMENT: augment_checkpoint}
+  if bridges is None and bridge is not None:
+    bridges = {name: bridge for name in (augment_checkpoints or {DEFAULT_AUGMENT: None})}
+  setup = build_setup(
+      mode, seed=seed, model_config=model_config, anchor_checkpoint=anchor_checkpoint,
+      augment_checkpoints=augment_checkpoints, bridges=bridges,
+      augment_as_encoder=augment_as_encoder, trainable_patterns=trainable_patterns,
+      anchor_config=anchor_config,
+      augment_configs={DEFAULT_AUGMENT: augment_config} if augment_config else None)
+  optimizer, schedule = optimizer_fn(total_steps=train_steps)
+  state = init_train_state(setup.trained, optimizer)
+  checkpointer = checkpoints.RunCheckpointer(model_dir, keep_checkpoints)
+  consumed = 0
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state, consumed = checkpointer.restore(latest, state)
+    log(f'resumed from step {latest} ({consumed} batches consumed)')
+  first = int(state.step)
+  trained_count = sum(int(np.size(x)) for x in jax.tree.leaves(state.params))
+  frozen_count = sum(int(np.size(x)) for x in jax.tree.leaves(setup.frozen))
+  log(f'{mode}: {trained_count:,} trained and {frozen_count:,} frozen parameters; '
+      f'steps {first} -> {train_steps}')
+  dataset = data.get_dataset(mixture_or_task_name, task_feature_lengths, split, batch_size,
+                             seed=seed, pack=pack, skip_batches=consumed)
+  batches = data.as_numpy_batches(dataset)
+  step_fn = make_train_step(apply_fn_for(setup.model), optimizer)
+  writer = metric_writers.create_default_writer(str(model_dir / 'train'),
+                                                just_logging=not is_chief)
+  rng = jax.random.key(seed)
+  last: dict[str, float] = {}
+  start, tokens = time.perf_counter(), 0
+  for step in range(first, train_steps):
+    batch = next(batches)
+    state, metrics = step_fn(state, setup.frozen, batch, rng)
+    tokens += int(np.sum(batch['decoder_target_tokens'] != 0))
+    done = step + 1
+    if done % log_every == 0 or done == train_steps:
+      last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not np.isfinite(last['loss']):
+        raise FloatingPointError(f'Non-finite loss {last["loss"]} at step {done}.')
+      elapsed = time.perf_counter() - start
+      last['learning_rate'] = float(schedule(step))
+      last['tokens_per_s'] = tokens / elapsed
+      writer.write_scalars(done, last)
+      log(_progress(done, train_steps, last, last['tokens_per_s'], elapsed, first))
+    if done % save_every == 0 or done == train_steps:
+      checkpointer.save(done, state, consumed + done - first)
+  checkpointer.close()
+  writer.flush()
+  if mode in ('pretrain', 'finetune') and is_chief and first < train_steps:
+    params = trainable.merge_params(state.params, setup.frozen)
+    lm_dir = model_dir / 'lm'
+    if lm_dir.exists():
+      lm_dir.rmtree()
+    checkpoints.save_lm(lm_dir, setup.lm_config, jax.device_get(params),
+                        metadata={'source': f'calm-train {mode}', 'steps': train_steps})
+    log(f'wrote LM checkpoint {lm_dir}')
+  return last
+
+
+def main():
+  """Console-script entry point (`calm-train`)."""
+  from calm_jax import gin_cli  # pylint: disable=g-import-not-at-top
+  gin_cli.gin_main(train)
+
+
+if __name__ == '__main__':
+  main()
