@@ -14,6 +14,9 @@ INSTALL_REQUIRES = [
     'tensorflow-text>=2.21.1,<2.22',
     'tensorflow-datasets>=4.9.10,<4.10',
     'gin-config==0.5.0',
+    'tensorboard>=2.21,<2.22',
+    'clu>=0.0.12',
+    'matplotlib>=3.9',
     'absl-py>=2.1',
     'etils[epath]>=1.15',
     'ml_dtypes>=0.5',
@@ -48,6 +51,7 @@ setuptools.setup(
         'console_scripts': [
             'calm-convert = calm_jax.convert.cli:main',
             'calm-train = calm_jax.train:main',
+            'calm-eval = calm_jax.eval:main',
         ],
     },
     license='Apache-2.0',

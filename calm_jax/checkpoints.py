@@ -182,6 +182,15 @@ class RunCheckpointer:
                             f'this run (different model or optimizer?): {e}') from e
     return restored['state'], int(restored['data']['batches_consumed'])
 
+  def restore_params(self, step: int | None = None) -> Any:
+    """The trained parameters of checkpoint `step` (default latest), without the optimizer."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'No checkpoint in {self._manager.directory}.')
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+    return restored['state']['params']
+
   def wait_until_finished(self) -> None:
     """Blocks until pending saves are complete."""
     self._manager.wait_until_finished()

@@ -68,7 +68,8 @@ class Embedder(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   def setup(self):
-    init = nn.initializers.normal(stddev=1.0)
+    # 1/sqrt(D) keeps tied logits O(1) at initialisation (the input side is normed anyway).
+    init = nn.initializers.normal(stddev=self.embed_dim ** -0.5)
     shape = (self.vocab_size, self.embed_dim)
     self.input_embedding = _param(self, 'input_embedding', init, shape, ('vocab', 'embed'),
                                   self.param_dtype)

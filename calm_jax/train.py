@@ -17,6 +17,7 @@ latest checkpoint in `MODEL_DIR`; a resumed run ends bit-identical to an uninter
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -94,6 +95,34 @@ def build_setup(mode: str, *, seed: int, model_config: TransformerConfig | None,
   return Setup(calm_lib.Calm(config), trained, {'anchor': anchor, 'augments': augment_params})
 
 
+CALM_RUN_FILE = 'calm_run.json'
+
+
+def write_calm_run(model_dir: epath.Path, config: CalmConfig, anchor_checkpoint: str,
+                   augment_checkpoints: Mapping[str, str]) -> None:
+  """Records in MODEL_DIR what a composition run composes, so eval/export need MODEL_DIR only."""
+  document = {
+      'anchor_checkpoint': str(anchor_checkpoint),
+      'augment_checkpoints': {k: str(v) for k, v in augment_checkpoints.items()},
+      'bridges': {name: dataclasses.asdict(b) for name, b in config.bridges},
+      'augment_as_encoder': config.augment_as_encoder,
+  }
+  (model_dir / CALM_RUN_FILE).write_text(json.dumps(document, indent=2))
+
+
+def read_calm_run(model_dir: str | epath.Path) -> tuple[CalmConfig, dict[str, Any]]:
+  """(CalmConfig, the frozen parameters) of a composition run directory."""
+  document = json.loads((epath.Path(model_dir) / CALM_RUN_FILE).read_text())
+  anchor_config, anchor = checkpoints.load_lm(document['anchor_checkpoint'])
+  augments, augment_params = {}, {}
+  for name, path in document['augment_checkpoints'].items():
+    augments[name], augment_params[name] = checkpoints.load_lm(path)
+  config = CalmConfig(anchor=anchor_config, augments=augments,
+                      bridges={k: BridgeConfig(**v) for k, v in document['bridges'].items()},
+                      augment_as_encoder=document['augment_as_encoder'])
+  return config, {'anchor': anchor, 'augments': augment_params}
+
+
 def _progress(step: int, total: int, metrics: Mapping[str, float], tokens_per_s: float,
               elapsed: float, first: int) -> str:
   done = step - first
@@ -164,6 +193,8 @@ def train(*, model_dir: str = gin.REQUIRED, mode: str = 'compose',
       augment_as_encoder=augment_as_encoder, trainable_patterns=trainable_patterns,
       anchor_config=anchor_config,
       augment_configs={DEFAULT_AUGMENT: augment_config} if augment_config else None)
+  if mode == 'compose' and is_chief:
+    write_calm_run(model_dir, setup.model.config, anchor_checkpoint, augment_checkpoints)
   optimizer, schedule = optimizer_fn(total_steps=train_steps)
   state = init_train_state(setup.trained, optimizer)
   checkpointer = checkpoints.RunCheckpointer(model_dir, keep_checkpoints)
@@ -181,8 +212,8 @@ def train(*, model_dir: str = gin.REQUIRED, mode: str = 'compose',
                              seed=seed, pack=pack, skip_batches=consumed)
   batches = data.as_numpy_batches(dataset)
   step_fn = make_train_step(apply_fn_for(setup.model), optimizer)
-  writer = metric_writers.create_default_writer(str(model_dir / 'train'),
-                                                just_logging=not is_chief)
+  writer = (metric_writers.SummaryWriter(str(model_dir / 'train')) if is_chief
+            else metric_writers.MultiWriter([]))
   rng = jax.random.key(seed)
   last: dict[str, float] = {}
   start, tokens = time.perf_counter(), 0
