@@ -52,6 +52,7 @@ setuptools.setup(
             'calm-convert = calm_jax.convert.cli:main',
             'calm-train = calm_jax.train:main',
             'calm-eval = calm_jax.eval:main',
+            'calm-kv-experiment = calm_tasks.kv_experiment:main',
         ],
     },
     license='Apache-2.0',

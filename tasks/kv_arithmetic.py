@@ -7,6 +7,9 @@ Tasks (each with 'train' and 'validation' splits of (inputs, targets) pairs):
   kv_arithmetic_held_out  the same over held-out keys only (evaluation; its 'train' split
                           exists for symmetry and is never used by the experiment)
 
+Mixture kv_arithmetic_eval: the three evaluation tasks (KV-Substitution, Numeric-Arithmetic,
+KV-Arithmetic over held-out keys), for one calm-eval call per model.
+
 Metric: exact match of the whole target, in percent ('accuracy'). `register(spec, ...)` makes
 another variant under a name prefix; `kv_data.py` documents the data and how it differs from
 the paper.
@@ -84,6 +87,10 @@ def register(spec: kv_data.KVSpec = kv_data.KVSpec(), prefix: str = '',
         output_features=features,
         metric_fns=[accuracy])
     names.append(name)
+  mixture = prefix + 'kv_arithmetic_eval'
+  if mixture in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.remove(mixture)
+  seqio.MixtureRegistry.add(mixture, [names[0], names[1], names[3]], default_rate=1.0)
   return names
 
 

@@ -31,16 +31,11 @@ class WordVocabulary(seqio.Vocabulary):
     super().__init__()
     self._words = list(SPECIALS) + words
     self._ids = {w: i for i, w in enumerate(self._words)}
-    self._table = None
-    self._words_tf = None
-
-  def _tf_tables(self):
-    if self._table is None:  # Built lazily: TF resources do not pickle.
-      init = tf.lookup.KeyValueTensorInitializer(
-          tf.constant(self._words), tf.constant(list(range(len(self._words))), tf.int64))
-      self._table = tf.lookup.StaticHashTable(init, default_value=SPECIALS.index('<unk>'))
-      self._words_tf = tf.constant(self._words)
-    return self._table, self._words_tf
+    # Built eagerly here: a table first built inside one tf.data graph cannot serve another.
+    init = tf.lookup.KeyValueTensorInitializer(
+        tf.constant(self._words), tf.constant(list(range(len(self._words))), tf.int64))
+    self._table = tf.lookup.StaticHashTable(init, default_value=SPECIALS.index('<unk>'))
+    self._words_tf = tf.constant(self._words)
 
   @property
   def words(self) -> list[str]:
@@ -67,13 +62,13 @@ class WordVocabulary(seqio.Vocabulary):
                     if i not in (self.pad_id, self.eos_id))
 
   def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
-    table, _ = self._tf_tables()
-    return tf.cast(table.lookup(tf.strings.split(s)), tf.int32)
+    return tf.cast(self._table.lookup(tf.strings.split(s)), tf.int32)
 
   def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
-    _, words = self._tf_tables()
+    """Decodes one sequence [T] (pad and EOS dropped)."""
     keep = tf.logical_and(tf.not_equal(ids, self.pad_id), tf.not_equal(ids, self.eos_id))
-    return tf.strings.reduce_join(tf.gather(words, tf.boolean_mask(ids, keep)), separator=' ')
+    return tf.strings.reduce_join(tf.gather(self._words_tf, tf.boolean_mask(ids, keep)),
+                                  separator=' ')
 
   def __eq__(self, other) -> bool:
     return isinstance(other, WordVocabulary) and other.words == self.words

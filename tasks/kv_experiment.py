@@ -1,0 +1,179 @@
+"""The key-value arithmetic experiment (CALM section 4.1, Table 1), end to end, on a CPU.
+
+  calm-kv-experiment --gin_file=experiments/kv_arithmetic.gin --gin.EXPERIMENT_DIR="'/tmp/kv'"
+
+Phases, each a calm-train / calm-eval run under EXPERIMENT_DIR (a rerun resumes or skips
+finished phases):
+  m_a/             pretrain m_A (augment) on KV-Substitution over all keys
+  m_b/             pretrain m_B (anchor) on Numeric-Arithmetic
+  calm/            compose m_B + m_A, bridges trained on KV-Arithmetic over held-in keys
+  calm_random_m_a/ the ablation: the same composition with an untrained (random) m_A
+then every model is evaluated on KV-Substitution, Numeric-Arithmetic and KV-Arithmetic over
+held-out keys (never on held-in keys). Writes results.json (accuracy in percent),
+results.md (Table 1's layout with the paper's numbers beside ours) and results.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from typing import Any, Mapping
+
+from absl import logging
+from etils import epath
+import gin
+import jax
+import jax.numpy as jnp
+
+from calm_jax import checkpoints, optim
+from calm_jax import eval as eval_lib
+from calm_jax import train as train_lib
+from calm_jax.configs import BridgeConfig, TransformerConfig
+from calm_jax.transformer import Transformer
+from calm_tasks import kv_arithmetic  # Registers the tasks.
+
+DATASETS = {'kv_substitution': 'KV-Substitution', 'numeric_arithmetic': 'Numeric-Arithmetic',
+            'kv_arithmetic': 'KV-Arithmetic'}
+EVAL_TASKS = {'kv_substitution': 'kv_substitution', 'numeric_arithmetic': 'numeric_arithmetic',
+              'kv_arithmetic': 'kv_arithmetic_held_out'}
+MODELS = ('m_A', 'm_B', 'calm', 'calm_random_m_A')
+# Table 1 of the paper (accuracy %, PaLM2-XXS m_A, PaLM2-XS m_B).
+PAPER = {'kv_substitution': {'m_A': 98.1, 'm_B': 0.0, 'calm': 92.9},
+         'numeric_arithmetic': {'m_A': 4.2, 'm_B': 73.7, 'calm': 72.0},
+         'kv_arithmetic': {'m_A': 0.7, 'm_B': 0.0, 'calm': 84.3}}
+
+
+def _random_lm(config: TransformerConfig, directory: epath.Path, seed: int) -> str:
+  """An untrained LM checkpoint (the random-m_A ablation)."""
+  if not (directory / checkpoints.CONFIG_FILE).exists():
+    params = jax.jit(Transformer(config).init)(jax.random.key(seed),
+                                               jnp.zeros((1, 1), jnp.int32))['params']
+    checkpoints.save_lm(directory, config, jax.device_get(params),
+                        metadata={'source': 'random init', 'seed': seed})
+  return str(directory)
+
+
+def write_results(results: Mapping[str, Mapping[str, float]], out_dir: epath.Path,
+                  settings: Mapping[str, Any]) -> None:
+  """results.json, results.md (with the paper's numbers) and results.png."""
+  (out_dir / 'results.json').write_text(json.dumps(
+      {'accuracy': results, 'settings': settings, 'paper': PAPER}, indent=2))
+  lines = ['| accuracy % | m_A (ours / paper) | m_B (ours / paper) | CALM (ours / paper) '
+           '| CALM with random m_A |', '|---|---|---|---|---|']
+  for key, label in DATASETS.items():
+    row = results[key]
+    cells = [f'{row[m]:.1f} / {PAPER[key][m]:.1f}' for m in ('m_A', 'm_B', 'calm')]
+    lines.append(f'| {label} | ' + ' | '.join(cells) + f' | {row["calm_random_m_A"]:.1f} |')
+  note = ('KV-Arithmetic is evaluated on expressions over held-out keys only; the composition '
+          'was trained on held-in keys.')
+  (out_dir / 'results.md').write_text('\n'.join(lines) + f'\n\n{note}\n')
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(8, 4))
+  width = 0.2
+  for i, model in enumerate(MODELS):
+    values = [results[k][model] for k in DATASETS]
+    bars = ax.bar([j + (i - 1.5) * width for j in range(len(DATASETS))], values, width,
+                  label=model)
+    ax.bar_label(bars, fmt='%.0f', fontsize=7)
+  ax.set_xticks(range(len(DATASETS)), list(DATASETS.values()))
+  ax.set_ylabel('exact-match accuracy (%)')
+  ax.set_ylim(0, 105)
+  ax.set_title('Key-value arithmetic (KV-Arithmetic on held-out keys)')
+  ax.legend(fontsize=8, loc='upper right')
+  fig.tight_layout()
+  fig.savefig(str(out_dir / 'results.png'), dpi=120)
+  plt.close(fig)
+
+
+@gin.configurable
+def run_experiment(*, experiment_dir: str = gin.REQUIRED,
+                   m_a_config: TransformerConfig = gin.REQUIRED,
+                   m_b_config: TransformerConfig = gin.REQUIRED,
+                   bridge: BridgeConfig = gin.REQUIRED,
+                   task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+                   m_a_steps: int = gin.REQUIRED, m_b_steps: int = gin.REQUIRED,
+                   compose_steps: int = gin.REQUIRED, batch_size: int = 64,
+                   m_a_learning_rate: float = 1e-3, m_b_learning_rate: float = 1e-3,
+                   compose_learning_rate: float = 1e-3, warmup_steps: int = 100,
+                   eval_examples: int | None = None, eval_batch_size: int = 250,
+                   seed: int = 0, log_every: int = 100) -> dict[str, dict[str, float]]:
+  """Runs every phase (see the module docstring) and returns {dataset: {model: accuracy %}}.
+
+  Args:
+    experiment_dir: EXPERIMENT_DIR, where every run and the results go.
+    m_a_config: the augment's architecture.
+    m_b_config: the anchor's architecture.
+    bridge: the bridges' configuration.
+    task_feature_lengths: {'inputs': ..., 'targets': ...}.
+    m_a_steps, m_b_steps, compose_steps: training steps of each phase.
+    batch_size: training batch of every phase.
+    m_a_learning_rate, m_b_learning_rate, compose_learning_rate: AdamW peak rates (cosine).
+    warmup_steps: linear warmup of every phase.
+    eval_examples: evaluate this many examples per task (default: the whole split).
+    eval_batch_size: decoding batch.
+    seed: seed of every phase.
+    log_every: steps between progress lines.
+  """
+  root = epath.Path(experiment_dir)
+  root.mkdir(parents=True, exist_ok=True)
+  (root / 'config.gin').write_text(gin.config_str())
+  start = time.perf_counter()
+  timings = {}
+
+  def phase(name, **kwargs):
+    tick = time.perf_counter()
+    lr = kwargs.pop('learning_rate')
+    logging.info('=== %s ===', name)
+    train_lib.train(
+        model_dir=str(root / name), task_feature_lengths=task_feature_lengths,
+        batch_size=batch_size, seed=seed, log_every=log_every, save_every=1000,
+        optimizer_fn=functools.partial(optim.make_optimizer, learning_rate=lr,
+                                       warmup_steps=warmup_steps, decay='cosine'),
+        **kwargs)
+    timings[name] = time.perf_counter() - tick
+
+  phase('m_a', mode='pretrain', mixture_or_task_name='kv_substitution',
+        model_config=m_a_config, train_steps=m_a_steps, learning_rate=m_a_learning_rate)
+  phase('m_b', mode='pretrain', mixture_or_task_name='numeric_arithmetic',
+        model_config=m_b_config, train_steps=m_b_steps, learning_rate=m_b_learning_rate)
+  compose = dict(mode='compose', mixture_or_task_name='kv_arithmetic_held_in',
+                 anchor_checkpoint=str(root / 'm_b' / 'lm'), bridge=bridge,
+                 train_steps=compose_steps, learning_rate=compose_learning_rate)
+  phase('calm', augment_checkpoint=str(root / 'm_a' / 'lm'), **compose)
+  random_m_a = _random_lm(m_a_config, root / 'm_a_random', seed + 1)
+  phase('calm_random_m_a', augment_checkpoint=random_m_a, **compose)
+
+  checkpoints_by_model = {'m_A': root / 'm_a' / 'lm', 'm_B': root / 'm_b' / 'lm',
+                          'calm': root / 'calm', 'calm_random_m_A': root / 'calm_random_m_a'}
+  results: dict[str, dict[str, float]] = {key: {} for key in DATASETS}
+  tick = time.perf_counter()
+  for model, path in checkpoints_by_model.items():
+    metrics = eval_lib.evaluate(
+        checkpoint=str(path), mixture_or_task_name='kv_arithmetic_eval',
+        task_feature_lengths=task_feature_lengths, batch_size=eval_batch_size,
+        eval_dir=str(root / 'eval' / model), num_examples=eval_examples)
+    for key, task in EVAL_TASKS.items():
+      results[key][model] = metrics[task]['accuracy']
+      logging.info('%s on %s: %.1f %%', model, task, results[key][model])
+  timings['eval'] = time.perf_counter() - tick
+  timings['total'] = time.perf_counter() - start
+  settings = {'kv_spec': dataclasses.asdict(kv_arithmetic.kv_data.KVSpec()), 'seconds': timings,
+      'steps': {'m_a': m_a_steps, 'm_b': m_b_steps, 'compose': compose_steps},
+      'batch_size': batch_size, 'connections': bridge.connections or f'every {bridge.every}'}
+  write_results(results, root, settings)
+  logging.info('results in %s (%.0f s): %s', root, timings['total'], json.dumps(results))
+  return results
+
+
+def main():
+  """Console-script entry point (`calm-kv-experiment`)."""
+  from calm_jax import gin_cli  # pylint: disable=g-import-not-at-top
+  gin_cli.gin_main(run_experiment)
+
+
+if __name__ == '__main__':
+  main()
