@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from calm_jax import checkpoints, data, decoding, trainable
+from calm_jax import checkpoints, data, decoding, gin_cli, trainable
 from calm_jax.calm import Calm
 from calm_jax.transformer import Transformer
 
@@ -89,6 +89,7 @@ def evaluate(*, checkpoint: str = gin.REQUIRED, mixture_or_task_name: str = gin.
     step: the step recorded with the metrics.
     num_examples: evaluate only the first n examples of each task.
   """
+  gin_cli.check_required('evaluate', locals())
   model, params, description = load_for_eval(checkpoint)
   task = data.get_task_or_mixture(mixture_or_task_name)
   eval_dir = epath.Path(eval_dir or epath.Path(checkpoint) / 'eval')
@@ -110,7 +111,6 @@ def evaluate(*, checkpoint: str = gin.REQUIRED, mixture_or_task_name: str = gin.
 
 def main():
   """Console-script entry point (`calm-eval`)."""
-  from calm_jax import gin_cli  # pylint: disable=g-import-not-at-top
   gin_cli.gin_main(evaluate)
 
 

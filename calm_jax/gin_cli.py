@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, Sequence
+import tokenize
+from typing import Callable, Mapping, Sequence
 
 from absl import app
 from absl import flags
@@ -62,8 +63,17 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str],
   except IOError as e:
     raise GinConfigError(f'gin file not found: {e} (search paths: '
                          f'{list(search_paths) + [DEFAULT_SEARCH_PATH]}).') from e
-  except (SyntaxError, ValueError) as e:
+  except (SyntaxError, ValueError, tokenize.TokenError) as e:
     raise GinConfigError(f'Malformed gin configuration: {e}') from e
+
+
+def check_required(function: str, values: Mapping[str, object]) -> None:
+  """Raises GinConfigError naming every argument still `%gin.REQUIRED` (set through a macro)."""
+  missing = sorted(k for k, v in values.items() if v is gin.REQUIRED)
+  if missing:
+    raise GinConfigError(
+        f'{function}: required gin value(s) unset: {", ".join(missing)} (bind the macro, e.g. '
+        f'--gin.{missing[0].upper()}=..., or {function}.{missing[0]} = ...).')
 
 
 def call_with_gin(fn: Callable[[], object]) -> object:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from calm_jax import calm as calm_lib
-from calm_jax import checkpoints, data, optim, trainable
+from calm_jax import checkpoints, data, gin_cli, optim, trainable
 from calm_jax.configs import BridgeConfig, CalmConfig, TransformerConfig
 from calm_jax.train_step import apply_fn_for, init_train_state, make_train_step
 from calm_jax.transformer import Transformer
@@ -178,6 +178,7 @@ def train(*, model_dir: str = gin.REQUIRED, mode: str = 'compose',
     keep_checkpoints: checkpoints kept.
     log: console sink.
   """
+  gin_cli.check_required('train', locals())
   model_dir = epath.Path(model_dir)
   is_chief = jax.process_index() == 0
   if is_chief:
@@ -248,7 +249,6 @@ def train(*, model_dir: str = gin.REQUIRED, mode: str = 'compose',
 
 def main():
   """Console-script entry point (`calm-train`)."""
-  from calm_jax import gin_cli  # pylint: disable=g-import-not-at-top
   gin_cli.gin_main(train)
 
 

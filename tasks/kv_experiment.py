@@ -27,7 +27,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from calm_jax import checkpoints, optim
+from calm_jax import checkpoints, gin_cli, optim
 from calm_jax import eval as eval_lib
 from calm_jax import train as train_lib
 from calm_jax.configs import BridgeConfig, TransformerConfig
@@ -118,6 +118,7 @@ def run_experiment(*, experiment_dir: str = gin.REQUIRED,
     seed: seed of every phase.
     log_every: steps between progress lines.
   """
+  gin_cli.check_required('run_experiment', locals())
   root = epath.Path(experiment_dir)
   root.mkdir(parents=True, exist_ok=True)
   (root / 'config.gin').write_text(gin.config_str())
@@ -171,7 +172,6 @@ def run_experiment(*, experiment_dir: str = gin.REQUIRED,
 
 def main():
   """Console-script entry point (`calm-kv-experiment`)."""
-  from calm_jax import gin_cli  # pylint: disable=g-import-not-at-top
   gin_cli.gin_main(run_experiment)
 
 
