@@ -11,6 +11,13 @@ summaries and seqio's JSON logs) and returned as {task: {metric: value}}.
 
 from __future__ import annotations
 
+if __name__ == '__main__':
+  # `python -m calm_jax.eval`: run the importable module, so that gin registers its configurable
+  # once, under the name the gin files use (not also as `__main__.*`).
+  from calm_jax.eval import main as _main  # pylint: disable=g-import-not-at-top
+  _main()
+  raise SystemExit(0)
+
 import json
 from typing import Any, Callable, Mapping
 
@@ -112,7 +119,3 @@ def evaluate(*, checkpoint: str = gin.REQUIRED, mixture_or_task_name: str = gin.
 def main():
   """Console-script entry point (`calm-eval`)."""
   gin_cli.gin_main(evaluate)
-
-
-if __name__ == '__main__':
-  main()

@@ -6,7 +6,9 @@
 `--gin_file` (repeatable) names gin files, found directly or under `--gin_search_paths`;
 `--gin.NAME=VALUE` binds NAME (a macro or `configurable.param`) like a line of gin;
 `--gin_bindings` takes whole binding lines. A file that does not parse, an unknown
-configurable and a `%gin.REQUIRED` macro left unset each stop the run with one message.
+configurable, a `%gin.REQUIRED` macro left unset, an unknown task, a bad model configuration and
+a missing or mismatched checkpoint each stop the run with one message (ValueError and its
+subclasses; other errors keep their traceback).
 """
 
 from __future__ import annotations
@@ -95,6 +97,6 @@ def gin_main(entry: Callable[[], object]) -> None:
     try:
       parse_gin(_GIN_FILE.value, _GIN_BINDINGS.value, _GIN_SEARCH_PATHS.value)
       call_with_gin(entry)
-    except GinConfigError as e:
-      sys.exit(f'{os.path.basename(sys.argv[0])}: {e}')
+    except ValueError as e:  # Bad configuration, task, checkpoint: one message, no traceback.
+      sys.exit(f'{os.path.basename(sys.argv[0])}: {type(e).__name__}: {e}')
   app.run(_main, argv=rewrite_gin_args(sys.argv))

@@ -16,6 +16,13 @@ latest checkpoint in `MODEL_DIR`; a resumed run ends bit-identical to an uninter
 
 from __future__ import annotations
 
+if __name__ == '__main__':
+  # `python -m calm_jax.train`: run the importable module, so that gin registers its configurable
+  # once, under the name the gin files use (not also as `__main__.*`).
+  from calm_jax.train import main as _main  # pylint: disable=g-import-not-at-top
+  _main()
+  raise SystemExit(0)
+
 import dataclasses
 import json
 import time
@@ -217,28 +224,36 @@ def train(*, model_dir: str = gin.REQUIRED, mode: str = 'compose',
             else metric_writers.MultiWriter([]))
   rng = jax.random.key(seed)
   last: dict[str, float] = {}
-  start, tokens = time.perf_counter(), 0
+  run_start = window_start = time.perf_counter()
+  window_tokens = 0
   for step in range(first, train_steps):
     batch = next(batches)
     state, metrics = step_fn(state, setup.frozen, batch, rng)
-    tokens += int(np.sum(batch['decoder_target_tokens'] != 0))
     done = step + 1
+    if step == first:  # Throughput and ETA leave out the first step's compilation.
+      jax.block_until_ready(state)
+      run_start = window_start = time.perf_counter()
+      log(f'compiled and ran step {done}')
+    else:
+      window_tokens += int(np.sum(batch['decoder_target_tokens'] != 0))
     if done % log_every == 0 or done == train_steps:
       last = {k: float(v) for k, v in jax.device_get(metrics).items()}
       if not np.isfinite(last['loss']):
         raise FloatingPointError(f'Non-finite loss {last["loss"]} at step {done}.')
-      elapsed = time.perf_counter() - start
+      now = time.perf_counter()
       last['learning_rate'] = float(schedule(step))
-      last['tokens_per_s'] = tokens / elapsed
+      last['tokens_per_s'] = window_tokens / max(now - window_start, 1e-9)
       writer.write_scalars(done, last)
-      log(_progress(done, train_steps, last, last['tokens_per_s'], elapsed, first))
+      log(_progress(done, train_steps, last, last['tokens_per_s'], now - run_start, first + 1))
+      window_start, window_tokens = now, 0
     if done % save_every == 0 or done == train_steps:
       checkpointer.save(done, state, consumed + done - first)
   checkpointer.close()
   writer.flush()
-  if mode in ('pretrain', 'finetune') and is_chief and first < train_steps:
+  lm_dir = model_dir / 'lm'
+  exported = (lm_dir / checkpoints.CONFIG_FILE).exists()
+  if mode in ('pretrain', 'finetune') and is_chief and (first < train_steps or not exported):
     params = trainable.merge_params(state.params, setup.frozen)
-    lm_dir = model_dir / 'lm'
     if lm_dir.exists():
       lm_dir.rmtree()
     checkpoints.save_lm(lm_dir, setup.lm_config, jax.device_get(params),
@@ -250,7 +265,3 @@ def train(*, model_dir: str = gin.REQUIRED, mode: str = 'compose',
 def main():
   """Console-script entry point (`calm-train`)."""
   gin_cli.gin_main(train)
-
-
-if __name__ == '__main__':
-  main()

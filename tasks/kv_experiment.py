@@ -15,6 +15,13 @@ results.md (Table 1's layout with the paper's numbers beside ours) and results.p
 
 from __future__ import annotations
 
+if __name__ == '__main__':
+  # `python -m calm_tasks.kv_experiment`: run the importable module, so that gin registers its configurable
+  # once, under the name the gin files use (not also as `__main__.*`).
+  from calm_tasks.kv_experiment import main as _main  # pylint: disable=g-import-not-at-top
+  _main()
+  raise SystemExit(0)
+
 import dataclasses
 import functools
 import json
@@ -173,7 +180,3 @@ def run_experiment(*, experiment_dir: str = gin.REQUIRED,
 def main():
   """Console-script entry point (`calm-kv-experiment`)."""
   gin_cli.gin_main(run_experiment)
-
-
-if __name__ == '__main__':
-  main()

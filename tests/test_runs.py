@@ -133,19 +133,18 @@ def test_t5x_gin_flags_are_rewritten():
 
 
 def _cli(model_dir, steps):
+  model_gin = model_dir.parent / 'tiny_model.gin'
+  model_gin.write_text('\n'.join([
+      'from __gin__ import dynamic_registration', 'from calm_jax import configs',
+      'MODEL_CONFIG = @configs.TransformerConfig()'] + [
+          f'configs.TransformerConfig.{k} = {v!r}' for k, v in TINY.to_dict().items()
+          if k in ('vocab_size', 'embed_dim', 'num_layers', 'num_heads', 'num_kv_heads',
+                   'head_dim', 'mlp_dim')]))
   return [sys.executable, '-m', 'calm_jax.train', '--gin_file=runs/pretrain.gin',
-          '--gin_file=tasks/kv_arithmetic.gin',
+          '--gin_file=tasks/kv_arithmetic.gin', f'--gin_file={model_gin}',
           f'--gin.MODEL_DIR="{model_dir}"', "--gin.MIXTURE_OR_TASK_NAME='numeric_arithmetic'",
           f'--gin.TASK_FEATURE_LENGTHS={LENGTHS}', f'--gin.TRAIN_STEPS={steps}',
-          '--gin.BATCH_SIZE=8', '--gin.train.save_every=2', '--gin.train.log_every=2',
-          '--gin.MODEL_CONFIG=@configs.TransformerConfig()',
-          f'--gin.configs.TransformerConfig.vocab_size={VOCAB}',
-          '--gin.configs.TransformerConfig.embed_dim=32',
-          '--gin.configs.TransformerConfig.num_layers=2',
-          '--gin.configs.TransformerConfig.num_heads=2',
-          '--gin.configs.TransformerConfig.num_kv_heads=2',
-          '--gin.configs.TransformerConfig.head_dim=16',
-          '--gin.configs.TransformerConfig.mlp_dim=64']
+          '--gin.BATCH_SIZE=8', '--gin.train.save_every=2', '--gin.train.log_every=2']
 
 
 @pytest.mark.slow
