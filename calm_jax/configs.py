@@ -201,8 +201,9 @@ class BridgeConfig:
 
   Attributes:
     connections: explicit (augment_layer, anchor_layer) pairs, 1-indexed: bridge j reads the
-      augment's residual stream after layer a_j and adds to the anchor's after layer b_j.
-      Empty means the paper's rule with `every`.
+      augment's residual stream after layer a_j and adds to the anchor's after layer b_j
+      (b_j = 0: to the anchor's embedding, before its first layer, so that every anchor layer
+      can use what the bridge brings). Empty means the paper's rule with `every`.
     every: k of the paper's every-k rule.
     num_heads: cross-attention heads; None means the anchor's.
     num_kv_heads: key/value heads (GQA); None means `num_heads`.
@@ -308,9 +309,9 @@ class CalmConfig:
         if not 1 <= a <= augment.num_layers:
           raise ValueError(f'CalmConfig: connection ({a}, {b}) of {name!r} reads augment layer '
                            f'{a}, outside 1..{augment.num_layers}.')
-        if not 1 <= b <= self.anchor.num_layers:
+        if not 0 <= b <= self.anchor.num_layers:
           raise ValueError(f'CalmConfig: connection ({a}, {b}) of {name!r} writes anchor layer '
-                           f'{b}, outside 1..{self.anchor.num_layers}.')
+                           f'{b}, outside 0..{self.anchor.num_layers}.')
 
   def connections(self, name: str) -> tuple[tuple[int, int], ...]:
     """Resolved (augment_layer, anchor_layer) pairs of augment `name`."""

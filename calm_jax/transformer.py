@@ -120,8 +120,8 @@ class Transformer(nn.Module):
         default all ones. Tokens attend causally within their own segment only.
       return_hidden: layer counts i in [0, num_layers] whose residual stream to return.
       compute_logits: if False, stop after the deepest requested layer and return no logits.
-      after_layer: `f(i, x) -> x` applied to the residual stream after i layers (i >= 1),
-        before the next layer reads it; this is where the composition adds its bridges.
+      after_layer: `f(i, x) -> x` applied to the residual stream after i layers (i = 0 is the
+        embedding), before the next layer reads it; where the composition adds its bridges.
 
     Returns:
       A `TransformerOutput`.
@@ -141,6 +141,8 @@ class Transformer(nn.Module):
     wanted = set(return_hidden)
     last = cfg.num_layers if compute_logits else max(wanted, default=0)
     x = nn.with_logical_constraint(embedder.encode(tokens), ('batch', 'length', 'embed'))
+    if after_layer is not None:
+      x = after_layer(0, x)
     hidden = {0: x} if 0 in wanted else {}
     for i in range(last):
       x = self._layer(i)(x, positions, segment_ids)

@@ -187,7 +187,7 @@ def test_paper_preset_has_no_norms():
 
 @pytest.mark.parametrize('kwargs,message', [
     (dict(bridges={'kv': BridgeConfig(connections=((9, 1),))}), r'augment layer 9, outside 1\.\.8'),
-    (dict(bridges={'kv': BridgeConfig(connections=((1, 5),))}), r'anchor layer 5, outside 1\.\.4'),
+    (dict(bridges={'kv': BridgeConfig(connections=((1, 5),))}), r'anchor layer 5, outside 0\.\.4'),
     (dict(bridges={'kv': BridgeConfig(num_heads=5)}), 'heads .5. do not divide the anchor width'),
     (dict(bridges={'kv': BridgeConfig(num_kv_heads=3)}), 'num_kv_heads .3. must divide'),
     (dict(bridges={'nope': BridgeConfig()}), r"unknown augment\(s\) \['nope'\]"),
@@ -204,3 +204,17 @@ def test_bad_config_fails_at_construction(kwargs, message):
 def test_unknown_augment_lookup_is_named():
   with pytest.raises(KeyError, match='nope'):
     make_config().bridge('nope')
+
+
+def test_bridge_into_the_anchor_embedding(live):
+  """Anchor layer 0 (the embedding) is a valid target: every anchor layer then sees it."""
+  config, params = live
+  config0 = CalmConfig(anchor=ANCHOR, augments={'kv': AUGMENT},
+                       bridges={'kv': BridgeConfig(connections=((2, 0),), zero_init_out=False)})
+  params0 = init(config0, seed=5)
+  tokens = np.random.default_rng(6).integers(0, VOCAB, (1, 7))
+  anchor = jax.jit(lambda p, t: Transformer(ANCHOR).apply({'params': p}, t).logits)
+  out = logits(config0, params0, tokens)
+  assert np.abs(out - np.asarray(anchor(params0['anchor'], jnp.asarray(tokens)))).max() > 1e-3
+  first, _ = _first_changed_position(config0, params0, tokens, 4)
+  assert first == 4  # Still causal.

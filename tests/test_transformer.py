@@ -21,12 +21,19 @@ CONFIG = TransformerConfig(
 
 @pytest.fixture(scope='module')
 def params():
-  return Transformer(CONFIG).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
+  return jax.jit(Transformer(CONFIG).init)(jax.random.key(0),
+                                          jnp.zeros((1, 4), jnp.int32))['params']
+
+
+@jax.jit
+def _apply(params, tokens, positions=None, segment_ids=None):
+  return Transformer(CONFIG).apply({'params': params}, tokens, positions=positions,
+                                   segment_ids=segment_ids).logits
 
 
 def _logits(params, tokens, **kwargs):
-  return np.asarray(Transformer(CONFIG).apply({'params': params}, jnp.asarray(tokens),
-                                              **kwargs).logits)
+  return np.asarray(_apply(params, jnp.asarray(tokens),
+                           **{k: jnp.asarray(v) for k, v in kwargs.items()}))
 
 
 def test_mask_is_causal_windowed_and_segmented():
