@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from calm_jax.attention import dot_product_attention
-from calm_jax.layers import RMSNorm
+from calm_jax.layers import RMSNorm, apply_rope, rope_inverse_frequencies
 
 Array = jax.Array
 
@@ -34,6 +34,7 @@ class BridgeBlock(nn.Module):
     use_kv_norm: RMSNorm (`kv_norm`) on P.
     zero_init_out: W_o starts at zero.
     norm_eps: epsilon of the norms.
+    rope_base: rotary embeddings on queries and keys with this base, or None (content only).
     dtype: compute dtype.
     param_dtype: storage dtype.
   """
@@ -47,6 +48,7 @@ class BridgeBlock(nn.Module):
   use_kv_norm: bool = True
   zero_init_out: bool = True
   norm_eps: float = 1e-6
+  rope_base: float | None = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -70,41 +72,56 @@ class BridgeBlock(nn.Module):
     if self.use_query_norm:
       self.query_norm = RMSNorm(**norm)
 
-  def keys_values(self, augment_states: Array) -> tuple[Array, Array]:
-    """Projects augment states [B, S, E] to this bridge's keys and values [B, S, K, H]."""
+  def _rope(self, x: Array, positions: Array | None) -> Array:
+    if self.rope_base is None:
+      return x
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    return apply_rope(x, positions, rope_inverse_frequencies(self.head_dim, self.rope_base))
+
+  def keys_values(self, augment_states: Array,
+                  positions: Array | None = None) -> tuple[Array, Array]:
+    """Projects augment states [B, S, E] (at `positions` [B, S]) to keys, values [B, S, K, H]."""
     # [B, S, D]
     p = jnp.einsum('BSE,ED->BSD', augment_states.astype(self.dtype),
                    self.proj.astype(self.dtype))
     if self.use_kv_norm:
       p = self.kv_norm(p)
     # [B, S, K, H] each
-    keys = jnp.einsum('BSD,DKH->BSKH', p, self.key.astype(self.dtype))
+    keys = self._rope(jnp.einsum('BSD,DKH->BSKH', p, self.key.astype(self.dtype)), positions)
     values = jnp.einsum('BSD,DKH->BSKH', p, self.value.astype(self.dtype))
     return keys, values
 
-  def attend(self, anchor_states: Array, keys: Array, values: Array, mask: Array) -> Array:
-    """Cross-attends anchor states [B, T, D] to keys/values [B, S, K, H]; returns [B, T, D]."""
+  def attend(self, anchor_states: Array, keys: Array, values: Array, mask: Array,
+             positions: Array | None = None) -> Array:
+    """Cross-attends anchor states [B, T, D] (at `positions` [B, T]) to keys/values [B, S, K, H].
+
+    Returns:
+      [B, T, D].
+    """
     x = anchor_states.astype(self.dtype)
     if self.use_query_norm:
       x = self.query_norm(x)
     # [B, T, N, H]
-    q = jnp.einsum('BTD,DNH->BTNH', x, self.query.astype(self.dtype))
+    q = self._rope(jnp.einsum('BTD,DNH->BTNH', x, self.query.astype(self.dtype)), positions)
     q = q * jnp.asarray(self.head_dim ** -0.5, self.dtype)
     out = dot_product_attention(q, keys, values, mask)
     # [B, T, D]
     y = jnp.einsum('BTNH,NHD->BTD', out, self.out.astype(self.dtype))
     return y.astype(anchor_states.dtype)
 
-  def __call__(self, anchor_states: Array, augment_states: Array, mask: Array) -> Array:
+  def __call__(self, anchor_states: Array, augment_states: Array, mask: Array,
+               positions: Array | None = None) -> Array:
     """The bridge's contribution [B, T, D] to the anchor's residual stream.
 
     Args:
       anchor_states: h_B(b_j) [B, T, D].
-      augment_states: h_A(a_j) [B, S, E].
+      augment_states: h_A(a_j) [B, S, E] (same tokens, so S = T).
       mask: [B, T, S] which augment position each anchor position may read.
+      positions: [B, T] token positions (used with rope_base).
     """
-    keys, values = self.keys_values(augment_states)
-    return self.attend(anchor_states, keys, values, mask)
+    keys, values = self.keys_values(augment_states, positions)
+    return self.attend(anchor_states, keys, values, mask, positions)
 
 
 class Bridge(nn.Module):
@@ -126,9 +143,10 @@ class Bridge(nn.Module):
     """The j-th bridge block."""
     return getattr(self, f'block_{j}')
 
-  def __call__(self, j: int, anchor_states: Array, augment_states: Array, mask: Array) -> Array:
+  def __call__(self, j: int, anchor_states: Array, augment_states: Array, mask: Array,
+               positions: Array | None = None) -> Array:
     """Runs block j (see `BridgeBlock.__call__`)."""
-    return self.block(j)(anchor_states, augment_states, mask)
+    return self.block(j)(anchor_states, augment_states, mask, positions)
 
 
 def connected_layers(connections: Sequence[tuple[int, int]]) -> tuple[int, ...]:

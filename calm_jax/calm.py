@@ -59,9 +59,9 @@ class Bridges(nn.Module):
       setattr(self, name, Bridge(num_blocks=num_blocks, block_kwargs=kwargs))
 
   def __call__(self, name: str, j: int, anchor_states: Array, augment_states: Array,
-               mask: Array) -> Array:
+               mask: Array, positions: Array | None = None) -> Array:
     """Block j of augment `name` (see `BridgeBlock.__call__`)."""
-    return getattr(self, name)(j, anchor_states, augment_states, mask)
+    return getattr(self, name)(j, anchor_states, augment_states, mask, positions)
 
 
 def bridge_block_kwargs(config: CalmConfig, name: str) -> dict[str, Any]:
@@ -72,7 +72,8 @@ def bridge_block_kwargs(config: CalmConfig, name: str) -> dict[str, Any]:
               augment_dim=dict(config.augments)[name].embed_dim, num_heads=num_heads,
               num_kv_heads=num_kv_heads, head_dim=head_dim, use_query_norm=bridge.query_norm,
               use_kv_norm=bridge.kv_norm, zero_init_out=bridge.zero_init_out,
-              norm_eps=bridge.norm_eps, dtype=jnp.dtype(config.anchor.dtype),
+              norm_eps=bridge.norm_eps, rope_base=bridge.rope_base,
+              dtype=jnp.dtype(config.anchor.dtype),
               param_dtype=jnp.dtype(config.anchor.param_dtype))
 
 
@@ -139,7 +140,7 @@ class Calm(nn.Module):
 
     def add_bridges(layer: int, x: Array) -> Array:
       for name, j, a in attached.get(layer, ()):
-        x = x + self.bridge(name, j, x, augment_states[name][a], mask)
+        x = x + self.bridge(name, j, x, augment_states[name][a], mask, positions)
       return x
 
     return self.anchor(tokens, positions, segment_ids, return_hidden=return_hidden,

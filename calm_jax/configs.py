@@ -212,6 +212,9 @@ class BridgeConfig:
     kv_norm: RMSNorm on the projected augment states P_j.
     zero_init_out: W_o starts at zero, so the untrained composition is exactly the anchor.
     norm_eps: epsilon of both norms.
+    rope_base: if set, rotary position embeddings (this base) on the bridge's queries (anchor
+      positions) and keys (augment positions), so a bridge can attend by relative position
+      ("the augment at my position"); None, the paper's bridge, attends by content only.
   """
 
   connections: tuple[tuple[int, int], ...] = ()
@@ -223,6 +226,7 @@ class BridgeConfig:
   kv_norm: bool = True
   zero_init_out: bool = True
   norm_eps: float = 1e-6
+  rope_base: float | None = None
 
   def __post_init__(self):
     object.__setattr__(self, 'connections',

@@ -32,7 +32,8 @@ def make_config(zero_init=True, **kwargs):
   return CalmConfig(
       anchor=ANCHOR, augments={'kv': AUGMENT, 'aux': SECOND},
       bridges={'kv': BridgeConfig(num_kv_heads=2, zero_init_out=zero_init),
-               'aux': BridgeConfig(connections=((1, 2), (2, 4)), zero_init_out=zero_init)},
+               'aux': BridgeConfig(connections=((1, 2), (2, 4)), zero_init_out=zero_init,
+                                   rope_base=10_000.0)},
       **kwargs)
 
 
