@@ -77,6 +77,8 @@ class TransformerConfig:
     tie_embeddings: the output projection is the input embedding table.
     dtype: compute dtype of activations.
     param_dtype: storage dtype of parameters.
+    embedding_init_scale: models trained from scratch start with embeddings of standard
+      deviation embedding_init_scale / sqrt(embed_dim) (imported checkpoints ignore it).
   """
 
   vocab_size: int
@@ -106,6 +108,7 @@ class TransformerConfig:
   tie_embeddings: bool = True
   dtype: str = 'float32'
   param_dtype: str = 'float32'
+  embedding_init_scale: float = 1.0
 
   def __post_init__(self):
     # Normalise lists (JSON, gin) to tuples so that configs stay hashable and comparable.

@@ -56,6 +56,7 @@ class Embedder(nn.Module):
     embed_dim: D.
     tie: if False, a separate `output_embedding` [V, D] produces the logits.
     scale: multiply embeddings by `sqrt(D)` (Gemma), rounded to the compute dtype.
+    init_scale: initial standard deviation, times 1 / sqrt(D).
     dtype: compute dtype.
     param_dtype: storage dtype.
   """
@@ -64,12 +65,13 @@ class Embedder(nn.Module):
   embed_dim: int
   tie: bool = True
   scale: bool = False
+  init_scale: float = 1.0
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   def setup(self):
     # 1/sqrt(D) keeps tied logits O(1) at initialisation (the input side is normed anyway).
-    init = nn.initializers.normal(stddev=self.embed_dim ** -0.5)
+    init = nn.initializers.normal(stddev=self.init_scale * self.embed_dim ** -0.5)
     shape = (self.vocab_size, self.embed_dim)
     self.input_embedding = _param(self, 'input_embedding', init, shape, ('vocab', 'embed'),
                                   self.param_dtype)

@@ -136,6 +136,7 @@ class Transformer(nn.Module):
       segment_ids = jnp.ones(tokens.shape, jnp.int32)
     embedder = Embedder(vocab_size=cfg.vocab_size, embed_dim=cfg.embed_dim,
                         tie=cfg.tie_embeddings, scale=cfg.scale_embeddings,
+                        init_scale=cfg.embedding_init_scale,
                         dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                         name='embedder')
     wanted = set(return_hidden)

@@ -28,7 +28,7 @@ from calm_tasks.vocabularies import WordVocabulary
 
 TASKS = ('kv_substitution', 'numeric_arithmetic', 'kv_arithmetic_held_in',
          'kv_arithmetic_held_out')
-TRAIN_EXAMPLES = 30_000
+TRAIN_EXAMPLES = 100_000
 EVAL_EXAMPLES = 500
 # Seeds of the example streams, distinct per split so validation never repeats train's draws.
 _SPLIT_SEEDS = {'train': 1, 'validation': 2}

@@ -105,7 +105,8 @@ def run_experiment(*, experiment_dir: str = gin.REQUIRED,
                    m_a_steps: int = gin.REQUIRED, m_b_steps: int = gin.REQUIRED,
                    compose_steps: int = gin.REQUIRED, batch_size: int = 64,
                    m_a_learning_rate: float = 1e-3, m_b_learning_rate: float = 1e-3,
-                   compose_learning_rate: float = 1e-3, warmup_steps: int = 100,
+                   compose_learning_rate: float = 1e-3, weight_decay: float = 0.0,
+                   warmup_steps: int = 100,
                    eval_examples: int | None = None, eval_batch_size: int = 250,
                    seed: int = 0, log_every: int = 100) -> dict[str, dict[str, float]]:
   """Runs every phase (see the module docstring) and returns {dataset: {model: accuracy %}}.
@@ -119,6 +120,7 @@ def run_experiment(*, experiment_dir: str = gin.REQUIRED,
     m_a_steps, m_b_steps, compose_steps: training steps of each phase.
     batch_size: training batch of every phase.
     m_a_learning_rate, m_b_learning_rate, compose_learning_rate: AdamW peak rates (cosine).
+    weight_decay: AdamW's decoupled weight decay in every phase.
     warmup_steps: linear warmup of every phase.
     eval_examples: evaluate this many examples per task (default: the whole split).
     eval_batch_size: decoding batch.
@@ -140,7 +142,8 @@ def run_experiment(*, experiment_dir: str = gin.REQUIRED,
         model_dir=str(root / name), task_feature_lengths=task_feature_lengths,
         batch_size=batch_size, seed=seed, log_every=log_every, save_every=1000,
         optimizer_fn=functools.partial(optim.make_optimizer, learning_rate=lr,
-                                       warmup_steps=warmup_steps, decay='cosine'),
+                                       warmup_steps=warmup_steps, decay='cosine',
+                                       weight_decay=weight_decay),
         **kwargs)
     timings[name] = time.perf_counter() - tick
 
