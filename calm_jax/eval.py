@@ -19,7 +19,7 @@ if __name__ == '__main__':
   raise SystemExit(0)
 
 import json
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from absl import logging
 from etils import epath
@@ -33,7 +33,6 @@ from calm_jax import checkpoints, data, decoding, gin_cli, trainable
 from calm_jax.calm import Calm
 from calm_jax.transformer import Transformer
 
-LogitsFnFactory = Callable[[Any, Mapping[str, Any]], Callable[[jax.Array], jax.Array]]
 
 
 def load_for_eval(checkpoint: str) -> tuple[Any, Any, str]:

@@ -1,6 +1,5 @@
 """Tests of `hf_config.config_from_hf`: transformers 4.x/5.x keys, defaults and rejections."""
 
-import dataclasses
 
 import pytest
 import transformers
