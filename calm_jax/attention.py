@@ -1,7 +1,14 @@
-"""Self-attention with GQA, RoPE, soft-capping, sliding windows and causal/segment masks.
+"""Self-attention with GQA, RoPE, soft-capping, sliding windows, causal/segment masks, KV cache.
 
 Einsum letters: B batch, T query length, S key length, D width, N query heads, K kv heads,
-G query heads per kv head (N = K * G), H head dim.
+G query heads per kv head (N = K * G), H head dim, L cache length.
+
+KV cache (decoding): {'keys', 'values'} of [B, L, K, H], slot s holding the token at sequence
+index s of its row (keys after RoPE). A prefill (`cache_length` given) attends like a full forward
+pass and returns its keys and values padded to L slots; a decoding step (`cache` given) writes
+each row's new token at slot `positions` and attends to slots <= that position (and inside the
+window). Slots past a row's position may hold stale values from a padded prefill: they are never
+read before the step that overwrites them.
 """
 
 from __future__ import annotations
@@ -40,6 +47,23 @@ def attention_mask(q_index: Array, kv_index: Array, q_segment_ids: Array,
   if window is not None:
     mask &= q - k < window
   return mask
+
+
+def write_cache(cache: dict[str, Array], keys: Array, values: Array,
+                index: Array) -> dict[str, Array]:
+  """Writes one new position per row: `keys`/`values` [B, 1, K, H] at slot `index` [B]."""
+  rows = jnp.arange(keys.shape[0])
+  return {'keys': cache['keys'].at[rows, index].set(keys[:, 0].astype(cache['keys'].dtype)),
+          'values': cache['values'].at[rows, index].set(
+              values[:, 0].astype(cache['values'].dtype))}
+
+
+def pad_cache(keys: Array, values: Array, cache_length: int) -> dict[str, Array]:
+  """A cache of `cache_length` slots holding prefill keys/values [B, T, K, H] in slots 0..T-1."""
+  if keys.shape[1] > cache_length:
+    raise ValueError(f'prefill length {keys.shape[1]} exceeds cache length {cache_length}.')
+  pad = ((0, 0), (0, cache_length - keys.shape[1]), (0, 0), (0, 0))
+  return {'keys': jnp.pad(keys, pad), 'values': jnp.pad(values, pad)}
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,
@@ -122,8 +146,23 @@ class SelfAttention(nn.Module):
     return y
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, segment_ids: Array) -> Array:
-    """Attends `x` [B, T, D] to itself; `positions`, `segment_ids` are [B, T]."""
+  def __call__(self, x: Array, positions: Array, segment_ids: Array,
+               cache: dict[str, Array] | None = None,
+               cache_length: int | None = None) -> tuple[Array, dict[str, Array] | None]:
+    """Attends `x` [B, T, D] to itself (and to the cache).
+
+    Args:
+      x: [B, T, D] (T = 1 in a decoding step).
+      positions: [B, T] RoPE positions; in a decoding step also the cache slot written.
+      segment_ids: [B, T], 0 for padding (unused in a decoding step).
+      cache: decoding step: this layer's KV cache.
+      cache_length: prefill: return a cache of this many slots.
+
+    Returns:
+      ([B, T, D], the new cache or None).
+    """
+    if cache is not None and x.shape[1] != 1:
+      raise ValueError(f'a decoding step takes one position per row, got {x.shape[1]}.')
     q = self._project('query', x, self.num_heads, 'heads')
     k = self._project('key', x, self.num_kv_heads, 'kv_heads')
     v = self._project('value', x, self.num_kv_heads, 'kv_heads')
@@ -135,9 +174,22 @@ class SelfAttention(nn.Module):
     inv_freq = np.asarray(self.inv_freq, np.float32)
     q = apply_rope(q, positions, inv_freq) * jnp.asarray(self.query_scale, self.dtype)
     k = apply_rope(k, positions, inv_freq)
-    index = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-    mask = attention_mask(index, index, segment_ids, segment_ids, self.window)
-    out = dot_product_attention(q, k, v, mask, self.softcap)
+    new_cache = None
+    if cache is None:
+      index = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+      mask = attention_mask(index, index, segment_ids, segment_ids, self.window)
+      out = dot_product_attention(q, k, v, mask, self.softcap)
+      if cache_length is not None:
+        new_cache = pad_cache(k, v, cache_length)
+    else:
+      new_cache = write_cache(cache, k, v, positions[:, 0])
+      slots = jnp.arange(new_cache['keys'].shape[1])[None, None, :]
+      # [B, 1, L]
+      mask = slots <= positions[:, :, None]
+      if self.window is not None:
+        mask &= positions[:, :, None] - slots < self.window
+      out = dot_product_attention(q, new_cache['keys'].astype(self.dtype),
+                                  new_cache['values'].astype(self.dtype), mask, self.softcap)
     init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
     kernel = self.param('out', nn.with_logical_partitioning(init, ('heads', 'kv', 'embed')),
                         (self.num_heads, self.head_dim, self.embed_dim), self.param_dtype)
@@ -148,4 +200,4 @@ class SelfAttention(nn.Module):
                                                                  ('embed',)),
                         (self.embed_dim,), self.param_dtype)
       y = y + bias.astype(self.dtype)
-    return y
+    return y, new_cache

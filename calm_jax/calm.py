@@ -5,7 +5,16 @@ Parameter tree (DESIGN.md):
   augments/{name}/...             each augmenting LM (frozen)
   bridge/{name}/block_{j}/...     the trained bridges: proj, query, key, value, out, norms
 
-Einsum letters: B batch, T length.
+Einsum letters: B batch, T length, L cache length.
+
+Decoding cache (paper, section 3.1: every new token is fed to both models, so the augments'
+states are refreshed at each step):
+  anchor/layer_{i}/{keys, values}            the anchor's KV cache
+  augments/{name}/layer_{i}/{keys, values}   each augment's KV cache (up to its deepest connection)
+  bridge/{name}/block_{j}/{keys, values}     each bridge's projected keys/values [B, L, K, H]
+  prompt_length                              [B] prompt tokens per row
+With `augment_as_encoder` the augments and bridge caches stop at the prompt: a decoding step runs
+the anchor only and its bridges read the prompt's keys/values.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from calm_jax.attention import attention_mask
+from calm_jax.attention import attention_mask, pad_cache, write_cache
 from calm_jax.bridge import Bridge, BridgeBlock, connected_layers
 from calm_jax.configs import CalmConfig, TransformerConfig
 from calm_jax.transformer import Transformer, TransformerOutput
@@ -35,14 +44,22 @@ class Augments(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: Array, positions: Array, segment_ids: Array,
-               layers: dict[str, tuple[int, ...]]) -> dict[str, dict[int, Array]]:
-    """Residual streams {name: {layer: [B, T, E]}} after the requested layers (no logits)."""
-    return {
-        name: Transformer(config, name=name)(tokens, positions, segment_ids,
-                                             return_hidden=layers[name],
-                                             compute_logits=False).hidden
-        for name, config in self.configs
-    }
+               layers: dict[str, tuple[int, ...]], cache: dict[str, Any] | None = None,
+               cache_length: int | None = None
+               ) -> tuple[dict[str, dict[int, Array]], dict[str, Any] | None]:
+    """Residual streams {name: {layer: [B, T, E]}} after the requested layers (no logits).
+
+    With `cache` (a decoding step) or `cache_length` (a prefill) also returns each augment's KV
+    cache {name: ...}, else None.
+    """
+    hidden, caches = {}, {}
+    for name, config in self.configs:
+      out = Transformer(config, name=name)(
+          tokens, positions, segment_ids, return_hidden=layers[name], compute_logits=False,
+          cache=None if cache is None else cache[name], cache_length=cache_length)
+      hidden[name], caches[name] = out.hidden, out.cache
+    decoding = cache is not None or cache_length is not None
+    return hidden, caches if decoding else None
 
 
 class Bridges(nn.Module):
@@ -57,6 +74,10 @@ class Bridges(nn.Module):
   def setup(self):
     for name, num_blocks, kwargs in self.specs:
       setattr(self, name, Bridge(num_blocks=num_blocks, block_kwargs=kwargs))
+
+  def block(self, name: str, j: int) -> BridgeBlock:
+    """Block j of augment `name`."""
+    return getattr(self, name).block(j)
 
   def __call__(self, name: str, j: int, anchor_states: Array, augment_states: Array,
                mask: Array, positions: Array | None = None) -> Array:
@@ -115,42 +136,86 @@ class Calm(nn.Module):
 
   def __call__(self, tokens: Array, positions: Array | None = None,
                segment_ids: Array | None = None, prompt_mask: Array | None = None, *,
-               return_hidden: tuple[int, ...] = ()) -> TransformerOutput:
-    """Runs the composition.
+               return_hidden: tuple[int, ...] = (), cache: dict[str, Any] | None = None,
+               cache_length: int | None = None) -> TransformerOutput:
+    """Runs the composition (a full forward pass, a prefill or one decoding step).
 
     Args:
       tokens: [B, T] token ids, read by every model (shared vocabulary).
-      positions: [B, T]; default 0..T-1.
+      positions: [B, T]; default 0..T-1. In a decoding step, [B, 1] each row's sequence index
+        (and cache slot) of the new token.
       segment_ids: [B, T], 0 for padding; default all ones.
-      prompt_mask: [B, T], 1 on prompt tokens; required by `augment_as_encoder`.
+      prompt_mask: [B, T], 1 on prompt tokens; required by `augment_as_encoder` (full forward
+        and prefill).
       return_hidden: anchor layers whose (bridged) residual stream to return.
+      cache: a decoding step (T = 1): the composed cache of the previous call.
+      cache_length: a prefill: also return the composed cache with this many slots.
 
     Returns:
-      The anchor's `TransformerOutput` (logits [B, T, V] float32).
+      The anchor's `TransformerOutput` (logits [B, T, V] float32); when decoding, its `cache` is
+      the composed cache (module docstring).
     """
     cfg = self.config
     if positions is None:
+      if cache is not None:
+        raise ValueError('a decoding step needs the positions of its tokens.')
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if segment_ids is None:
       segment_ids = jnp.ones(tokens.shape, jnp.int32)
     layers = {name: connected_layers(cfg.connections(name)) for name, _ in cfg.augments}
-    augment_states = self.augments(tokens, positions, segment_ids, layers)
-    mask = self.cross_mask(segment_ids, prompt_mask)
+    step = cache is not None
+    encoder_step = step and cfg.augment_as_encoder
+    augment_states, augment_cache = {}, None
+    if not encoder_step:
+      augment_states, augment_cache = self.augments(
+          tokens, positions, segment_ids, layers,
+          cache=cache['augments'] if step else None, cache_length=cache_length)
+    else:
+      augment_cache = cache['augments']
+    if step:
+      prompt_length = cache['prompt_length']
+      slots = jnp.arange(cache['anchor']['layer_0']['keys'].shape[1])[None, None, :]
+      # [B, 1, L]: causal over the cache, or the prompt only for the encoder ablation.
+      mask = (slots < prompt_length[:, None, None] if cfg.augment_as_encoder
+              else slots <= positions[:, :, None])
+    else:
+      mask = self.cross_mask(segment_ids, prompt_mask)
+      prompt_length = jnp.sum((segment_ids != 0) if prompt_mask is None
+                              else prompt_mask.astype(bool), axis=1).astype(jnp.int32)
     attached = attachments(cfg)
+    bridge_cache: dict[str, dict[str, Any]] = {name: {} for name, _ in cfg.augments}
 
     def add_bridges(layer: int, x: Array) -> Array:
       for name, j, a in attached.get(layer, ()):
-        x = x + self.bridge(name, j, x, augment_states[name][a], mask, positions)
+        block = self.bridge.block(name, j)
+        if step:
+          kv = cache['bridge'][name][f'block_{j}']
+          if not cfg.augment_as_encoder:
+            kv = write_cache(kv, *block.keys_values(augment_states[name][a], positions),
+                             positions[:, 0])
+          bridge_cache[name][f'block_{j}'] = kv
+          keys, values = kv['keys'].astype(x.dtype), kv['values'].astype(x.dtype)
+        else:
+          keys, values = block.keys_values(augment_states[name][a], positions)
+          if cache_length is not None:
+            bridge_cache[name][f'block_{j}'] = pad_cache(keys, values, cache_length)
+        x = x + block.attend(x, keys, values, mask, positions)
       return x
 
-    return self.anchor(tokens, positions, segment_ids, return_hidden=return_hidden,
-                       after_layer=add_bridges)
+    out = self.anchor(tokens, positions, segment_ids, return_hidden=return_hidden,
+                      after_layer=add_bridges, cache=cache['anchor'] if step else None,
+                      cache_length=cache_length)
+    if not step and cache_length is None:
+      return out
+    return out._replace(cache={'anchor': out.cache, 'augments': augment_cache,
+                               'bridge': bridge_cache, 'prompt_length': prompt_length})
 
 
 def abstract_params(config: CalmConfig) -> Any:
   """Shapes of the whole composed tree (boxed with logical axes), without allocating."""
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  return jax.eval_shape(lambda t: Calm(config).init(jax.random.key(0), t), tokens)['params']
+  return jax.eval_shape(lambda t: Calm(config).init(jax.random.key(0), t, prompt_mask=t),
+                        tokens)['params']
 
 
 def init_bridge_params(config: CalmConfig, rng: Array) -> dict[str, Any]:

@@ -1,21 +1,35 @@
-"""Decoding. For now the reference: uncached greedy decoding by full forward passes.
+"""Decoding: cached generation (greedy, sampling, beam search) of an LM or a composition.
 
-It runs one full forward pass per generated token (O(T^2) per sequence): simple and exact, the
-baseline that a cached decoder must reproduce.
+`generate` and `beam_search` run one prefill over the prompts, then one compiled loop
+(`lax.while_loop`) that feeds each new token to the model and advances its cache by one position
+per row: for a composition, the anchor's KV cache, every augment's KV cache and every bridge's
+cache of projected keys/values (calm.py). The same code decodes a single LM (`Transformer`).
 
 Layout (T5X decoder-only, prefix LM): the model reads `decoder_input_tokens` = the sequence
-shifted right by one with 0 first; `decoder_causal_attention` is 1 on the prompt region of that
-input (the 0 and the n prompt tokens), so the logits at input index n predict the first target.
+shifted right by one with 0 first; `decoder_causal_attention` (the prompt mask) is 1 on the
+prompt region of that input (the 0 and the n prompt tokens), so the logits at input index n
+predict the first target. Prompts may have different lengths in one batch (left-aligned, any
+padding after them). Token i of the continuation is fed at sequence index n + 1 + i, which is
+also its RoPE position and cache slot, exactly as in a full forward pass over the sequence.
+
+`greedy_decode` is the uncached reference: one full forward pass per generated token (O(T^2)
+per sequence); the cached decoder must reproduce it.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from calm_jax.calm import Calm
 
 Array = jax.Array
+_NEG_INF = -np.inf
 # logits_fn(tokens [B, L]) -> logits [B, L, V] (prompt masks etc. bound by the caller).
 LogitsFn = Callable[[Array], Array]
 
@@ -56,3 +70,208 @@ def greedy_decode(logits_fn: LogitsFn, input_tokens: Array, prompt_mask: Array,
   done = jnp.zeros((batch,), bool)
   _, out, _ = jax.lax.fori_loop(0, max_decode_len, body, (tokens, out, done))
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How `generate` picks each token.
+
+  Attributes:
+    temperature: 0 picks the most likely token (greedy); > 0 samples from softmax(logits / t).
+    top_k: if > 0, sample among the k most likely tokens only.
+    top_p: if < 1, sample among the smallest set of most likely tokens whose probability
+      reaches p (nucleus sampling; tokens tied with the last one kept are kept too).
+  """
+
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f'temperature must be >= 0, got {self.temperature}.')
+    if self.top_k < 0:
+      raise ValueError(f'top_k must be >= 0, got {self.top_k}.')
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f'top_p must be in (0, 1], got {self.top_p}.')
+
+
+def filter_logits(logits: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
+  """Sets logits [..., V] outside the top-k / top-p set to -inf (see `Sampling`)."""
+  if top_k > 0 and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, _NEG_INF, logits)
+  if top_p < 1.0:
+    ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    # Keep a token while the mass of the tokens ranked above it is still below p.
+    before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.where(before < top_p, ordered, jnp.inf)
+    threshold = jnp.min(kept, axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, _NEG_INF, logits)
+  return logits
+
+
+def sample_tokens(rng: Array, logits: Array, sampling: Sampling) -> Array:
+  """One token per row of logits [B, V] (float32), following `sampling`; returns [B] int32."""
+  if sampling.temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def _apply(model: nn.Module, params: Any, tokens: Array, positions: Array | None = None,
+           prompt_mask: Array | None = None, **kwargs):
+  extra = {'prompt_mask': prompt_mask} if isinstance(model, Calm) and prompt_mask is not None \
+      else {}
+  return model.apply({'params': params}, tokens, positions, **extra, **kwargs)
+
+
+def _prefill(model: nn.Module, params: Any, input_tokens: Array, prompt_mask: Array,
+             max_decode_len: int) -> tuple[Array, Array, Any]:
+  """(index of each row's last prompt token [B], its logits [B, V], the cache)."""
+  batch, length = input_tokens.shape
+  first = jnp.sum(prompt_mask, axis=1).astype(jnp.int32) - 1
+  index = jnp.arange(length)[None, :]
+  prompt_mask = (index <= first[:, None]).astype(jnp.int32)
+  tokens = jnp.where(prompt_mask == 1, input_tokens, 0)
+  out = _apply(model, params, tokens, prompt_mask=prompt_mask,
+               cache_length=length + max_decode_len)
+  return first, out.logits[jnp.arange(batch), first], out.cache
+
+
+def generate(model: nn.Module, params: Any, input_tokens: Array, prompt_mask: Array, *,
+             max_decode_len: int, eos_id: int, sampling: Sampling = Sampling(),
+             rng: Array | None = None) -> Array:
+  """Continues each row's prompt with the KV-cached model.
+
+  Args:
+    model: a `Transformer` or a `Calm`.
+    params: its parameters (unboxed).
+    input_tokens: [B, P] decoder input tokens; only the prompt region is read.
+    prompt_mask: [B, P] `decoder_causal_attention`, 1 on each row's prompt region (a prefix).
+    max_decode_len: number of tokens to generate.
+    eos_id: a row stops after emitting EOS; its later tokens are 0 (padding). The loop ends
+      when every row has stopped.
+    sampling: greedy (default) or sampling with temperature / top-k / top-p.
+    rng: PRNG key for sampling; token i uses `fold_in(rng, i)`.
+
+  Returns:
+    [B, max_decode_len] int32 generated tokens.
+  """
+  if sampling.temperature > 0 and rng is None:
+    raise ValueError('sampling with temperature > 0 needs an rng.')
+  rng = jax.random.key(0) if rng is None else rng
+  batch = input_tokens.shape[0]
+  first, logits, cache = _prefill(model, params, input_tokens, prompt_mask, max_decode_len)
+  token = sample_tokens(jax.random.fold_in(rng, 0), logits, sampling)
+  out = jnp.zeros((batch, max_decode_len), jnp.int32).at[:, 0].set(token)
+
+  def cond(carry):
+    i, _, _, _, done = carry
+    return (i < max_decode_len) & ~jnp.all(done)
+
+  def body(carry):
+    i, out, cache, token, done = carry
+    step = _apply(model, params, token[:, None], (first + i)[:, None], cache=cache)
+    token = sample_tokens(jax.random.fold_in(rng, i), step.logits[:, 0], sampling)
+    token = jnp.where(done, 0, token)
+    out = out.at[:, i].set(token)
+    return i + 1, out, step.cache, token, done | (token == eos_id)
+
+  carry = (jnp.asarray(1), out, cache, token, token == eos_id)
+  return jax.lax.while_loop(cond, body, carry)[1]
+
+
+def beam_search(model: nn.Module, params: Any, input_tokens: Array, prompt_mask: Array, *,
+                max_decode_len: int, eos_id: int, num_beams: int,
+                length_penalty: float = 0.0) -> tuple[Array, Array]:
+  """Beam search with the KV-cached model.
+
+  Beams are ranked by the sum of their tokens' log-probabilities; a beam that emitted EOS keeps
+  its score and continues with padding (0) only. The returned beam maximises
+  score / ((5 + length) / 6) ** length_penalty (length counts up to and including EOS).
+  With `num_beams = 1` this is greedy decoding.
+
+  Args:
+    model, params, input_tokens, prompt_mask, max_decode_len, eos_id: as in `generate`.
+    num_beams: W beams per row (W <= vocabulary size).
+    length_penalty: alpha of the length normalisation of the final choice (0: none).
+
+  Returns:
+    ([B, max_decode_len] int32 tokens of the best beam, [B] its log-probability).
+  """
+  batch = input_tokens.shape[0]
+  width = num_beams
+  first, logits, cache = _prefill(model, params, input_tokens, prompt_mask, max_decode_len)
+  vocab = logits.shape[-1]
+  if width > vocab:
+    raise ValueError(f'num_beams {width} exceeds the vocabulary size {vocab}.')
+  # Every beam of a row starts from the row's prompt cache.
+  cache = jax.tree.map(lambda x: jnp.repeat(x, width, axis=0), cache)
+  rows = jnp.arange(batch)[:, None]
+  pad_only = jnp.full((vocab,), _NEG_INF, jnp.float32).at[0].set(0.0)
+
+  def select(i, log_probs, scores, done, seqs, cache):
+    # log_probs [B, W, V]; finished beams may only add padding at no cost.
+    log_probs = jnp.where(done[:, :, None], pad_only, log_probs)
+    candidates = (scores[:, :, None] + log_probs).reshape(batch, width * vocab)
+    scores, flat = jax.lax.top_k(candidates, width)
+    beam, token = flat // vocab, (flat % vocab).astype(jnp.int32)
+    done = done[rows, beam] | (token == eos_id)
+    seqs = seqs[rows, beam].at[:, :, i].set(token)
+    cache = jax.tree.map(
+        lambda x: x.reshape(batch, width, *x.shape[1:])[rows, beam].reshape(x.shape), cache)
+    return scores, done, seqs, cache
+
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  log_probs = jnp.broadcast_to(log_probs[:, None, :], (batch, width, vocab))
+  scores = jnp.full((batch, width), _NEG_INF, jnp.float32).at[:, 0].set(0.0)
+  done = jnp.zeros((batch, width), bool)
+  seqs = jnp.zeros((batch, width, max_decode_len), jnp.int32)
+  scores, done, seqs, cache = select(0, log_probs, scores, done, seqs, cache)
+  positions = jnp.repeat(first, width)
+
+  def cond(carry):
+    i, _, done, _, _ = carry
+    return (i < max_decode_len) & ~jnp.all(done)
+
+  def body(carry):
+    i, scores, done, seqs, cache = carry
+    tokens = seqs[:, :, i - 1].reshape(batch * width, 1)
+    step = _apply(model, params, tokens, (positions + i)[:, None], cache=cache)
+    log_probs = jax.nn.log_softmax(step.logits[:, 0].astype(jnp.float32), axis=-1)
+    return (i + 1, *select(i, log_probs.reshape(batch, width, vocab), scores, done, seqs,
+                           step.cache))
+
+  _, scores, done, seqs, _ = jax.lax.while_loop(
+      cond, body, (jnp.asarray(1), scores, done, seqs, cache))
+  is_eos = seqs == eos_id
+  length = jnp.where(jnp.any(is_eos, axis=-1), jnp.argmax(is_eos, axis=-1) + 1, max_decode_len)
+  normalised = scores / ((5.0 + length) / 6.0) ** length_penalty
+  best = jnp.argmax(normalised, axis=-1)
+  return seqs[jnp.arange(batch), best], scores[jnp.arange(batch), best]
+
+
+def make_generate_fn(model: nn.Module, *, max_decode_len: int, eos_id: int,
+                     sampling: Sampling = Sampling(), num_beams: int = 1,
+                     length_penalty: float = 0.0) -> Callable[[Any, Array, Array, Array], Array]:
+  """A jitted `fn(params, input_tokens, prompt_mask, rng) -> [B, max_decode_len]` tokens.
+
+  `num_beams > 1` selects beam search (then `sampling` must be greedy); otherwise `generate`.
+  The function compiles once per input shape.
+  """
+  if num_beams < 1:
+    raise ValueError(f'num_beams must be >= 1, got {num_beams}.')
+  if num_beams > 1 and sampling.temperature > 0:
+    raise ValueError('beam search does not sample: set temperature 0 or num_beams 1.')
+
+  def fn(params, input_tokens, prompt_mask, rng):
+    if num_beams > 1:
+      return beam_search(model, params, input_tokens, prompt_mask,
+                         max_decode_len=max_decode_len, eos_id=eos_id, num_beams=num_beams,
+                         length_penalty=length_penalty)[0]
+    return generate(model, params, input_tokens, prompt_mask, max_decode_len=max_decode_len,
+                    eos_id=eos_id, sampling=sampling, rng=rng)
+
+  return jax.jit(fn)

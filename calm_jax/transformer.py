@@ -45,13 +45,16 @@ class DecoderLayer(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, segment_ids: Array) -> Array:
-    """Maps the residual stream `x` [B, T, D] through one layer."""
+  def __call__(self, x: Array, positions: Array, segment_ids: Array,
+               cache: dict[str, Array] | None = None,
+               cache_length: int | None = None) -> tuple[Array, dict[str, Array] | None]:
+    """Maps the residual stream `x` [B, T, D] through one layer (see `SelfAttention`)."""
     def norm(name):
       return RMSNorm(eps=self.norm_eps, plus_one=self.norm_plus_one,
                      param_dtype=self.param_dtype, name=name)
 
-    h = self.attention(name='attn')(norm('pre_attention_norm')(x), positions, segment_ids)
+    h, cache = self.attention(name='attn')(norm('pre_attention_norm')(x), positions, segment_ids,
+                                           cache, cache_length)
     if self.sandwich_norms:
       h = norm('post_attention_norm')(h)
     x = x + h
@@ -59,7 +62,7 @@ class DecoderLayer(nn.Module):
     if self.sandwich_norms:
       h = norm('post_ffw_norm')(h)
     x = x + h
-    return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+    return nn.with_logical_constraint(x, ('batch', 'length', 'embed')), cache
 
 
 class TransformerOutput(NamedTuple):
@@ -69,10 +72,12 @@ class TransformerOutput(NamedTuple):
     logits: [B, T, V] float32, or None when not requested.
     hidden: residual stream after each requested layer count, {i: [B, T, D]}; i = 0 is the
       (scaled) embedding, i = n the output of `layer_{n-1}` (before the final norm).
+    cache: when decoding, the KV cache {'layer_{i}': {'keys', 'values'}} of every layer run.
   """
 
   logits: Array | None
   hidden: dict[int, Array]
+  cache: dict[str, dict[str, Array]] | None = None
 
 
 class Transformer(nn.Module):
@@ -110,7 +115,9 @@ class Transformer(nn.Module):
   def __call__(self, tokens: Array, positions: Array | None = None,
                segment_ids: Array | None = None, *, return_hidden: Sequence[int] = (),
                compute_logits: bool = True,
-               after_layer: Callable[[int, Array], Array] | None = None) -> TransformerOutput:
+               after_layer: Callable[[int, Array], Array] | None = None,
+               cache: dict[str, dict[str, Array]] | None = None,
+               cache_length: int | None = None) -> TransformerOutput:
     """Runs the LM.
 
     Args:
@@ -122,6 +129,9 @@ class Transformer(nn.Module):
       compute_logits: if False, stop after the deepest requested layer and return no logits.
       after_layer: `f(i, x) -> x` applied to the residual stream after i layers (i = 0 is the
         embedding), before the next layer reads it; where the composition adds its bridges.
+      cache: a decoding step (T = 1): the KV cache of the previous call; `positions` [B, 1] is
+        each row's sequence index (and cache slot) of the new token.
+      cache_length: a prefill: also return a KV cache with this many slots (prompt + decode).
 
     Returns:
       A `TransformerOutput`.
@@ -145,21 +155,27 @@ class Transformer(nn.Module):
     if after_layer is not None:
       x = after_layer(0, x)
     hidden = {0: x} if 0 in wanted else {}
+    decoding = cache is not None or cache_length is not None
+    new_cache = {} if decoding else None
     for i in range(last):
-      x = self._layer(i)(x, positions, segment_ids)
+      name = f'layer_{i}'
+      x, layer_cache = self._layer(i)(x, positions, segment_ids,
+                                      None if cache is None else cache[name], cache_length)
+      if decoding:
+        new_cache[name] = layer_cache
       if after_layer is not None:
         x = after_layer(i + 1, x)
       if i + 1 in wanted:
         hidden[i + 1] = x
     if not compute_logits:
-      return TransformerOutput(None, hidden)
+      return TransformerOutput(None, hidden, new_cache)
     x = RMSNorm(eps=cfg.norm_eps, plus_one=cfg.norm_plus_one,
                 param_dtype=jnp.dtype(cfg.param_dtype), name='final_norm')(x)
     logits = embedder.decode(x)
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     if cfg.final_logit_softcap is not None:
       logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
-    return TransformerOutput(logits, hidden)
+    return TransformerOutput(logits, hidden, new_cache)
 
 
 def abstract_params(config: TransformerConfig):
