@@ -1,0 +1,327 @@
+"""Cost of decoding with the composition: the KV-cached decoder of the anchor alone and composed.
+
+For each model (the anchor `Transformer` and the composed `Calm`), batch size B and context
+(prompt) length P, with cache length L = P + max_decode_len, measures:
+
+  prefill_s        median wall time of the jitted prefill (`decoding._prefill`) of B prompts of
+                   P tokens, after one warm-up call;
+  step_s           median wall time of ONE jitted decoding step (`decoding._apply` on tokens
+                   [B, 1] with the prefill's cache, donated and carried from call to call): one
+                   new token in each of the B rows;
+  generate_s       median wall time of `make_generate_fn` producing max_decode_len tokens per row
+                   (eos_id = -1: no row stops early), prefill included; `generate_per_token_s`
+                   divides it by max_decode_len, `generate_loop_per_token_s` subtracts the
+                   prefill first and divides by the max_decode_len - 1 loop steps;
+  cache bytes      bytes of every cache leaf with a sequence axis / (B * L), per part (anchor,
+                   augments, bridge; the composed cache's [B] `prompt_length` is left out);
+  FLOPs per token  the analytic count of one decoding step per row (`decode_step_flops`) and
+                   XLA's cost analysis of the compiled step divided by B (a cross-check), plus
+                   analytic (calm_jax.flops) and XLA FLOPs of the prefill.
+
+Ratios composed / anchor of each of these are reported per (B, P), beside the design's
+expectation that a composed decoding step costs about 1.35-1.5x the anchor's.
+
+  python benchmarks/decode.py [--size=toy|small] [--output=PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from calm_jax import calm as calm_lib
+from calm_jax import decoding, flops, trainable
+from calm_jax.calm import Calm, bridge_block_kwargs
+from calm_jax.configs import BridgeConfig, CalmConfig, TransformerConfig
+from calm_jax.random_init import random_like
+from calm_jax.transformer import Transformer
+
+# The models of benchmarks/train_step.py; batches, prompt lengths and runs of the decoder.
+SIZES = {
+    # Several minutes on 2 CPU cores: anchor ~38M, augment ~15M parameters, 3 bridges.
+    'toy': dict(anchor=dict(embed_dim=512, num_layers=8, num_heads=8, num_kv_heads=8,
+                            head_dim=64, mlp_dim=2048),
+                augment=dict(embed_dim=256, num_layers=12, num_heads=4, num_kv_heads=4,
+                             head_dim=64, mlp_dim=1024),
+                vocab=8192, batches=(1, 8, 32), contexts=(128, 512), max_decode_len=32,
+                runs=3, step_runs=10, budget_s=20.0),
+    # Seconds; what CI runs.
+    'small': dict(anchor=dict(embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                              head_dim=32, mlp_dim=512),
+                  augment=dict(embed_dim=64, num_layers=8, num_heads=2, num_kv_heads=2,
+                               head_dim=32, mlp_dim=256),
+                  vocab=512, batches=(1, 8, 32), contexts=(32, 64), max_decode_len=8,
+                  runs=3, step_runs=5, budget_s=2.0),
+}
+
+# DESIGN.md: a composed decoding step costs about this many times the anchor's.
+DESIGN_DECODE_RATIO = (1.35, 1.5)
+MODELS = ('anchor', 'composed')
+
+
+def build(size: str) -> tuple[CalmConfig, dict[str, Any]]:
+  """(config, decoding settings) of a named size; bridges every 4 layers, non-zero output."""
+  spec = SIZES[size]
+  anchor = TransformerConfig(vocab_size=spec['vocab'], **spec['anchor'])
+  augment = TransformerConfig(vocab_size=spec['vocab'], **spec['augment'])
+  config = CalmConfig(anchor=anchor, augments={'augment': augment},
+                      bridges={'augment': BridgeConfig(every=4, zero_init_out=False)})
+  settings = {k: spec[k] for k in ('batches', 'contexts', 'max_decode_len', 'runs',
+                                   'step_runs', 'budget_s')}
+  return config, settings
+
+
+def xla_flops(compiled) -> float:
+  """FLOPs XLA's cost analysis reports for a compiled program."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0]
+  return float(analysis['flops'])
+
+
+def _lm_layer_flops(cfg: TransformerConfig, context: int) -> float:
+  """One decoder layer, one new token attending `context` cache slots."""
+  d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  projections = 2 * d * h * (n + 2 * k) + 2 * n * h * d
+  mlp = 2 * d * cfg.mlp_dim * (3 if cfg.gated_mlp else 2)
+  return float(projections + mlp + 4 * n * context * h)
+
+
+def decode_step_flops(config: CalmConfig | TransformerConfig, context: int) -> float:
+  """Analytic FLOPs of one decoding step per row (one new token), attending `context` slots.
+
+  A multiply-add is 2 FLOPs; only matrix products count (as in calm_jax/flops.py). The step
+  attends every slot of the cache (the causal mask does not skip work), so `context` is the
+  cache length L. Widths: D anchor / layer width, E augment width, N heads, K kv heads, H head
+  dim, F MLP width, V vocabulary.
+
+    LM layer       2 D H (N + 2 K) + 2 N H D       q, k, v, out projections
+                   + 2 D F (3 gated, else 2)       MLP
+                   + 4 N L H                       scores and values over the cache
+    anchor         num_layers * layer + 2 D V      (logits)
+    augment        its layers up to the deepest one a bridge reads (no logits)
+    bridge block   2 E D                           projection of the augment state
+                   + 4 D K H                       key and value of the new token
+                   + 2 D N H + 2 N H D             query and output
+                   + 4 N L H                       cross-attention over the bridge cache
+
+  Args:
+    config: the composition (anchor + augments + bridges), or one LM alone.
+    context: L, the number of cache slots each step attends.
+
+  Returns:
+    FLOPs per decoded token of one row.
+  """
+  if isinstance(config, TransformerConfig):
+    return (config.num_layers * _lm_layer_flops(config, context)
+            + 2.0 * config.embed_dim * config.vocab_size)
+  total = decode_step_flops(config.anchor, context)
+  for name, augment in config.augments:
+    connections = config.connections(name)
+    total += max(a for a, _ in connections) * _lm_layer_flops(augment, context)
+    kw = bridge_block_kwargs(config, name)
+    d, e = kw['anchor_dim'], kw['augment_dim']
+    n, k, h = kw['num_heads'], kw['num_kv_heads'], kw['head_dim']
+    block = 2 * e * d + 4 * d * k * h + 2 * d * n * h + 2 * n * h * d + 4 * n * context * h
+    total += len(connections) * float(block)
+  return total
+
+
+def cache_bytes(cache: Any) -> dict[str, int]:
+  """Bytes of the cache leaves with a sequence axis ([B, L, K, H]), per top-level part.
+
+  A single LM's cache {'layer_{i}': ...} is reported as 'anchor'; the composed cache's parts
+  are 'anchor', 'augments' and 'bridge' ('prompt_length' [B] has no sequence axis).
+  """
+  parts = cache if 'prompt_length' in cache else {'anchor': cache}
+  return {name: sum(int(x.nbytes) for x in jax.tree.leaves(tree) if x.ndim == 4)
+          for name, tree in parts.items() if name != 'prompt_length'}
+
+
+def median_time(call: Callable[[], Any], runs: int, budget_s: float) -> tuple[float, int]:
+  """Median seconds of `call()` (blocked on) after one warm-up call.
+
+  Times up to `runs` calls, stopping early once the timed calls took `budget_s` in all (at
+  least one is timed). Returns (median, number of timed calls).
+  """
+  jax.block_until_ready(call())
+  times: list[float] = []
+  while len(times) < runs and sum(times) < budget_s:
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), len(times)
+
+
+def _compile(fn, *args):
+  start = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def measure(model: nn.Module, params: Any, batch: int, context: int,
+            settings: dict[str, Any]) -> dict[str, Any]:
+  """Prefill, one decoding step and `generate` of `model` on B prompts of `context` tokens."""
+  max_decode_len, runs, budget = (settings['max_decode_len'], settings['runs'],
+                                  settings['budget_s'])
+  cache_length = context + max_decode_len
+  vocab = (model.config.anchor if isinstance(model, Calm) else model.config).vocab_size
+  tokens = jax.random.randint(jax.random.key(batch * 1000 + context), (batch, context), 1,
+                              vocab, jnp.int32)
+  prompt_mask = jnp.ones((batch, context), jnp.int32)  # Every prompt fills its P positions.
+  row = {'cache_length': cache_length}
+
+  # pylint: disable=protected-access
+  prefill = jax.jit(lambda p, t, m: decoding._prefill(model, p, t, m, max_decode_len))
+  compiled, row['prefill_compile_s'] = _compile(prefill, params, tokens, prompt_mask)
+  row['prefill_xla_flops'] = xla_flops(compiled)
+  row['prefill_s'], row['prefill_runs'] = median_time(
+      lambda: compiled(params, tokens, prompt_mask), runs, budget)
+
+  def step_fn(p, token, positions, cache):
+    out = decoding._apply(model, p, token, positions, cache=cache)
+    return out.logits, out.cache
+
+  step = jax.jit(step_fn, donate_argnums=(3,))
+  first, _, cache = compiled(params, tokens, prompt_mask)
+  parts = cache_bytes(cache)
+  row['cache_bytes_per_token'] = sum(parts.values()) / (batch * cache_length)
+  row['cache_bytes_per_token_parts'] = {k: v / (batch * cache_length) for k, v in parts.items()}
+  token = jnp.ones((batch, 1), jnp.int32)
+  # Step i feeds the token at sequence index P + i (cache slot P + i), as `generate` does.
+  positions = [(first + i)[:, None] for i in range(1, max_decode_len)]
+  compiled_step, row['step_compile_s'] = _compile(step, params, token, positions[0], cache)
+  row['step_xla_flops'] = xla_flops(compiled_step)
+  state = {'cache': cache, 'i': 0}
+
+  def one_step():
+    logits, state['cache'] = compiled_step(params, token, positions[state['i']], state['cache'])
+    state['i'] = min(state['i'] + 1, len(positions) - 1)
+    return logits
+
+  row['step_s'], row['step_runs'] = median_time(
+      one_step, min(settings['step_runs'], max_decode_len - 2), budget)
+  del state
+
+  generate = decoding.make_generate_fn(model, max_decode_len=max_decode_len, eos_id=-1)
+  rng = jax.random.key(0)
+  compiled_gen, row['generate_compile_s'] = _compile(generate, params, tokens, prompt_mask, rng)
+  row['generate_s'], row['generate_runs'] = median_time(
+      lambda: compiled_gen(params, tokens, prompt_mask, rng), runs, budget)
+  row['generate_per_token_s'] = row['generate_s'] / max_decode_len
+  row['generate_loop_per_token_s'] = (row['generate_s'] - row['prefill_s']) / (
+      max_decode_len - 1)
+
+  row['analytic_flops_per_token'] = decode_step_flops(model.config, cache_length)
+  row['xla_flops_per_token'] = row['step_xla_flops'] / batch
+  row['xla_over_analytic'] = row['xla_flops_per_token'] / row['analytic_flops_per_token']
+  row['prefill_analytic_flops'] = (
+      flops.composed_forward_flops(model.config, batch, context) if isinstance(model, Calm)
+      else flops.lm_forward_flops(model.config, batch, context))
+  return row
+
+
+RATIO_KEYS = {'step_s': 'step_s', 'generate_per_token_s': 'generate_per_token_s',
+              'generate_loop_per_token_s': 'generate_loop_per_token_s',
+              'analytic_flops': 'analytic_flops_per_token', 'xla_flops': 'xla_flops_per_token',
+              'prefill_s': 'prefill_s', 'cache_bytes_per_token': 'cache_bytes_per_token'}
+
+
+def run(size: str, log: Callable[[str], None] = lambda _: None) -> dict:
+  """Measures every (model, batch, context) at `size`; returns the JSON-ready report."""
+  config, settings = build(size)
+  abstract = nn.unbox(calm_lib.abstract_params(config))
+  frozen = jax.tree.map(jnp.asarray, random_like(
+      {'anchor': abstract['anchor'], 'augments': abstract['augments']}))
+  bridges = calm_lib.init_bridge_params(config, jax.random.key(0))
+  models = {'anchor': (Transformer(config.anchor), frozen['anchor']),
+            'composed': (Calm(config), trainable.merge_params(bridges, frozen))}
+
+  rows = []
+  for batch in settings['batches']:
+    for context in settings['contexts']:
+      for name in MODELS:
+        model, params = models[name]
+        start = time.perf_counter()
+        row = {'model': name, 'batch': batch, 'context': context,
+               **measure(model, params, batch, context, settings)}
+        rows.append(row)
+        log(f'{name:<8} B={batch:<3} P={context:<4} step {row["step_s"] * 1e3:8.2f} ms  '
+            f'({time.perf_counter() - start:.1f} s)')
+
+  def find(name, batch, context):
+    return next(r for r in rows
+                if (r['model'], r['batch'], r['context']) == (name, batch, context))
+
+  ratios = []
+  for batch in settings['batches']:
+    for context in settings['contexts']:
+      anchor, composed = find('anchor', batch, context), find('composed', batch, context)
+      ratios.append({'batch': batch, 'context': context,
+                     **{k: composed[v] / anchor[v] for k, v in RATIO_KEYS.items()}})
+
+  return {'size': size, **settings,
+          'connections': {n: config.connections(n) for n, _ in config.augments},
+          'parameters': {
+              'anchor': sum(x.size for x in jax.tree.leaves(frozen['anchor'])),
+              'augments': sum(x.size for x in jax.tree.leaves(frozen['augments'])),
+              'bridges': sum(x.size for x in jax.tree.leaves(bridges))},
+          'machine': {'platform': platform.platform(), 'device': str(jax.devices()[0]),
+                      'cpu_count': os.cpu_count(), 'jax': jax.__version__},
+          'design_decode_ratio': list(DESIGN_DECODE_RATIO),
+          'rows': rows, 'ratios': ratios}
+
+
+def table(report: dict) -> str:
+  """A compact text table of the report: per-row costs, then composed / anchor ratios."""
+  lines = [f'{"model":<8} {"B":>3} {"P":>4} {"prefill ms":>11} {"step ms":>9} '
+           f'{"gen ms/tok":>10} {"MFLOP/tok":>10} {"xla/an":>7} {"cache B/tok":>11}']
+  for r in report['rows']:
+    lines.append(f'{r["model"]:<8} {r["batch"]:>3} {r["context"]:>4} '
+                 f'{r["prefill_s"] * 1e3:>11.2f} {r["step_s"] * 1e3:>9.3f} '
+                 f'{r["generate_per_token_s"] * 1e3:>10.3f} '
+                 f'{r["analytic_flops_per_token"] / 1e6:>10.2f} {r["xla_over_analytic"]:>7.3f} '
+                 f'{r["cache_bytes_per_token"]:>11.0f}')
+  low, high = report['design_decode_ratio']
+  lines.append(f'composed / anchor (design: decoding {low}-{high}x the anchor per token)')
+  lines.append(f'{"B":>3} {"P":>4} {"step":>6} {"gen/tok":>7} {"loop/tok":>8} {"FLOPs":>6} '
+               f'{"XLA":>6} {"prefill":>7} {"cache":>6}')
+  for r in report['ratios']:
+    lines.append(f'{r["batch"]:>3} {r["context"]:>4} {r["step_s"]:>6.2f} '
+                 f'{r["generate_per_token_s"]:>7.2f} {r["generate_loop_per_token_s"]:>8.2f} '
+                 f'{r["analytic_flops"]:>6.3f} {r["xla_flops"]:>6.3f} {r["prefill_s"]:>7.2f} '
+                 f'{r["cache_bytes_per_token"]:>6.3f}')
+  return '\n'.join(lines)
+
+
+def main(argv=None) -> None:
+  """Command line: runs one size, writes its JSON report and prints the table."""
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--size', choices=sorted(SIZES), default='toy')
+  parser.add_argument('--output', default=None,
+                      help='JSON path; default benchmarks/results/decode_<size>.json')
+  args = parser.parse_args(argv)
+  output = args.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
+                                       f'decode_{args.size}.json')
+  start = time.perf_counter()
+  report = run(args.size, log=lambda line: print(line, file=sys.stderr, flush=True))
+  report['total_s'] = time.perf_counter() - start
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  with open(output, 'w') as f:
+    json.dump(report, f, indent=2)
+  print(table(report))
+  print(f'wrote {output} ({report["total_s"]:.0f} s)', file=sys.stderr)
+
+
+if __name__ == '__main__':
+  main()
