@@ -52,6 +52,8 @@ setuptools.setup(
             'calm-convert = calm_jax.convert.cli:main',
             'calm-train = calm_jax.train:main',
             'calm-eval = calm_jax.eval:main',
+            'calm-infer = calm_jax.infer:main',
+            'calm-export = calm_jax.export:main',
             'calm-kv-experiment = calm_tasks.kv_experiment:main',
         ],
     },

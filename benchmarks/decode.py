@@ -54,14 +54,17 @@ SIZES = {
                 augment=dict(embed_dim=256, num_layers=12, num_heads=4, num_kv_heads=4,
                              head_dim=64, mlp_dim=1024),
                 vocab=8192, batches=(1, 8, 32), contexts=(128, 512), max_decode_len=32,
-                runs=3, step_runs=10, budget_s=20.0),
-    # Seconds; what CI runs.
+                runs=3, step_runs=10, budget_s=20.0, compiler_options={}),
+    # About a minute; what CI runs. Compiling its 36 programs with XLA's default CPU backend
+    # optimisation takes most of three minutes, so it uses the cheapest level (same HLO, same
+    # FLOP counts; slower kernels, so its times are only indicative).
     'small': dict(anchor=dict(embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2,
                               head_dim=32, mlp_dim=512),
                   augment=dict(embed_dim=64, num_layers=8, num_heads=2, num_kv_heads=2,
                                head_dim=32, mlp_dim=256),
                   vocab=512, batches=(1, 8, 32), contexts=(32, 64), max_decode_len=8,
-                  runs=3, step_runs=5, budget_s=2.0),
+                  runs=3, step_runs=5, budget_s=2.0,
+                  compiler_options={'xla_backend_optimization_level': 0}),
 }
 
 # DESIGN.md: a composed decoding step costs about this many times the anchor's.
@@ -77,7 +80,7 @@ def build(size: str) -> tuple[CalmConfig, dict[str, Any]]:
   config = CalmConfig(anchor=anchor, augments={'augment': augment},
                       bridges={'augment': BridgeConfig(every=4, zero_init_out=False)})
   settings = {k: spec[k] for k in ('batches', 'contexts', 'max_decode_len', 'runs',
-                                   'step_runs', 'budget_s')}
+                                   'step_runs', 'budget_s', 'compiler_options')}
   return config, settings
 
 
@@ -163,9 +166,9 @@ def median_time(call: Callable[[], Any], runs: int, budget_s: float) -> tuple[fl
   return statistics.median(times), len(times)
 
 
-def _compile(fn, *args):
+def _compile(fn, options, *args):
   start = time.perf_counter()
-  compiled = fn.lower(*args).compile()
+  compiled = fn.lower(*args).compile(options or None)
   return compiled, time.perf_counter() - start
 
 
@@ -174,6 +177,7 @@ def measure(model: nn.Module, params: Any, batch: int, context: int,
   """Prefill, one decoding step and `generate` of `model` on B prompts of `context` tokens."""
   max_decode_len, runs, budget = (settings['max_decode_len'], settings['runs'],
                                   settings['budget_s'])
+  options = settings['compiler_options']
   cache_length = context + max_decode_len
   vocab = (model.config.anchor if isinstance(model, Calm) else model.config).vocab_size
   tokens = jax.random.randint(jax.random.key(batch * 1000 + context), (batch, context), 1,
@@ -183,7 +187,7 @@ def measure(model: nn.Module, params: Any, batch: int, context: int,
 
   # pylint: disable=protected-access
   prefill = jax.jit(lambda p, t, m: decoding._prefill(model, p, t, m, max_decode_len))
-  compiled, row['prefill_compile_s'] = _compile(prefill, params, tokens, prompt_mask)
+  compiled, row['prefill_compile_s'] = _compile(prefill, options, params, tokens, prompt_mask)
   row['prefill_xla_flops'] = xla_flops(compiled)
   row['prefill_s'], row['prefill_runs'] = median_time(
       lambda: compiled(params, tokens, prompt_mask), runs, budget)
@@ -200,7 +204,7 @@ def measure(model: nn.Module, params: Any, batch: int, context: int,
   token = jnp.ones((batch, 1), jnp.int32)
   # Step i feeds the token at sequence index P + i (cache slot P + i), as `generate` does.
   positions = [(first + i)[:, None] for i in range(1, max_decode_len)]
-  compiled_step, row['step_compile_s'] = _compile(step, params, token, positions[0], cache)
+  compiled_step, row['step_compile_s'] = _compile(step, options, params, token, positions[0], cache)
   row['step_xla_flops'] = xla_flops(compiled_step)
   state = {'cache': cache, 'i': 0}
 
@@ -215,7 +219,7 @@ def measure(model: nn.Module, params: Any, batch: int, context: int,
 
   generate = decoding.make_generate_fn(model, max_decode_len=max_decode_len, eos_id=-1)
   rng = jax.random.key(0)
-  compiled_gen, row['generate_compile_s'] = _compile(generate, params, tokens, prompt_mask, rng)
+  compiled_gen, row['generate_compile_s'] = _compile(generate, options, params, tokens, prompt_mask, rng)
   row['generate_s'], row['generate_runs'] = median_time(
       lambda: compiled_gen(params, tokens, prompt_mask, rng), runs, budget)
   row['generate_per_token_s'] = row['generate_s'] / max_decode_len

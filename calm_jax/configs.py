@@ -329,3 +329,29 @@ class CalmConfig:
     if name not in dict(self.bridges):
       raise KeyError(f'Unknown augment {name!r}; augments are {[n for n, _ in self.augments]}.')
     return dict(self.bridges)[name]
+
+  def to_dict(self) -> dict[str, Any]:
+    """Returns a JSON-serialisable dict (augments in order); `from_dict` inverts it."""
+    return {'anchor': self.anchor.to_dict(),
+            'augments': [[name, config.to_dict()] for name, config in self.augments],
+            'bridges': [[name, dataclasses.asdict(bridge)] for name, bridge in self.bridges],
+            'augment_as_encoder': self.augment_as_encoder}
+
+  @classmethod
+  def from_dict(cls, data: Mapping[str, Any]) -> CalmConfig:
+    """Builds a config from `to_dict`'s output; unknown keys are an error."""
+    unknown = sorted(set(data) - {'anchor', 'augments', 'bridges', 'augment_as_encoder'})
+    if unknown:
+      raise ValueError(f'Unknown CalmConfig fields {unknown}.')
+    bridge_fields = {f.name for f in dataclasses.fields(BridgeConfig)}
+    bridges = []
+    for name, bridge in data.get('bridges', ()):
+      extra = sorted(set(bridge) - bridge_fields)
+      if extra:
+        raise ValueError(f'Unknown BridgeConfig fields {extra} (augment {name!r}).')
+      bridges.append((name, BridgeConfig(**bridge)))
+    return cls(anchor=TransformerConfig.from_dict(data['anchor']),
+               augments=tuple((name, TransformerConfig.from_dict(config))
+                              for name, config in data['augments']),
+               bridges=tuple(bridges),
+               augment_as_encoder=bool(data.get('augment_as_encoder', False)))

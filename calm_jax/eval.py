@@ -1,8 +1,8 @@
-"""`calm-eval`: greedy decoding through seqio's Evaluator, metrics to TensorBoard and JSON.
+"""`calm-eval`: cached greedy decoding through seqio's Evaluator, metrics to TensorBoard and JSON.
 
 CHECKPOINT is an LM checkpoint (a pretrain/finetune run's `MODEL_DIR/lm`, or `calm-convert`
-output) or a composition run's MODEL_DIR (its `calm_run.json` names the frozen models; the
-bridges come from its latest checkpoint). Metrics are written under `EVAL_DIR` (TensorBoard
+output), a composition run's MODEL_DIR (its `calm_run.json` names the frozen models; the
+bridges come from its latest checkpoint) or a composed checkpoint (`calm-export`). Metrics are written under `EVAL_DIR` (TensorBoard
 summaries and seqio's JSON logs) and returned as {task: {metric: value}}.
 
   calm-eval --gin_file=runs/eval.gin --gin_file=tasks/kv_arithmetic.gin \
@@ -19,7 +19,7 @@ if __name__ == '__main__':
   raise SystemExit(0)
 
 import json
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from absl import logging
 from etils import epath
@@ -29,50 +29,94 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from calm_jax import checkpoints, data, decoding, gin_cli, trainable
+from calm_jax import checkpoints, composed, data, decoding, gin_cli, trainable
 from calm_jax.calm import Calm
 from calm_jax.transformer import Transformer
 
 
+class Loaded(NamedTuple):
+  """A model ready to decode.
 
-def load_for_eval(checkpoint: str) -> tuple[Any, Any, str]:
-  """(flax model, parameters, description) of an LM checkpoint or a composition run dir."""
+  Attributes:
+    model: the flax module (`Transformer` or `Calm`).
+    params: its parameters.
+    description: what was loaded, for logs.
+    step: the training step of the checkpoint (0 where unknown).
+    vocabulary: the exported vocabulary (composed checkpoints), else None.
+  """
+
+  model: Any
+  params: Any
+  description: str
+  step: int
+  vocabulary: Any = None
+
+
+def load_for_eval(checkpoint: str) -> Loaded:
+  """Loads an LM checkpoint, a composition run directory or a composed checkpoint."""
   from calm_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   path = epath.Path(checkpoint)
   if (path / train_lib.CALM_RUN_FILE).exists():
     config, frozen = train_lib.read_calm_run(path)
-    bridges = checkpoints.RunCheckpointer(path).restore_params()
-    return Calm(config), trainable.merge_params(bridges, frozen), f'composition {path}'
+    checkpointer = checkpoints.RunCheckpointer(path)
+    step = checkpointer.latest_step()
+    bridges = checkpointer.restore_params()
+    return Loaded(Calm(config), trainable.merge_params(bridges, frozen),
+                  f'composition {path} step {step}', int(step or 0))
+  if composed.is_composed(path):
+    loaded = composed.load_composed(path)
+    step = int(loaded.metadata.get('step', 0))
+    return Loaded(loaded.model, loaded.params, f'composed checkpoint {path}', step,
+                  loaded.vocabulary)
   if (path / checkpoints.CONFIG_FILE).exists():
     config, params = checkpoints.load_lm(path)
-    return Transformer(config), params, f'LM {path}'
+    return Loaded(Transformer(config), params, f'LM {path}', 0)
+  if not path.exists():
+    raise checkpoints.CheckpointError(f'Checkpoint {path} does not exist.')
   raise checkpoints.CheckpointError(
-      f'{path} is neither an LM checkpoint (config.json) nor a composition run '
-      f'({train_lib.CALM_RUN_FILE}).')
+      f'{path} is neither an LM checkpoint ({checkpoints.CONFIG_FILE}), a composition run '
+      f'({train_lib.CALM_RUN_FILE}) nor a composed checkpoint ({composed.CONFIG_FILE}).')
 
 
-def make_predict_fn(model, params, batch_size: int, max_decode_len: int, eos_id: int):
-  """seqio predict_fn: greedy decoding of every (index, features) of a cached eval dataset."""
+def decode_batches(generate_fn, params, batches, batch_size: int, seed: int = 0):
+  """Yields (number of real rows, [n, max_decode_len] tokens) per batch of model features.
 
-  @jax.jit
-  def decode(params, input_tokens, prompt_mask):
-    def logits_fn(tokens):
-      kwargs = {'prompt_mask': prompt_mask} if isinstance(model, Calm) else {}
-      return model.apply({'params': params}, tokens, **kwargs).logits
-    return decoding.greedy_decode(logits_fn, input_tokens, prompt_mask, max_decode_len, eos_id)
+  Batches are padded to `batch_size` rows so that every call has one shape (one compilation).
+  Features without `decoder_causal_attention` (LM tasks) decode from the first token alone.
+  """
+  for i, features in enumerate(batches):
+    tokens = features['decoder_input_tokens']
+    n = len(tokens)
+    pad = batch_size - n
+    prompt = features.get('decoder_causal_attention')
+    if prompt is None:
+      prompt = np.zeros_like(tokens)
+      prompt[:, 0] = 1
+    tokens = np.pad(tokens, ((0, pad), (0, 0)))
+    prompt = np.pad(prompt, ((0, pad), (0, 0)), constant_values=0)
+    prompt[n:, 0] = 1  # Padding rows: a one-token prompt, ignored.
+    out = generate_fn(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(prompt, jnp.int32),
+                      jax.random.fold_in(jax.random.key(seed), i))
+    yield n, np.asarray(out)[:n]
+
+
+def make_predict_fn(model, params, batch_size: int, max_decode_len: int, eos_id: int, *,
+                    sampling: decoding.Sampling = decoding.Sampling(), num_beams: int = 1,
+                    seed: int = 0):
+  """seqio predict_fn: cached decoding (greedy by default) of a cached eval dataset."""
+  generate_fn = decoding.make_generate_fn(model, max_decode_len=max_decode_len, eos_id=eos_id,
+                                          sampling=sampling, num_beams=num_beams)
 
   def predict_fn(dataset, model_feature_shapes=None):
     del model_feature_shapes
+    indices, batches = [], []
+    for index, features in dataset.batch(batch_size).as_numpy_iterator():
+      indices.append(index.tolist())
+      batches.append(features)
     outputs = []
-    for indices, features in dataset.batch(batch_size).as_numpy_iterator():
-      n = len(indices)
-      pad = batch_size - n  # Fixed shapes: one compilation for every batch.
-      tokens = np.pad(features['decoder_input_tokens'], ((0, pad), (0, 0)))
-      prompt = np.pad(features['decoder_causal_attention'], ((0, pad), (0, 0)),
-                      constant_values=0)
-      prompt[n:, 0] = 1  # Padding rows: a one-token prompt, ignored.
-      out = np.asarray(decode(params, jnp.asarray(tokens), jnp.asarray(prompt)))
-      outputs.extend(zip(indices.tolist(), out[:n].tolist()))
+    for index, (_, out) in zip(indices, decode_batches(generate_fn, params, batches,
+                                                        batch_size, seed)):
+      outputs.extend(zip(index, out.tolist()))
     return outputs
 
   return predict_fn
@@ -81,7 +125,7 @@ def make_predict_fn(model, params, batch_size: int, max_decode_len: int, eos_id:
 @gin.configurable
 def evaluate(*, checkpoint: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
              task_feature_lengths: Mapping[str, int] = gin.REQUIRED, batch_size: int = 64,
-             split: str = 'validation', eval_dir: str | None = None, step: int = 0,
+             split: str = 'validation', eval_dir: str | None = None, step: int | None = None,
              num_examples: int | None = None) -> dict[str, dict[str, float]]:
   """Evaluates a checkpoint on every task of a task or mixture.
 
@@ -92,11 +136,12 @@ def evaluate(*, checkpoint: str = gin.REQUIRED, mixture_or_task_name: str = gin.
     batch_size: decoding batch.
     split: dataset split.
     eval_dir: where to write TensorBoard and JSON logs; default CHECKPOINT/eval.
-    step: the step recorded with the metrics.
+    step: the step recorded with the metrics; default the checkpoint's training step.
     num_examples: evaluate only the first n examples of each task.
   """
   gin_cli.check_required('evaluate', locals())
-  model, params, description = load_for_eval(checkpoint)
+  model, params, description, checkpoint_step, _ = load_for_eval(checkpoint)
+  step = checkpoint_step if step is None else step
   task = data.get_task_or_mixture(mixture_or_task_name)
   eval_dir = epath.Path(eval_dir or epath.Path(checkpoint) / 'eval')
   eval_dir.mkdir(parents=True, exist_ok=True)  # seqio's JSONLogger does not create it.

@@ -37,6 +37,10 @@ class WordVocabulary(seqio.Vocabulary):
     self._table = tf.lookup.StaticHashTable(init, default_value=SPECIALS.index('<unk>'))
     self._words_tf = tf.constant(self._words)
 
+  def reference_kwargs(self) -> dict[str, list[str]]:
+    """Constructor arguments that rebuild this vocabulary (used by composed checkpoints)."""
+    return {'words': self._words[len(SPECIALS):]}
+
   @property
   def words(self) -> list[str]:
     """All tokens in id order, specials first."""

@@ -1,0 +1,357 @@
+"""Composed checkpoints: anchor, augments and bridges in one directory, ready to generate.
+
+Layout (local or `gs://`):
+  calm.json    {"format": "calm_jax.composed/1", "config": CalmConfig, "vocabulary": reference,
+                "metadata": {...}}; written last, so a directory without it is incomplete
+  params/      orbax tree {'anchor': ..., 'augments': {name: ...}, 'bridge': {name: ...}}
+  vocabulary/  a copy of the vocabulary's model file, where it has one (SentencePiece)
+  serving/     optional: the generate function through `jax.export` (`generate.jax`, with
+               `signature.json`), and a TF SavedModel (`saved_model/`)
+
+  composed = calm_jax.load_composed('/tmp/calm_kv/export')
+  tokens = composed.generate(input_tokens, prompt_mask, max_decode_len=8)
+  texts = composed.generate_text(['k3 + k17'], max_decode_len=8)
+
+The serving artifact takes the parameters as its first argument (they stay in `params/`, not
+baked into the program), then input tokens [b, P], prompt mask [b, P] and a uint32[2] PRNG key
+with a symbolic batch size b; it returns [b, max_decode_len] tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import json
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from calm_jax import calm as calm_lib
+from calm_jax import decoding
+from calm_jax.checkpoints import CheckpointError
+from calm_jax.configs import CalmConfig
+
+FORMAT = 'calm_jax.composed/1'
+CONFIG_FILE = 'calm.json'
+PARAMS_DIR = 'params'
+VOCABULARY_DIR = 'vocabulary'
+SERVING_DIR = 'serving'
+SERVING_FILE = 'generate.jax'
+SIGNATURE_FILE = 'signature.json'
+SAVED_MODEL_DIR = 'saved_model'
+
+
+def _local(path: epath.Path) -> epath.Path:
+  """orbax wants absolute local paths; remote ones pass through."""
+  return path if '://' in str(path) else path.resolve()
+
+
+def vocabulary_reference(vocabulary: Any, directory: epath.Path) -> dict[str, Any] | None:
+  """A JSON description of a seqio vocabulary, copying its model file into `directory`.
+
+  Supported: SentencePiece (file copied), byte vocabularies, and any vocabulary class with a
+  `reference_kwargs()` method (rebuilt as `Class(**kwargs)`, e.g. calm_tasks' WordVocabulary).
+  Anything else is an error: an export must be usable without the code that trained it.
+  """
+  if vocabulary is None:
+    return None
+  import seqio  # pylint: disable=g-import-not-at-top
+  if isinstance(vocabulary, seqio.SentencePieceVocabulary):
+    (directory / VOCABULARY_DIR).mkdir(parents=True, exist_ok=True)
+    target = directory / VOCABULARY_DIR / 'spm.model'
+    target.write_bytes(epath.Path(vocabulary.sentencepiece_model_file).read_bytes())
+    return {'type': 'sentencepiece', 'file': f'{VOCABULARY_DIR}/spm.model',
+            'extra_ids': vocabulary.extra_ids}
+  if isinstance(vocabulary, seqio.ByteVocabulary):
+    return {'type': 'byte', 'extra_ids': vocabulary.extra_ids}
+  if hasattr(vocabulary, 'reference_kwargs'):
+    cls = type(vocabulary)
+    return {'type': 'python', 'class': f'{cls.__module__}.{cls.__qualname__}',
+            'kwargs': vocabulary.reference_kwargs()}
+  raise ValueError(f'Cannot export vocabulary {type(vocabulary).__name__}: give it a '
+                   f'reference_kwargs() method or export without one.')
+
+
+def load_vocabulary(reference: Mapping[str, Any] | None, directory: epath.Path) -> Any:
+  """Rebuilds the seqio vocabulary described by `vocabulary_reference`."""
+  if reference is None:
+    return None
+  import seqio  # pylint: disable=g-import-not-at-top
+  kind = reference['type']
+  if kind == 'sentencepiece':
+    return seqio.SentencePieceVocabulary(str(directory / reference['file']),
+                                         extra_ids=reference['extra_ids'])
+  if kind == 'byte':
+    return seqio.ByteVocabulary(extra_ids=reference['extra_ids'])
+  if kind == 'python':
+    module, _, name = reference['class'].rpartition('.')
+    return getattr(importlib.import_module(module), name)(**reference['kwargs'])
+  raise CheckpointError(f'Unknown vocabulary type {kind!r} in {directory / CONFIG_FILE}.')
+
+
+def save_composed(path: str | epath.Path, config: CalmConfig, params: Any, *,
+                  vocabulary: Any = None, metadata: Mapping[str, Any] | None = None) -> None:
+  """Writes a composed checkpoint (module docstring).
+
+  Args:
+    path: target directory; must not hold a composed checkpoint already.
+    config: the composition.
+    params: the whole tree {'anchor', 'augments', 'bridge'} (boxed or not).
+    vocabulary: the seqio vocabulary shared by the models, or None.
+    metadata: JSON-serialisable provenance (source run, step, ...).
+  """
+  path = epath.Path(path)
+  if (path / CONFIG_FILE).exists() or (path / PARAMS_DIR).exists():
+    raise CheckpointError(f'{path} already holds a composed checkpoint; choose a new directory.')
+  params = nn.unbox(params)
+  _check_shapes(config, params, str(path))
+  path.mkdir(parents=True, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(_local(path / PARAMS_DIR), params)
+  checkpointer.wait_until_finished()
+  document = {'format': FORMAT, 'config': config.to_dict(),
+              'vocabulary': vocabulary_reference(vocabulary, path),
+              'metadata': dict(metadata or {})}
+  tmp = path / (CONFIG_FILE + '.tmp')
+  tmp.write_text(json.dumps(document, indent=2, sort_keys=True))
+  tmp.rename(path / CONFIG_FILE)
+
+
+def _check_shapes(config: CalmConfig, tree: Any, where: str) -> None:
+  """Raises a CheckpointError naming the first parameter that does not fit `config`."""
+  expected = {jax.tree_util.keystr(k): v.shape for k, v in
+              jax.tree_util.tree_flatten_with_path(nn.unbox(calm_lib.abstract_params(config)))[0]}
+  actual = {jax.tree_util.keystr(k): tuple(getattr(v, 'shape', ())) for k, v in
+            jax.tree_util.tree_flatten_with_path(tree)[0]}
+  missing, extra = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
+  if missing or extra:
+    raise CheckpointError(f'{where}: parameters do not match the config: missing {missing[:5]}, '
+                          f'unexpected {extra[:5]}.')
+  for key, shape in expected.items():
+    if tuple(actual[key]) != tuple(shape):
+      raise CheckpointError(f'{where}: parameter {key} has shape {tuple(actual[key])}, the '
+                            f'config needs {tuple(shape)}.')
+
+
+def read_document(path: str | epath.Path) -> dict[str, Any]:
+  """The parsed `calm.json` of a composed checkpoint, with clear errors."""
+  path = epath.Path(path)
+  file = path / CONFIG_FILE
+  if not file.exists():
+    if not path.exists():
+      raise CheckpointError(f'Composed checkpoint {path} does not exist.')
+    raise CheckpointError(f'{path} has no {CONFIG_FILE}: not a (complete) composed checkpoint.')
+  try:
+    document = json.loads(file.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f'{file} is not valid JSON ({e}).') from e
+  if document.get('format') != FORMAT:
+    raise CheckpointError(f'{file}: unknown format {document.get("format")!r}, want {FORMAT}.')
+  return document
+
+
+def is_composed(path: str | epath.Path) -> bool:
+  """Whether `path` holds a composed checkpoint."""
+  return (epath.Path(path) / CONFIG_FILE).exists()
+
+
+@dataclasses.dataclass
+class Composed:
+  """A loaded composed checkpoint.
+
+  Attributes:
+    config: the composition.
+    params: {'anchor', 'augments', 'bridge'} of jax arrays.
+    vocabulary: the seqio vocabulary, or None if none was exported.
+    metadata: what the export recorded.
+  """
+
+  config: CalmConfig
+  params: Any
+  vocabulary: Any = None
+  metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def model(self) -> calm_lib.Calm:
+    """The flax module."""
+    return calm_lib.Calm(self.config)
+
+  @functools.cached_property
+  def _generate_fns(self) -> dict[tuple[Any, ...], Callable[..., jax.Array]]:
+    return {}
+
+  def generate(self, input_tokens: Any, prompt_mask: Any, *, max_decode_len: int,
+               eos_id: int | None = None, sampling: decoding.Sampling = decoding.Sampling(),
+               num_beams: int = 1, seed: int = 0) -> np.ndarray:
+    """Continues prompts in T5X's layout (see calm_jax.decoding) with the cached decoder.
+
+    Args:
+      input_tokens: [B, P] decoder input tokens (0 first, then the prompt).
+      prompt_mask: [B, P] 1 on each row's prompt region.
+      max_decode_len: tokens to generate.
+      eos_id: default the vocabulary's EOS (or 1 without one).
+      sampling: greedy by default.
+      num_beams: > 1 for beam search.
+      seed: PRNG seed of sampling.
+
+    Returns:
+      [B, max_decode_len] generated token ids.
+    """
+    if eos_id is None:
+      eos_id = self.vocabulary.eos_id if self.vocabulary is not None else 1
+    key = (max_decode_len, eos_id, sampling, num_beams)
+    if key not in self._generate_fns:
+      self._generate_fns[key] = decoding.make_generate_fn(
+          self.model, max_decode_len=max_decode_len, eos_id=eos_id, sampling=sampling,
+          num_beams=num_beams)
+    out = self._generate_fns[key](self.params, jnp.asarray(input_tokens, jnp.int32),
+                                  jnp.asarray(prompt_mask, jnp.int32), jax.random.key(seed))
+    return np.asarray(out)
+
+  def generate_text(self, prompts: Sequence[str], *, max_decode_len: int,
+                    **kwargs) -> list[str]:
+    """Encodes prompts with the vocabulary, generates, decodes up to EOS (see `generate`)."""
+    if self.vocabulary is None:
+      raise ValueError('This composed checkpoint was exported without a vocabulary.')
+    input_tokens, prompt_mask = prompt_arrays(
+        [self.vocabulary.encode(p) for p in prompts])
+    out = self.generate(input_tokens, prompt_mask, max_decode_len=max_decode_len, **kwargs)
+    return [self.vocabulary.decode(row.tolist()) for row in out]
+
+
+def prompt_arrays(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+  """T5X prefix-LM decoder inputs of token-id prompts: ([B, P] tokens, [B, P] prompt mask).
+
+  Each row is 0 followed by its prompt (the shifted-right layout), P = 1 + the longest prompt.
+  """
+  width = 1 + max(len(p) for p in prompts)
+  tokens = np.zeros((len(prompts), width), np.int32)
+  mask = np.zeros((len(prompts), width), np.int32)
+  for row, prompt in enumerate(prompts):
+    tokens[row, 1:1 + len(prompt)] = prompt
+    mask[row, :1 + len(prompt)] = 1
+  return tokens, mask
+
+
+def load_composed(path: str | epath.Path, *, shardings: Any = None) -> Composed:
+  """Loads a composed checkpoint in one call.
+
+  Args:
+    path: the directory written by `save_composed` / `calm-export` (local or `gs://`).
+    shardings: a `jax.sharding.Sharding` for every leaf or a matching tree; default: the first
+      local device. Parameters are restored straight into them.
+  """
+  path = epath.Path(path)
+  document = read_document(path)
+  config = CalmConfig.from_dict(document['config'])
+  params_path = path / PARAMS_DIR
+  if not params_path.exists():
+    raise CheckpointError(f'{path} has no {PARAMS_DIR}/ directory.')
+  checkpointer = ocp.StandardCheckpointer()
+  metadata = checkpointer.metadata(_local(params_path))
+  _check_shapes(config, getattr(metadata, 'item_metadata', metadata), str(path))
+  abstract = nn.unbox(calm_lib.abstract_params(config))
+  if shardings is None:
+    shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, abstract)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+  params = checkpointer.restore(_local(params_path), target)
+  return Composed(config, params, load_vocabulary(document.get('vocabulary'), path),
+                  document.get('metadata', {}))
+
+
+def _serving_fn(config: CalmConfig, *, max_decode_len: int, eos_id: int,
+                sampling: decoding.Sampling, num_beams: int):
+  generate = decoding.make_generate_fn(calm_lib.Calm(config), max_decode_len=max_decode_len,
+                                       eos_id=eos_id, sampling=sampling, num_beams=num_beams)
+
+  def serve(params, input_tokens, prompt_mask, key_data):
+    return generate(params, input_tokens, prompt_mask, jax.random.wrap_key_data(key_data))
+
+  return serve
+
+
+def export_serving(path: str | epath.Path, composed: Composed, *, prompt_length: int,
+                   max_decode_len: int, eos_id: int, sampling: decoding.Sampling = decoding.Sampling(),
+                   num_beams: int = 1, platforms: Sequence[str] | None = None,
+                   saved_model: bool = False) -> dict[str, Any]:
+  """Writes `path/serving/`: the generate function through `jax.export` (symbolic batch).
+
+  Args:
+    path: the composed checkpoint directory.
+    composed: its loaded contents.
+    prompt_length: P, the width of the prompt arrays the artifact takes.
+    max_decode_len, eos_id, sampling, num_beams: fixed in the artifact (see `decoding`).
+    platforms: lowering platforms, e.g. ('cpu', 'tpu'); default: this machine's.
+    saved_model: also write a TF SavedModel through jax2tf (`serving/saved_model`).
+
+  Returns:
+    The signature written to `serving/signature.json`.
+  """
+  serving = epath.Path(path) / SERVING_DIR
+  serving.mkdir(parents=True, exist_ok=True)
+  serve = _serving_fn(composed.config, max_decode_len=max_decode_len, eos_id=eos_id,
+                      sampling=sampling, num_beams=num_beams)
+  (batch,) = jax.export.symbolic_shape('b')
+  params_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), composed.params)
+  specs = (params_spec, jax.ShapeDtypeStruct((batch, prompt_length), jnp.int32),
+           jax.ShapeDtypeStruct((batch, prompt_length), jnp.int32),
+           jax.ShapeDtypeStruct((2,), jnp.uint32))
+  kwargs = {} if platforms is None else {'platforms': tuple(platforms)}
+  exported = jax.export.export(jax.jit(serve), **kwargs)(*specs)
+  (serving / SERVING_FILE).write_bytes(bytes(exported.serialize()))
+  signature = {
+      'inputs': {'params': f'{CONFIG_FILE} / {PARAMS_DIR}/ tree',
+                 'input_tokens': ['b', prompt_length, 'int32'],
+                 'prompt_mask': ['b', prompt_length, 'int32'], 'key_data': [2, 'uint32']},
+      'output': ['b', max_decode_len, 'int32'], 'max_decode_len': max_decode_len,
+      'eos_id': eos_id, 'sampling': dataclasses.asdict(sampling), 'num_beams': num_beams,
+      'platforms': list(exported.platforms), 'saved_model': False,
+  }
+  if saved_model:
+    _write_saved_model(serving / SAVED_MODEL_DIR, serve, composed.params, prompt_length)
+    signature['saved_model'] = True
+  (serving / SIGNATURE_FILE).write_text(json.dumps(signature, indent=2))
+  return signature
+
+
+def load_serving(path: str | epath.Path) -> Callable[..., jax.Array]:
+  """The exported generate function of a composed checkpoint: `fn(params, tokens, mask, key)`.
+
+  `key` is uint32[2] key data (`jax.random.key_data(jax.random.key(seed))`).
+  """
+  file = epath.Path(path) / SERVING_DIR / SERVING_FILE
+  if not file.exists():
+    raise CheckpointError(f'{file} does not exist: export with a serving artifact first.')
+  return jax.export.deserialize(bytearray(file.read_bytes())).call
+
+
+def _write_saved_model(directory: epath.Path, serve, params: Any, prompt_length: int) -> None:
+  """A TF SavedModel with a `generate(input_tokens, prompt_mask, key_data)` signature."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+
+  leaves, treedef = jax.tree.flatten(params)
+  module = tf.Module()
+  module.params = [tf.Variable(np.asarray(x), trainable=False) for x in leaves]
+  converted = jax2tf.convert(
+      lambda flat, tokens, mask, key: serve(jax.tree.unflatten(treedef, flat), tokens, mask, key),
+      polymorphic_shapes=[None, '(b, _)', '(b, _)', None], with_gradient=False)
+
+  @tf.function(autograph=False, input_signature=[
+      tf.TensorSpec([None, prompt_length], tf.int32, name='input_tokens'),
+      tf.TensorSpec([None, prompt_length], tf.int32, name='prompt_mask'),
+      tf.TensorSpec([2], tf.uint32, name='key_data')])
+  def generate(input_tokens, prompt_mask, key_data):
+    return {'tokens': converted(module.params, input_tokens, prompt_mask, key_data)}
+
+  module.generate = generate
+  tf.saved_model.save(module, str(directory), signatures={'serving_default': generate})

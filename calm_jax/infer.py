@@ -1,0 +1,117 @@
+"""`calm-infer`: cached decoding of every example of a task or mixture, predictions as JSONL.
+
+As T5X's infer run: one file per task, `INFER_OUTPUT_DIR/{task}-{step:06d}.jsonl`, one JSON
+object per example in dataset order: {"inputs": ..., "targets": ..., "prediction": ...,
+"prediction_tokens": [...]} (texts decoded with the task's vocabulary). CHECKPOINT is anything
+`calm-eval` accepts (LM checkpoint, composition run, composed checkpoint).
+
+  calm-infer --gin_file=runs/infer.gin --gin_file=tasks/kv_arithmetic.gin \
+      --gin.CHECKPOINT="'/tmp/calm_kv/calm'" --gin.MIXTURE_OR_TASK_NAME="'kv_arithmetic_eval'" \
+      --gin.INFER_OUTPUT_DIR="'/tmp/calm_kv/infer'"
+"""
+
+from __future__ import annotations
+
+if __name__ == '__main__':
+  # `python -m calm_jax.infer`: register the configurable under the module's real name.
+  from calm_jax.infer import main as _main  # pylint: disable=g-import-not-at-top
+  _main()
+  raise SystemExit(0)
+
+import json
+import time
+from typing import Callable, Mapping
+
+from absl import logging
+from etils import epath
+import gin
+import seqio
+
+from calm_jax import data, decoding, gin_cli
+from calm_jax import eval as eval_lib
+
+
+def _text(vocabulary, ids) -> str:
+  ids = [int(i) for i in ids]
+  if vocabulary.eos_id in ids:
+    ids = ids[:ids.index(vocabulary.eos_id)]
+  return vocabulary.decode([i for i in ids if i != 0])
+
+
+def _tasks(name: str) -> list[seqio.Task]:
+  task = data.get_task_or_mixture(name)
+  return list(task.tasks) if isinstance(task, seqio.Mixture) else [task]
+
+
+@gin.configurable
+def infer(*, checkpoint: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
+          task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+          output_dir: str = gin.REQUIRED, batch_size: int = 64, split: str = 'validation',
+          num_examples: int | None = None, temperature: float = 0.0, top_k: int = 0,
+          top_p: float = 1.0, num_beams: int = 1, length_penalty: float = 0.0, seed: int = 0,
+          log: Callable[[str], None] = logging.info) -> dict[str, str]:
+  """Writes the predictions of a checkpoint for every task of a task or mixture.
+
+  Args:
+    checkpoint: LM checkpoint, composition run or composed checkpoint (CHECKPOINT).
+    mixture_or_task_name: MIXTURE_OR_TASK_NAME.
+    task_feature_lengths: {'inputs': ..., 'targets': ...}; targets bounds the decode length.
+    output_dir: where the JSONL files go (INFER_OUTPUT_DIR; local or gs://).
+    batch_size: decoding batch.
+    split: dataset split.
+    num_examples: only the first n examples of each task.
+    temperature, top_k, top_p: sampling (see `calm_jax.decoding.Sampling`); 0 is greedy.
+    num_beams, length_penalty: beam search when num_beams > 1.
+    seed: PRNG seed of sampling (batch i uses fold_in(seed, i)).
+    log: progress sink.
+
+  Returns:
+    {task name: path of its JSONL file}.
+  """
+  gin_cli.check_required('infer', locals())
+  loaded = eval_lib.load_for_eval(checkpoint)
+  sampling = decoding.Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+  out_dir = epath.Path(output_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  written = {}
+  generate_fns = {}
+  for task in _tasks(mixture_or_task_name):
+    vocabulary = task.output_features['targets'].vocabulary
+    key = vocabulary.eos_id
+    if key not in generate_fns:
+      generate_fns[key] = decoding.make_generate_fn(
+          loaded.model, max_decode_len=task_feature_lengths['targets'], eos_id=vocabulary.eos_id,
+          sampling=sampling, num_beams=num_beams, length_penalty=length_penalty)
+    converter = data.feature_converter(task, pack=False)
+    raw = task.get_dataset(dict(task_feature_lengths), split=split, shuffle=False,
+                           num_epochs=1, use_cached=False)
+    if num_examples is not None:
+      raw = raw.take(num_examples)
+    examples = list(raw.as_numpy_iterator())
+    features = converter(raw, dict(task_feature_lengths)).batch(batch_size)
+    path = out_dir / f'{task.name}-{loaded.step:06d}.jsonl'
+    tmp = path.parent / (path.name + '.tmp')
+    start, count = time.perf_counter(), 0
+    with tmp.open('w') as f:
+      for n, out in eval_lib.decode_batches(generate_fns[key], loaded.params,
+                                            features.as_numpy_iterator(), batch_size, seed):
+        for example, tokens in zip(examples[count:count + n], out):
+          record = {'prediction': _text(vocabulary, tokens),
+                    'prediction_tokens': [int(t) for t in tokens]}
+          for feature in ('inputs', 'targets'):
+            if feature in example:
+              record[feature] = _text(task.output_features[feature].vocabulary,
+                                      example[feature])
+          f.write(json.dumps(record) + '\n')
+        count += n
+    tmp.rename(path)  # A complete file or none.
+    seconds = time.perf_counter() - start
+    log(f'{task.name}: {count} predictions in {seconds:.1f}s '
+        f'({count / max(seconds, 1e-9):.1f} examples/s, compilation included) -> {path}')
+    written[task.name] = str(path)
+  return written
+
+
+def main():
+  """Console-script entry point (`calm-infer`)."""
+  gin_cli.gin_main(infer)
