@@ -34,6 +34,7 @@ from etils import epath
 
 from calm_jax import calm as calm_lib
 from calm_jax import decoding
+from calm_jax import transformer as transformer_lib
 from calm_jax.checkpoints import CheckpointError
 from calm_jax.configs import CalmConfig
 
@@ -123,20 +124,41 @@ def save_composed(path: str | epath.Path, config: CalmConfig, params: Any, *,
   tmp.rename(path / CONFIG_FILE)
 
 
-def _check_shapes(config: CalmConfig, tree: Any, where: str) -> None:
-  """Raises a CheckpointError naming the first parameter that does not fit `config`."""
-  expected = {jax.tree_util.keystr(k): v.shape for k, v in
-              jax.tree_util.tree_flatten_with_path(nn.unbox(calm_lib.abstract_params(config)))[0]}
+def _allowed(config: CalmConfig) -> tuple[dict[str, Any], set[str]]:
+  """({path: abstract leaf} a composed tree may hold, the paths the composition reads).
+
+  The composition reads each augment only up to its deepest connection; a composed checkpoint
+  may hold the whole augment LM (as exported from a composition run) or just that part.
+  """
+  def flat(tree):
+    return {jax.tree_util.keystr(k): v
+            for k, v in jax.tree_util.tree_flatten_with_path(nn.unbox(tree))[0]}
+
+  used = nn.unbox(calm_lib.abstract_params(config))
+  allowed = flat(used)
+  for name, augment in config.augments:
+    allowed.update(flat({'augments': {name: transformer_lib.abstract_params(augment)}}))
+  return allowed, set(flat(used))
+
+
+def _check_shapes(config: CalmConfig, tree: Any, where: str) -> dict[str, Any]:
+  """Raises a CheckpointError naming the first parameter that does not fit `config`.
+
+  Returns:
+    {path: abstract leaf} of the parameters in `tree`.
+  """
+  allowed, required = _allowed(config)
   actual = {jax.tree_util.keystr(k): tuple(getattr(v, 'shape', ())) for k, v in
             jax.tree_util.tree_flatten_with_path(tree)[0]}
-  missing, extra = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
+  missing, extra = sorted(required - set(actual)), sorted(set(actual) - set(allowed))
   if missing or extra:
     raise CheckpointError(f'{where}: parameters do not match the config: missing {missing[:5]}, '
                           f'unexpected {extra[:5]}.')
-  for key, shape in expected.items():
-    if tuple(actual[key]) != tuple(shape):
-      raise CheckpointError(f'{where}: parameter {key} has shape {tuple(actual[key])}, the '
-                            f'config needs {tuple(shape)}.')
+  for key, shape in actual.items():
+    if tuple(shape) != tuple(allowed[key].shape):
+      raise CheckpointError(f'{where}: parameter {key} has shape {tuple(shape)}, the '
+                            f'config needs {tuple(allowed[key].shape)}.')
+  return {key: allowed[key] for key in actual}
 
 
 def read_document(path: str | epath.Path) -> dict[str, Any]:
@@ -255,8 +277,10 @@ def load_composed(path: str | epath.Path, *, shardings: Any = None) -> Composed:
     raise CheckpointError(f'{path} has no {PARAMS_DIR}/ directory.')
   checkpointer = ocp.StandardCheckpointer()
   metadata = checkpointer.metadata(_local(params_path))
-  _check_shapes(config, getattr(metadata, 'item_metadata', metadata), str(path))
-  abstract = nn.unbox(calm_lib.abstract_params(config))
+  metadata = getattr(metadata, 'item_metadata', metadata)
+  stored = _check_shapes(config, metadata, str(path))
+  abstract = jax.tree_util.tree_map_with_path(
+      lambda k, _: stored[jax.tree_util.keystr(k)], metadata)
   if shardings is None:
     shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   if isinstance(shardings, jax.sharding.Sharding):
