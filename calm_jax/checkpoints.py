@@ -38,7 +38,8 @@ def save_lm(path: str | epath.Path, config: TransformerConfig, params: Any,
   Args:
     path: target directory; must not hold a checkpoint already.
     config: the architecture of `params`.
-    params: parameter tree (boxed or not) of numpy or jax arrays.
+    params: parameter tree (boxed or not) of numpy or jax arrays; sharded arrays are written
+      by every process (all processes call this).
     metadata: JSON-serialisable provenance stored beside the config.
   """
   path = epath.Path(path)
@@ -50,10 +51,11 @@ def save_lm(path: str | epath.Path, config: TransformerConfig, params: Any,
   checkpointer.save(path / PARAMS_DIR if _is_remote(path) else (path / PARAMS_DIR).resolve(),
                     nn.unbox(params))
   checkpointer.wait_until_finished()
-  document = {'format': FORMAT, 'config': config.to_dict(), 'metadata': dict(metadata or {})}
-  tmp = path / (CONFIG_FILE + '.tmp')
-  tmp.write_text(json.dumps(document, indent=2, sort_keys=True))
-  tmp.rename(path / CONFIG_FILE)
+  if jax.process_index() == 0:  # Every process wrote its shards; one writes the config.
+    document = {'format': FORMAT, 'config': config.to_dict(), 'metadata': dict(metadata or {})}
+    tmp = path / (CONFIG_FILE + '.tmp')
+    tmp.write_text(json.dumps(document, indent=2, sort_keys=True))
+    tmp.rename(path / CONFIG_FILE)
 
 
 def check_new_lm_dir(path: str | epath.Path) -> None:

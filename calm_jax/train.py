@@ -37,11 +37,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.experimental import multihost_utils
+
 from calm_jax import calm as calm_lib
-from calm_jax import checkpoints, data, gin_cli, optim, trainable
+from calm_jax import checkpoints, data, gin_cli, optim, partitioning, trainable
 from calm_jax.configs import BridgeConfig, CalmConfig, TransformerConfig
-from calm_jax.train_step import apply_fn_for, init_train_state, make_train_step
+from calm_jax.train_step import TrainState, apply_fn_for, init_train_state, make_train_step
 from calm_jax.transformer import Transformer
+from calm_jax.transformer import abstract_params as lm_abstract_params
 
 MODES = ('pretrain', 'compose', 'finetune')
 DEFAULT_AUGMENT = 'augment'
@@ -70,8 +73,19 @@ def build_setup(mode: str, *, seed: int, model_config: TransformerConfig | None,
                 anchor_checkpoint: str | None, augment_checkpoints: Mapping[str, str] | None,
                 bridges: Mapping[str, BridgeConfig] | None, augment_as_encoder: bool,
                 trainable_patterns: Sequence[str] | None, anchor_config: TransformerConfig | None,
-                augment_configs: Mapping[str, TransformerConfig] | None) -> Setup:
-  """Builds the model and parameter trees of `mode` (see the module docstring)."""
+                augment_configs: Mapping[str, TransformerConfig] | None,
+                mesh: jax.sharding.Mesh | None = None,
+                rules: partitioning.Rules = partitioning.STANDARD_RULES) -> Setup:
+  """Builds the model and parameter trees of `mode` (see the module docstring).
+
+  Every parameter is created or restored directly in its sharding on `mesh` (default: a mesh
+  of all devices): nothing is materialised whole on one host first.
+  """
+  mesh = mesh or partitioning.make_mesh()
+
+  def lm_shardings(cfg):
+    return partitioning.param_shardings(lm_abstract_params(cfg), mesh, rules)
+
   if mode not in MODES:
     raise ValueError(f'Unknown mode {mode!r}; choose from {MODES}.')
   if mode == 'pretrain':
@@ -79,12 +93,13 @@ def build_setup(mode: str, *, seed: int, model_config: TransformerConfig | None,
       raise ValueError('pretrain needs a model_config (e.g. MODEL_CONFIG from gin/models/).')
     model = Transformer(model_config)
     tokens = jnp.zeros((1, 1), jnp.int32)
-    params = jax.jit(model.init)(jax.random.key(seed), tokens)['params']
-    return Setup(model, nn.unbox(params), {}, model_config)
+    init = jax.jit(lambda key: nn.unbox(model.init(key, tokens)['params']),
+                   out_shardings=lm_shardings(model_config))
+    return Setup(model, init(jax.random.key(seed)), {}, model_config)
   if anchor_checkpoint is None:
     raise ValueError(f'{mode} needs ANCHOR_CHECKPOINT.')
   anchor_cfg = _check_expected(anchor_checkpoint, anchor_config)
-  _, anchor = checkpoints.load_lm(anchor_checkpoint)
+  _, anchor = checkpoints.load_lm(anchor_checkpoint, shardings=lm_shardings(anchor_cfg))
   if mode == 'finetune':
     patterns = tuple(trainable_patterns or (r'.*',))
     trained, frozen = trainable.split_params(anchor, patterns)
@@ -95,10 +110,14 @@ def build_setup(mode: str, *, seed: int, model_config: TransformerConfig | None,
   augments, augment_params = {}, {}
   for name, path in augment_checkpoints.items():
     augments[name] = _check_expected(path, augment_configs.get(name))
-    augment_params[name] = checkpoints.load_lm(path)[1]
+    augment_params[name] = checkpoints.load_lm(
+        path, shardings=lm_shardings(augments[name]))[1]
   config = CalmConfig(anchor=anchor_cfg, augments=augments, bridges=dict(bridges or {}),
                       augment_as_encoder=augment_as_encoder)
-  trained = calm_lib.init_bridge_params(config, jax.random.key(seed))
+  bridge_shardings = partitioning.param_shardings(
+      calm_lib.abstract_params(config), mesh, rules)['bridge']
+  trained = jax.jit(lambda key: calm_lib.init_bridge_params(config, key),
+                    out_shardings={'bridge': bridge_shardings})(jax.random.key(seed))
   return Setup(calm_lib.Calm(config), trained, {'anchor': anchor, 'augments': augment_params})
 
 
@@ -153,6 +172,7 @@ def train(*, model_dir: str = gin.REQUIRED, mode: str = 'compose',
           optimizer_fn: Callable[..., Any] = optim.make_optimizer, z_loss: float = 0.0,
           seed: int = 0, pack: bool = False, split: str = 'train', log_every: int = 50,
           save_every: int = 500, keep_checkpoints: int = 3,
+          mesh: partitioning.MeshConfig | None = None,
           log: Callable[[str], None] = logging.info) -> dict[str, float]:
   """Trains per `mode` and returns the last logged metrics.
 
@@ -183,11 +203,20 @@ def train(*, model_dir: str = gin.REQUIRED, mode: str = 'compose',
     log_every: steps between console lines and summaries.
     save_every: steps between checkpoints (the last step is always saved).
     keep_checkpoints: checkpoints kept.
-    log: console sink.
+    mesh: the device mesh and rule set (MESH, gin/meshes/); default: data parallel over all
+      devices, parameters replicated.
+    log: console sink (process 0 only).
   """
   gin_cli.check_required('train', locals())
   model_dir = epath.Path(model_dir)
   is_chief = jax.process_index() == 0
+  if not is_chief:
+    log = lambda _: None  # pylint: disable=unnecessary-lambda-assignment
+  mesh_config = mesh or partitioning.MeshConfig()
+  device_mesh = partitioning.make_mesh(mesh_config)
+  rules = mesh_config.rules()
+  log(f'mesh {dict(device_mesh.shape)} over {jax.device_count()} devices, '
+      f'{jax.process_count()} process(es); {"FSDP" if mesh_config.fsdp else "standard"} rules')
   if is_chief:
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / 'config.gin').write_text(gin.config_str())
@@ -200,18 +229,27 @@ def train(*, model_dir: str = gin.REQUIRED, mode: str = 'compose',
       augment_checkpoints=augment_checkpoints, bridges=bridges,
       augment_as_encoder=augment_as_encoder, trainable_patterns=trainable_patterns,
       anchor_config=anchor_config,
-      augment_configs={DEFAULT_AUGMENT: augment_config} if augment_config else None)
+      augment_configs={DEFAULT_AUGMENT: augment_config} if augment_config else None,
+      mesh=device_mesh, rules=rules)
   if mode == 'compose' and is_chief:
     write_calm_run(model_dir, setup.model.config, anchor_checkpoint, augment_checkpoints)
   optimizer, schedule = optimizer_fn(total_steps=train_steps)
-  state = init_train_state(setup.trained, optimizer)
+  trained_shardings = jax.tree.map(lambda x: x.sharding, setup.trained)
+  frozen_shardings = jax.tree.map(lambda x: x.sharding, setup.frozen)
+  state_shardings = TrainState(
+      step=partitioning.replicated(device_mesh), params=trained_shardings,
+      opt_state=partitioning.opt_state_shardings(optimizer, setup.trained, trained_shardings,
+                                                 device_mesh))
+  # The optimizer state is created in its sharding.
+  state = jax.jit(lambda p: init_train_state(p, optimizer),
+                  out_shardings=state_shardings)(setup.trained)
   checkpointer = checkpoints.RunCheckpointer(model_dir, keep_checkpoints)
   consumed = 0
   latest = checkpointer.latest_step()
   if latest is not None:
     state, consumed = checkpointer.restore(latest, state)
     log(f'resumed from step {latest} ({consumed} batches consumed)')
-  first = int(state.step)
+  first = int(np.asarray(state.step.addressable_data(0)))
   trained_count = sum(int(np.size(x)) for x in jax.tree.leaves(state.params))
   frozen_count = sum(int(np.size(x)) for x in jax.tree.leaves(setup.frozen))
   log(f'{mode}: {trained_count:,} trained and {frozen_count:,} frozen parameters; '
@@ -219,7 +257,12 @@ def train(*, model_dir: str = gin.REQUIRED, mode: str = 'compose',
   dataset = data.get_dataset(mixture_or_task_name, task_feature_lengths, split, batch_size,
                              seed=seed, pack=pack, skip_batches=consumed)
   batches = data.as_numpy_batches(dataset)
-  step_fn = make_train_step(apply_fn_for(setup.model), optimizer)
+  replicated = partitioning.replicated(device_mesh)
+  step_fn = make_train_step(
+      apply_fn_for(setup.model), optimizer, z_loss,
+      in_shardings=(state_shardings, frozen_shardings,
+                    partitioning.batch_sharding(device_mesh, rules), replicated),
+      out_shardings=(state_shardings, replicated))
   writer = (metric_writers.SummaryWriter(str(model_dir / 'train')) if is_chief
             else metric_writers.MultiWriter([]))
   rng = jax.random.key(seed)
@@ -227,17 +270,18 @@ def train(*, model_dir: str = gin.REQUIRED, mode: str = 'compose',
   run_start = window_start = time.perf_counter()
   window_tokens = 0
   for step in range(first, train_steps):
-    batch = next(batches)
-    state, metrics = step_fn(state, setup.frozen, batch, rng)
+    batch = next(batches)  # This process's rows.
+    state, metrics = step_fn(state, setup.frozen,
+                             partitioning.global_batch(batch, device_mesh, rules), rng)
     done = step + 1
     if step == first:  # Throughput and ETA leave out the first step's compilation.
       jax.block_until_ready(state)
       run_start = window_start = time.perf_counter()
       log(f'compiled and ran step {done}')
     else:
-      window_tokens += int(np.sum(batch['decoder_target_tokens'] != 0))
+      window_tokens += int(np.sum(batch['decoder_target_tokens'] != 0)) * jax.process_count()
     if done % log_every == 0 or done == train_steps:
-      last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      last = {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
       if not np.isfinite(last['loss']):
         raise FloatingPointError(f'Non-finite loss {last["loss"]} at step {done}.')
       now = time.perf_counter()
@@ -252,11 +296,13 @@ def train(*, model_dir: str = gin.REQUIRED, mode: str = 'compose',
   writer.flush()
   lm_dir = model_dir / 'lm'
   exported = (lm_dir / checkpoints.CONFIG_FILE).exists()
-  if mode in ('pretrain', 'finetune') and is_chief and (first < train_steps or not exported):
+  if mode in ('pretrain', 'finetune') and (first < train_steps or not exported):
+    # Every process writes its shards (orbax); process 0 writes config.json last.
     params = trainable.merge_params(state.params, setup.frozen)
-    if lm_dir.exists():
+    if is_chief and lm_dir.exists():
       lm_dir.rmtree()
-    checkpoints.save_lm(lm_dir, setup.lm_config, jax.device_get(params),
+    multihost_utils.sync_global_devices('calm_jax.train: lm dir cleared')
+    checkpoints.save_lm(lm_dir, setup.lm_config, params,
                         metadata={'source': f'calm-train {mode}', 'steps': train_steps})
     log(f'wrote LM checkpoint {lm_dir}')
   return last
