@@ -5,7 +5,8 @@
 
 `--gin_file` (repeatable) names gin files, found directly or under `--gin_search_paths`;
 `--gin.NAME=VALUE` binds NAME (a macro or `configurable.param`) like a line of gin;
-`--gin_bindings` takes whole binding lines. A file that does not parse, an unknown
+`--gin_bindings` takes whole binding lines. Multi-host runs add `--multiprocess` (Cloud TPU) or
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`. A file that does not parse, an unknown
 configurable, a `%gin.REQUIRED` macro left unset, an unknown task, a bad model configuration and
 a missing or mismatched checkpoint each stop the run with one message (ValueError and its
 subclasses; other errors keep their traceback).
@@ -28,6 +29,15 @@ _GIN_FILE = flags.DEFINE_multi_string('gin_file', [], 'gin files to parse, in or
 _GIN_BINDINGS = flags.DEFINE_multi_string('gin_bindings', [], 'Extra gin binding lines.')
 _GIN_SEARCH_PATHS = flags.DEFINE_list(
     'gin_search_paths', [], 'Directories searched for --gin_file and gin includes.')
+
+# Multi-host (T5X's flag names). On Cloud TPU `--multiprocess` alone is enough: JAX finds the
+# coordinator and the process ids itself.
+_MULTIPROCESS = flags.DEFINE_bool(
+    'multiprocess', False, 'Call jax.distributed.initialize() before the run (multi-host).')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0 (implies --multiprocess).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
 
 DEFAULT_SEARCH_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                    'gin')
@@ -94,6 +104,11 @@ def gin_main(entry: Callable[[], object]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     logs.setup_console_logging()
+    if _MULTIPROCESS.value or _COORDINATOR.value:
+      import jax  # pylint: disable=g-import-not-at-top
+      jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                 num_processes=_NUM_PROCESSES.value,
+                                 process_id=_PROCESS_ID.value)
     try:
       parse_gin(_GIN_FILE.value, _GIN_BINDINGS.value, _GIN_SEARCH_PATHS.value)
       call_with_gin(entry)
