@@ -69,20 +69,33 @@ def _is_remote(path: epath.Path) -> bool:
   return '://' in str(path)
 
 
-def load_lm_config(path: str | epath.Path) -> TransformerConfig:
-  """Reads the `TransformerConfig` of the LM checkpoint at `path`."""
+def read_document(path: str | epath.Path, file_name: str, fmt: str, what: str) -> dict[str, Any]:
+  """The parsed JSON `file_name` of the checkpoint directory `path`, with clear errors.
+
+  Args:
+    path: the checkpoint directory.
+    file_name: its JSON file, written last (its absence means an incomplete checkpoint).
+    fmt: the expected value of the document's "format".
+    what: the kind of checkpoint, for messages.
+  """
   path = epath.Path(path)
-  file = path / CONFIG_FILE
+  file = path / file_name
   if not file.exists():
     if not path.exists():
-      raise CheckpointError(f'LM checkpoint {path} does not exist.')
-    raise CheckpointError(f'{path} has no {CONFIG_FILE}: not a (complete) calm_jax LM checkpoint.')
+      raise CheckpointError(f'{what} {path} does not exist.')
+    raise CheckpointError(f'{path} has no {file_name}: not a (complete) {what}.')
   try:
     document = json.loads(file.read_text())
   except json.JSONDecodeError as e:
     raise CheckpointError(f'{file} is not valid JSON ({e}).') from e
-  if document.get('format') != FORMAT:
-    raise CheckpointError(f'{file}: unknown format {document.get("format")!r}, want {FORMAT}.')
+  if document.get('format') != fmt:
+    raise CheckpointError(f'{file}: unknown format {document.get("format")!r}, want {fmt}.')
+  return document
+
+
+def load_lm_config(path: str | epath.Path) -> TransformerConfig:
+  """Reads the `TransformerConfig` of the LM checkpoint at `path`."""
+  document = read_document(path, CONFIG_FILE, FORMAT, 'LM checkpoint')
   return TransformerConfig.from_dict(document['config'])
 
 

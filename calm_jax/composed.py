@@ -35,6 +35,7 @@ from etils import epath
 from calm_jax import calm as calm_lib
 from calm_jax import decoding
 from calm_jax import transformer as transformer_lib
+from calm_jax import checkpoints
 from calm_jax.checkpoints import CheckpointError
 from calm_jax.configs import CalmConfig
 
@@ -163,19 +164,7 @@ def _check_shapes(config: CalmConfig, tree: Any, where: str) -> dict[str, Any]:
 
 def read_document(path: str | epath.Path) -> dict[str, Any]:
   """The parsed `calm.json` of a composed checkpoint, with clear errors."""
-  path = epath.Path(path)
-  file = path / CONFIG_FILE
-  if not file.exists():
-    if not path.exists():
-      raise CheckpointError(f'Composed checkpoint {path} does not exist.')
-    raise CheckpointError(f'{path} has no {CONFIG_FILE}: not a (complete) composed checkpoint.')
-  try:
-    document = json.loads(file.read_text())
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f'{file} is not valid JSON ({e}).') from e
-  if document.get('format') != FORMAT:
-    raise CheckpointError(f'{file}: unknown format {document.get("format")!r}, want {FORMAT}.')
-  return document
+  return checkpoints.read_document(path, CONFIG_FILE, FORMAT, 'composed checkpoint')
 
 
 def is_composed(path: str | epath.Path) -> bool:

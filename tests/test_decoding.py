@@ -79,24 +79,34 @@ def _jitted_prefill_and_step(model):
   return prefill, step
 
 
+def cached_logits(model, params, tokens, prompt_mask):
+  """Logits of the prefill and of each teacher-forced cached step: [NEW] arrays [3, V].
+
+  The prompt array carries the continuation after each prompt (garbage to the prefill), which
+  must not matter.
+  """
+  prefill, step = _jitted_prefill_and_step(model)
+  rows = np.arange(3)
+  first, logits, cache = prefill(params, jnp.asarray(tokens[:, :PROMPT]),
+                                 jnp.asarray(prompt_mask[:, :PROMPT]))
+  np.testing.assert_array_equal(first, FIRST)
+  out = [np.asarray(logits)]
+  for i in range(1, NEW):
+    position = FIRST + i
+    result = step(params, jnp.asarray(tokens[rows, position])[:, None],
+                  jnp.asarray(position)[:, None], cache)
+    cache = result.cache
+    out.append(np.asarray(result.logits[:, 0]))
+  return out
+
+
 @pytest.mark.parametrize('kind', ['composition', 'encoder', 'lm'])
 def test_every_cached_step_equals_the_full_forward_pass(kind):
   model, params = model_and_params(kind)
   tokens, prompt_mask = sequences()
   reference = full_logits(model, params, tokens, prompt_mask)
-  prefill, step = _jitted_prefill_and_step(model)
-  rows = np.arange(3)
-  # Teacher forcing: the prompt array carries garbage after each prompt, which must not matter.
-  first, logits, cache = prefill(params, jnp.asarray(tokens[:, :PROMPT]),
-                                 jnp.asarray(prompt_mask[:, :PROMPT]))
-  np.testing.assert_array_equal(first, FIRST)
-  np.testing.assert_allclose(logits, reference[rows, FIRST], rtol=0, atol=1e-5)
-  for i in range(1, NEW):
-    position = FIRST + i
-    out = step(params, jnp.asarray(tokens[rows, position])[:, None],
-               jnp.asarray(position)[:, None], cache)
-    cache = out.cache
-    np.testing.assert_allclose(out.logits[:, 0], reference[rows, position], rtol=0, atol=1e-5,
+  for i, logits in enumerate(cached_logits(model, params, tokens, prompt_mask)):
+    np.testing.assert_allclose(logits, reference[np.arange(3), FIRST + i], rtol=0, atol=1e-5,
                                err_msg=f'step {i}')
 
 
@@ -127,18 +137,11 @@ def test_stale_augment_is_detected():
   stale, _ = composition(True)
   tokens, prompt_mask = sequences()
   reference = full_logits(live, params, tokens, prompt_mask)
-  prefill, step = _jitted_prefill_and_step(stale)
+  steps = cached_logits(stale, params, tokens, prompt_mask)
   rows = np.arange(3)
-  _, logits, cache = prefill(params, jnp.asarray(tokens[:, :PROMPT]),
-                             jnp.asarray(prompt_mask[:, :PROMPT]))
-  np.testing.assert_allclose(logits, reference[rows, FIRST], rtol=0, atol=1e-5)  # Same prompt.
-  gaps = []
-  for i in range(1, NEW):
-    position = FIRST + i
-    out = step(params, jnp.asarray(tokens[rows, position])[:, None],
-               jnp.asarray(position)[:, None], cache)
-    cache = out.cache
-    gaps.append(float(np.abs(out.logits[:, 0] - reference[rows, position]).max()))
+  np.testing.assert_allclose(steps[0], reference[rows, FIRST], rtol=0, atol=1e-5)  # Same prompt.
+  gaps = [float(np.abs(logits - reference[rows, FIRST + i]).max())
+          for i, logits in enumerate(steps) if i > 0]
   assert min(gaps) > 1e-2, gaps  # Every step misses by > 1000x the tolerance.
 
 
