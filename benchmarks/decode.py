@@ -4,7 +4,7 @@ For each model (the anchor `Transformer` and the composed `Calm`), batch size B 
 (prompt) length P, with cache length L = P + max_decode_len, measures:
 
   prefill_s        median wall time of the jitted prefill (`decoding._prefill`) of B prompts of
-                   P tokens, after one warm-up call;
+                   P tokens, after one warm-up call (see `median_time`);
   step_s           median wall time of ONE jitted decoding step (`decoding._apply` on tokens
                    [B, 1] with the prefill's cache, donated and carried from call to call): one
                    new token in each of the B rows;
@@ -27,13 +27,15 @@ expectation that a composed decoding step costs about 1.35-1.5x the anchor's.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import json
 import os
 import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -48,26 +50,27 @@ from calm_jax.transformer import Transformer
 
 # The models of benchmarks/train_step.py; batches, prompt lengths and runs of the decoder.
 SIZES = {
-    # Several minutes on 2 CPU cores: anchor ~38M, augment ~15M parameters, 3 bridges.
+    # About 700 CPU-seconds (14 minutes on 2 busy cores): anchor ~38M, augment ~15M parameters,
+    # 3 bridges.
     'toy': dict(anchor=dict(embed_dim=512, num_layers=8, num_heads=8, num_kv_heads=8,
                             head_dim=64, mlp_dim=2048),
                 augment=dict(embed_dim=256, num_layers=12, num_heads=4, num_kv_heads=4,
                              head_dim=64, mlp_dim=1024),
                 vocab=8192, batches=(1, 8, 32), contexts=(128, 512), max_decode_len=32,
-                runs=3, step_runs=10, budget_s=20.0, compiler_options={}),
-    # About a minute; what CI runs. Compiling its 36 programs with XLA's default CPU backend
-    # optimisation takes most of three minutes, so it uses the cheapest level (same HLO, same
-    # FLOP counts; slower kernels, so its times are only indicative).
+                runs=3, step_runs=10, budget_s=10.0, compiler_options={}),
+    # What CI runs: about 150 CPU-seconds, most of them compiling its 36 programs. XLA's default
+    # CPU backend optimisation would compile 2.5x longer; it uses the cheapest level instead
+    # (same HLO and FLOP counts, slower kernels: its times are only indicative).
     'small': dict(anchor=dict(embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2,
                               head_dim=32, mlp_dim=512),
                   augment=dict(embed_dim=64, num_layers=8, num_heads=2, num_kv_heads=2,
                                head_dim=32, mlp_dim=256),
-                  vocab=512, batches=(1, 8, 32), contexts=(32, 64), max_decode_len=8,
-                  runs=3, step_runs=5, budget_s=2.0,
+                  vocab=512, batches=(1, 8, 32), contexts=(16, 32), max_decode_len=8,
+                  runs=1, step_runs=3, budget_s=0.5,
                   compiler_options={'xla_backend_optimization_level': 0}),
 }
 
-# DESIGN.md: a composed decoding step costs about this many times the anchor's.
+# The design's expectation: a composed decoding step costs about this many times the anchor's.
 DESIGN_DECODE_RATIO = (1.35, 1.5)
 MODELS = ('anchor', 'composed')
 
@@ -151,88 +154,161 @@ def cache_bytes(cache: Any) -> dict[str, int]:
           for name, tree in parts.items() if name != 'prompt_length'}
 
 
-def median_time(call: Callable[[], Any], runs: int, budget_s: float) -> tuple[float, int]:
-  """Median seconds of `call()` (blocked on) after one warm-up call.
+def median_times(calls: dict[str, Callable[[], Any]], runs: int,
+                 budget_s: float) -> dict[str, tuple[float, int, Any]]:
+  """Median seconds of each `calls[name]()` (blocked on) after one warm-up call.
 
-  Times up to `runs` calls, stopping early once the timed calls took `budget_s` in all (at
-  least one is timed). Returns (median, number of timed calls).
+  The calls take turns (one of each per round) so that a change of load on a shared machine
+  hits all of them alike. The programs are compiled beforehand, so a warm-up call only settles
+  memory and threads: one that alone takes `budget_s` or more is itself the (single)
+  measurement. The others are timed up to `runs` times each, until they took `budget_s`.
+
+  Returns:
+    {name: (median seconds, number of calls timed, output of its last call)}.
   """
-  jax.block_until_ready(call())
-  times: list[float] = []
-  while len(times) < runs and sum(times) < budget_s:
+  times: dict[str, list[float]] = {}
+  outs = {}
+  for name, call in calls.items():
     start = time.perf_counter()
-    jax.block_until_ready(call())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), len(times)
+    outs[name] = jax.block_until_ready(call())
+    elapsed = time.perf_counter() - start
+    times[name] = [elapsed] if elapsed >= budget_s else []
+  while True:
+    pending = [n for n, t in times.items() if len(t) < runs and sum(t) < budget_s]
+    if not pending:
+      break
+    for name in pending:
+      start = time.perf_counter()
+      outs[name] = jax.block_until_ready(calls[name]())
+      times[name].append(time.perf_counter() - start)
+  return {name: (statistics.median(t), len(t), outs[name]) for name, t in times.items()}
 
 
-def _compile(fn, options, *args):
-  start = time.perf_counter()
-  compiled = fn.lower(*args).compile(options or None)
-  return compiled, time.perf_counter() - start
+class Programs(NamedTuple):
+  """The three jitted programs of one (model, batch, context), their inputs and compiles.
+
+  Attributes:
+    prefill: `fn(params, tokens, prompt_mask) -> (first, logits, cache)`.
+    step: `fn(params, token [B, 1], positions [B, 1], cache) -> (logits, cache)`, cache donated.
+    generate: `make_generate_fn`'s `fn(params, tokens, prompt_mask, rng)`.
+    tokens: [B, P] prompts (every prompt fills its P positions).
+    prompt_mask: [B, P] ones.
+  """
+
+  prefill: Any
+  step: Any
+  generate: Any
+  tokens: jax.Array
+  prompt_mask: jax.Array
 
 
-def measure(model: nn.Module, params: Any, batch: int, context: int,
-            settings: dict[str, Any]) -> dict[str, Any]:
-  """Prefill, one decoding step and `generate` of `model` on B prompts of `context` tokens."""
-  max_decode_len, runs, budget = (settings['max_decode_len'], settings['runs'],
-                                  settings['budget_s'])
-  options = settings['compiler_options']
-  cache_length = context + max_decode_len
+def lower_programs(model: nn.Module, params: Any, batch: int, context: int,
+                   max_decode_len: int) -> Programs:
+  """Traces and lowers the prefill, the decoding step and `generate` of `model` (no compile)."""
   vocab = (model.config.anchor if isinstance(model, Calm) else model.config).vocab_size
   tokens = jax.random.randint(jax.random.key(batch * 1000 + context), (batch, context), 1,
                               vocab, jnp.int32)
-  prompt_mask = jnp.ones((batch, context), jnp.int32)  # Every prompt fills its P positions.
-  row = {'cache_length': cache_length}
+  prompt_mask = jnp.ones((batch, context), jnp.int32)
 
   # pylint: disable=protected-access
-  prefill = jax.jit(lambda p, t, m: decoding._prefill(model, p, t, m, max_decode_len))
-  compiled, row['prefill_compile_s'] = _compile(prefill, options, params, tokens, prompt_mask)
-  row['prefill_xla_flops'] = xla_flops(compiled)
-  row['prefill_s'], row['prefill_runs'] = median_time(
-      lambda: compiled(params, tokens, prompt_mask), runs, budget)
+  def prefill(p, t, m):
+    return decoding._prefill(model, p, t, m, max_decode_len)
 
-  def step_fn(p, token, positions, cache):
+  def step(p, token, positions, cache):
     out = decoding._apply(model, p, token, positions, cache=cache)
     return out.logits, out.cache
 
-  step = jax.jit(step_fn, donate_argnums=(3,))
-  first, _, cache = compiled(params, tokens, prompt_mask)
-  parts = cache_bytes(cache)
-  row['cache_bytes_per_token'] = sum(parts.values()) / (batch * cache_length)
-  row['cache_bytes_per_token_parts'] = {k: v / (batch * cache_length) for k, v in parts.items()}
-  token = jnp.ones((batch, 1), jnp.int32)
-  # Step i feeds the token at sequence index P + i (cache slot P + i), as `generate` does.
-  positions = [(first + i)[:, None] for i in range(1, max_decode_len)]
-  compiled_step, row['step_compile_s'] = _compile(step, options, params, token, positions[0], cache)
-  row['step_xla_flops'] = xla_flops(compiled_step)
-  state = {'cache': cache, 'i': 0}
+  prefill = jax.jit(prefill).lower(params, tokens, prompt_mask)
+  cache = prefill.out_info[2]
+  column = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+  generate = decoding.make_generate_fn(model, max_decode_len=max_decode_len, eos_id=-1)
+  return Programs(prefill, jax.jit(step, donate_argnums=(3,)).lower(params, column, column, cache),
+                  generate.lower(params, tokens, prompt_mask, jax.random.key(0)),
+                  tokens, prompt_mask)
 
-  def one_step():
-    logits, state['cache'] = compiled_step(params, token, positions[state['i']], state['cache'])
-    state['i'] = min(state['i'] + 1, len(positions) - 1)
+
+def compile_programs(lowered: Programs, pool: concurrent.futures.Executor,
+                     options: dict[str, Any]) -> Programs:
+  """Submits the compilation of the three lowered programs to `pool`; fields become futures."""
+  return lowered._replace(**{name: pool.submit(getattr(lowered, name).compile, options or None)
+                             for name in ('prefill', 'step', 'generate')})
+
+
+def measure(programs: dict[str, Programs], models: dict[str, tuple[nn.Module, Any]],
+            settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+  """Times the compiled `programs` of each model (in turns); sizes caches and counts FLOPs.
+
+  Args:
+    programs: {model name: its compiled programs} for one batch size and prompt length.
+    models: {model name: (module, parameters)}.
+    settings: the size's decoding settings (`build`).
+
+  Returns:
+    {model name: its row of the report}.
+  """
+  max_decode_len, runs, budget = (settings['max_decode_len'], settings['runs'],
+                                  settings['budget_s'])
+  some = next(iter(programs.values()))
+  batch, context = some.tokens.shape
+  cache_length = context + max_decode_len
+  rows = {name: {'cache_length': cache_length} for name in programs}
+
+  def time_all(key, calls, runs):  # Records {key}_s and {key}_runs; returns the outputs.
+    outs = {}
+    for name, (median, count, out) in median_times(calls, runs, budget).items():
+      rows[name][f'{key}_s'], rows[name][f'{key}_runs'], outs[name] = median, count, out
+    return outs
+
+  prefilled = time_all('prefill', {
+      name: functools.partial(p.prefill, models[name][1], p.tokens, p.prompt_mask)
+      for name, p in programs.items()}, runs)
+
+  token = jnp.ones((batch, 1), jnp.int32)
+  state = {}
+  for name, (first, _, cache) in prefilled.items():
+    parts = cache_bytes(cache)
+    rows[name]['cache_bytes_per_token'] = sum(parts.values()) / (batch * cache_length)
+    rows[name]['cache_bytes_per_token_parts'] = {
+        k: v / (batch * cache_length) for k, v in parts.items()}
+    # Call k = 0, 1, ... feeds a token at sequence index P + k (cache slot P + k), as
+    # `generate` does.
+    state[name] = {'cache': cache, 'k': 0,
+                   'positions': [(first + i)[:, None] for i in range(1, max_decode_len)]}
+  del prefilled, cache
+
+  def one_step(name):
+    s = state[name]
+    logits, s['cache'] = programs[name].step(models[name][1], token, s['positions'][s['k']],
+                                             s['cache'])
+    s['k'] = min(s['k'] + 1, max_decode_len - 2)
     return logits
 
-  row['step_s'], row['step_runs'] = median_time(
-      one_step, min(settings['step_runs'], max_decode_len - 2), budget)
-  del state
+  time_all('step', {name: functools.partial(one_step, name) for name in programs},
+           min(settings['step_runs'], max_decode_len - 2))
+  state.clear()  # Frees the caches.
 
-  generate = decoding.make_generate_fn(model, max_decode_len=max_decode_len, eos_id=-1)
   rng = jax.random.key(0)
-  compiled_gen, row['generate_compile_s'] = _compile(generate, options, params, tokens, prompt_mask, rng)
-  row['generate_s'], row['generate_runs'] = median_time(
-      lambda: compiled_gen(params, tokens, prompt_mask, rng), runs, budget)
-  row['generate_per_token_s'] = row['generate_s'] / max_decode_len
-  row['generate_loop_per_token_s'] = (row['generate_s'] - row['prefill_s']) / (
-      max_decode_len - 1)
+  time_all('generate', {
+      name: functools.partial(p.generate, models[name][1], p.tokens, p.prompt_mask, rng)
+      for name, p in programs.items()}, runs)
 
-  row['analytic_flops_per_token'] = decode_step_flops(model.config, cache_length)
-  row['xla_flops_per_token'] = row['step_xla_flops'] / batch
-  row['xla_over_analytic'] = row['xla_flops_per_token'] / row['analytic_flops_per_token']
-  row['prefill_analytic_flops'] = (
-      flops.composed_forward_flops(model.config, batch, context) if isinstance(model, Calm)
-      else flops.lm_forward_flops(model.config, batch, context))
-  return row
+  for name, row in rows.items():
+    config = models[name][0].config
+    row['generate_per_token_s'] = row['generate_s'] / max_decode_len
+    row['generate_loop_per_token_s'] = (row['generate_s'] - row['prefill_s']) / (
+        max_decode_len - 1)
+    row['analytic_flops_per_token'] = decode_step_flops(config, cache_length)
+    row['step_xla_flops'] = xla_flops(programs[name].step)
+    row['xla_flops_per_token'] = row['step_xla_flops'] / batch
+    row['xla_over_analytic'] = row['xla_flops_per_token'] / row['analytic_flops_per_token']
+    # A forward pass, but logits at one position per row (each row's last prompt token).
+    anchor = config.anchor if isinstance(config, CalmConfig) else config
+    row['prefill_analytic_flops'] = (
+        flops.composed_forward_flops(config, batch, context) if isinstance(config, CalmConfig)
+        else flops.lm_forward_flops(config, batch, context)) - (
+            2 * batch * (context - 1) * anchor.embed_dim * anchor.vocab_size)
+    row['prefill_xla_flops'] = xla_flops(programs[name].prefill)
+  return rows
 
 
 RATIO_KEYS = {'step_s': 'step_s', 'generate_per_token_s': 'generate_per_token_s',
@@ -251,17 +327,32 @@ def run(size: str, log: Callable[[str], None] = lambda _: None) -> dict:
   models = {'anchor': (Transformer(config.anchor), frozen['anchor']),
             'composed': (Calm(config), trainable.merge_params(bridges, frozen))}
 
+  # Trace and lower every program here while a pool compiles them on every core (XLA releases
+  # the interpreter lock); then time them, with no compilation running beside.
+  start = time.perf_counter()
+  keys = [(name, batch, context) for batch in settings['batches']
+          for context in settings['contexts'] for name in MODELS]
+  with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    pending = [compile_programs(lower_programs(*models[name], batch, context,
+                                               settings['max_decode_len']),
+                                pool, settings['compiler_options'])
+               for name, batch, context in keys]
+    compiled = {key: p._replace(prefill=p.prefill.result(), step=p.step.result(),
+                                generate=p.generate.result())
+                for key, p in zip(keys, pending)}
+  compile_s = time.perf_counter() - start
+  log(f'lowered and compiled {3 * len(compiled)} programs in {compile_s:.1f} s')
   rows = []
   for batch in settings['batches']:
     for context in settings['contexts']:
-      for name in MODELS:
-        model, params = models[name]
-        start = time.perf_counter()
-        row = {'model': name, 'batch': batch, 'context': context,
-               **measure(model, params, batch, context, settings)}
-        rows.append(row)
-        log(f'{name:<8} B={batch:<3} P={context:<4} step {row["step_s"] * 1e3:8.2f} ms  '
-            f'({time.perf_counter() - start:.1f} s)')
+      start = time.perf_counter()
+      measured = measure({name: compiled[name, batch, context] for name in MODELS}, models,
+                         settings)
+      rows += [{'model': name, 'batch': batch, 'context': context, **measured[name]}
+               for name in MODELS]
+      log(f'B={batch:<3} P={context:<4} step ' + '  '.join(
+          f'{name} {measured[name]["step_s"] * 1e3:.2f} ms' for name in MODELS)
+          + f'  (timed in {time.perf_counter() - start:.1f} s)')
 
   def find(name, batch, context):
     return next(r for r in rows
@@ -282,7 +373,7 @@ def run(size: str, log: Callable[[str], None] = lambda _: None) -> dict:
               'bridges': sum(x.size for x in jax.tree.leaves(bridges))},
           'machine': {'platform': platform.platform(), 'device': str(jax.devices()[0]),
                       'cpu_count': os.cpu_count(), 'jax': jax.__version__},
-          'design_decode_ratio': list(DESIGN_DECODE_RATIO),
+          'design_decode_ratio': list(DESIGN_DECODE_RATIO), 'compile_s': compile_s,
           'rows': rows, 'ratios': ratios}
 
 
@@ -317,9 +408,11 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   output = args.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
                                        f'decode_{args.size}.json')
-  start = time.perf_counter()
+  start, load = time.perf_counter(), os.getloadavg()
   report = run(args.size, log=lambda line: print(line, file=sys.stderr, flush=True))
   report['total_s'] = time.perf_counter() - start
+  # Other processes on the machine make times noisy: 1-minute load average, start and end.
+  report['machine']['load_average'] = [load[0], os.getloadavg()[0]]
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   with open(output, 'w') as f:
     json.dump(report, f, indent=2)

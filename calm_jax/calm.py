@@ -137,7 +137,8 @@ class Calm(nn.Module):
   def __call__(self, tokens: Array, positions: Array | None = None,
                segment_ids: Array | None = None, prompt_mask: Array | None = None, *,
                return_hidden: tuple[int, ...] = (), cache: dict[str, Any] | None = None,
-               cache_length: int | None = None) -> TransformerOutput:
+               cache_length: int | None = None,
+               logits_index: Array | None = None) -> TransformerOutput:
     """Runs the composition (a full forward pass, a prefill or one decoding step).
 
     Args:
@@ -150,6 +151,7 @@ class Calm(nn.Module):
       return_hidden: anchor layers whose (bridged) residual stream to return.
       cache: a decoding step (T = 1): the composed cache of the previous call.
       cache_length: a prefill: also return the composed cache with this many slots.
+      logits_index: [B] the one position per row whose logits to compute ([B, 1, V]).
 
     Returns:
       The anchor's `TransformerOutput` (logits [B, T, V] float32); when decoding, its `cache` is
@@ -204,7 +206,7 @@ class Calm(nn.Module):
 
     out = self.anchor(tokens, positions, segment_ids, return_hidden=return_hidden,
                       after_layer=add_bridges, cache=cache['anchor'] if step else None,
-                      cache_length=cache_length)
+                      cache_length=cache_length, logits_index=logits_index)
     if not step and cache_length is None:
       return out
     return out._replace(cache={'anchor': out.cache, 'augments': augment_cache,

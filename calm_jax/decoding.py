@@ -130,14 +130,16 @@ def _apply(model: nn.Module, params: Any, tokens: Array, positions: Array | None
 def _prefill(model: nn.Module, params: Any, input_tokens: Array, prompt_mask: Array,
              max_decode_len: int) -> tuple[Array, Array, Any]:
   """(index of each row's last prompt token [B], its logits [B, V], the cache)."""
-  batch, length = input_tokens.shape
-  first = jnp.sum(prompt_mask, axis=1).astype(jnp.int32) - 1
+  length = input_tokens.shape[1]
+  # A row without prompt decodes from its first token (the 0 that starts T5X's inputs).
+  first = jnp.maximum(jnp.sum(prompt_mask, axis=1).astype(jnp.int32) - 1, 0)
   index = jnp.arange(length)[None, :]
   prompt_mask = (index <= first[:, None]).astype(jnp.int32)
   tokens = jnp.where(prompt_mask == 1, input_tokens, 0)
+  # Logits at each row's last prompt token only: [B, V], not [B, P, V].
   out = _apply(model, params, tokens, prompt_mask=prompt_mask,
-               cache_length=length + max_decode_len)
-  return first, out.logits[jnp.arange(batch), first], out.cache
+               cache_length=length + max_decode_len, logits_index=first)
+  return first, out.logits[:, 0], out.cache
 
 
 def generate(model: nn.Module, params: Any, input_tokens: Array, prompt_mask: Array, *,

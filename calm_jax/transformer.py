@@ -117,7 +117,8 @@ class Transformer(nn.Module):
                compute_logits: bool = True,
                after_layer: Callable[[int, Array], Array] | None = None,
                cache: dict[str, dict[str, Array]] | None = None,
-               cache_length: int | None = None) -> TransformerOutput:
+               cache_length: int | None = None,
+               logits_index: Array | None = None) -> TransformerOutput:
     """Runs the LM.
 
     Args:
@@ -132,6 +133,8 @@ class Transformer(nn.Module):
       cache: a decoding step (T = 1): the KV cache of the previous call; `positions` [B, 1] is
         each row's sequence index (and cache slot) of the new token.
       cache_length: a prefill: also return a KV cache with this many slots (prompt + decode).
+      logits_index: [B] one position per row whose logits to compute (a prefill needs only
+        each row's last prompt token); logits are then [B, 1, V].
 
     Returns:
       A `TransformerOutput`.
@@ -169,6 +172,8 @@ class Transformer(nn.Module):
         hidden[i + 1] = x
     if not compute_logits:
       return TransformerOutput(None, hidden, new_cache)
+    if logits_index is not None:
+      x = x[jnp.arange(x.shape[0]), logits_index][:, None]
     x = RMSNorm(eps=cfg.norm_eps, plus_one=cfg.norm_plus_one,
                 param_dtype=jnp.dtype(cfg.param_dtype), name='final_norm')(x)
     logits = embedder.decode(x)

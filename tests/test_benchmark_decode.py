@@ -1,0 +1,60 @@
+"""benchmarks/decode.py on its smallest setting: runs, reports, and sizes the decoding caches.
+
+No timing is asserted (shared machines are noisy); cache sizes and FLOP counts are exact.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+
+def test_small_benchmark(tmp_path, repo_root):
+  output = tmp_path / 'decode.json'
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # XLA's defaults.
+  env['PYTHONPATH'] = str(repo_root)
+  result = subprocess.run(
+      [sys.executable, str(repo_root / 'benchmarks' / 'decode.py'), '--size=small',
+       f'--output={output}'], capture_output=True, text=True, timeout=600, env=env,
+      check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(output.read_text())
+
+  rows = {(r['model'], r['batch'], r['context']): r for r in report['rows']}
+  assert report['batches'] == [1, 8, 32] and len(report['contexts']) >= 2
+  expected = {(m, b, c) for m in ('anchor', 'composed') for b in report['batches']
+              for c in report['contexts']}
+  assert set(rows) == expected
+  for row in rows.values():
+    for key in ('prefill_s', 'step_s', 'generate_s', 'generate_per_token_s'):
+      assert row[key] > 0, (key, row)
+    assert row['analytic_flops_per_token'] > 0 and row['xla_flops_per_token'] > 0
+    assert row['cache_length'] == row['context'] + report['max_decode_len']
+
+  # The anchor's KV cache: keys and values of every layer, float32, per token of each row.
+  module = importlib.util.spec_from_file_location('decode', repo_root / 'benchmarks' / 'decode.py')
+  decode = importlib.util.module_from_spec(module)
+  module.loader.exec_module(decode)
+  spec = decode.SIZES['small']['anchor']
+  anchor_bytes = 2 * spec['num_layers'] * spec['num_kv_heads'] * spec['head_dim'] * 4
+  for (model, batch, context), row in rows.items():
+    if model == 'anchor':
+      assert row['cache_bytes_per_token'] == anchor_bytes
+      assert row['cache_bytes_per_token_parts'] == {'anchor': anchor_bytes}
+    else:
+      assert row['cache_bytes_per_token'] > rows['anchor', batch, context][
+          'cache_bytes_per_token']
+      assert set(row['cache_bytes_per_token_parts']) == {'anchor', 'augments', 'bridge'}
+      assert row['cache_bytes_per_token_parts']['anchor'] == anchor_bytes
+
+  # Composed / anchor: more work per decoded token, and XLA's count agrees with the analytic one.
+  assert len(report['ratios']) == len(report['batches']) * len(report['contexts'])
+  for ratio in report['ratios']:
+    assert ratio['analytic_flops'] > 1 and ratio['xla_flops'] > 1
+    np.testing.assert_allclose(ratio['xla_flops'], ratio['analytic_flops'], rtol=0.1)
+    assert ratio['cache_bytes_per_token'] > 1
+  for row in rows.values():
+    assert 0.9 <= row['xla_over_analytic'] <= 1.1, row
