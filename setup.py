@@ -31,6 +31,10 @@ EXTRAS_REQUIRE = {
         'torch==2.13.0',
         'transformers>=5.24,<6',
         'safetensors>=0.8,<1',
+        # TPU compiler for launch/aot_compile.py (ahead-of-time compiles for a TPU topology on
+        # a CPU host); the version jax 0.10.2 pins. Its wheels start at Python 3.11.
+        'libtpu==0.0.42.1; platform_system == "Linux" and platform_machine == "x86_64" '
+        'and python_version >= "3.11"',
     ],
     'tpu': ['jax[tpu]>=0.10.2,<0.11'],
 }
