@@ -6,7 +6,6 @@ batch. The reference is the full forward pass over the same prefix, which tests/
 checks for causality and padding, and the uncached `greedy_decode`.
 """
 
-import dataclasses
 import functools
 
 import flax.linen as nn

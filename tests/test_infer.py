@@ -73,12 +73,10 @@ def test_export_then_infer_gives_the_same_predictions(run, tmp_path):
                              max_decode_len=LENGTHS['targets'], log=lambda _: None)
   assert result.metadata['step'] == 3
   assert result.vocabulary.eos_id == 1
-  from_run = infer_lib.infer(checkpoint=str(run), mixture_or_task_name=TASK,
-                             task_feature_lengths=LENGTHS, output_dir=str(tmp_path / 'a'),
-                             batch_size=4, num_examples=EXAMPLES, log=lambda _: None)
-  from_export = infer_lib.infer(checkpoint=str(out), mixture_or_task_name=TASK,
-                                task_feature_lengths=LENGTHS, output_dir=str(tmp_path / 'b'),
-                                batch_size=4, num_examples=EXAMPLES, log=lambda _: None)
+  for checkpoint, name in ((run, 'a'), (out, 'b')):
+    infer_lib.infer(checkpoint=str(checkpoint), mixture_or_task_name=TASK,
+                    task_feature_lengths=LENGTHS, output_dir=str(tmp_path / name),
+                    batch_size=4, num_examples=EXAMPLES, log=lambda _: None)
   a = _predictions(tmp_path / 'a' / f'{TASK}-000003.jsonl')
   b = _predictions(tmp_path / 'b' / f'{TASK}-000003.jsonl')
   assert a == b
