@@ -112,13 +112,19 @@ class Calm(nn.Module):
 
   Attributes:
     config: the composition.
+    remat: rematerialisation of the anchor layers above the first bridge in training ('none',
+      'full', 'dots'; see `Transformer`). The layers below it and the augments run forward
+      only, so there is nothing of theirs to recompute.
   """
 
   config: CalmConfig
+  remat: str = 'none'
 
   def setup(self):
     cfg = self.config
-    self.anchor = Transformer(cfg.anchor)
+    first_bridge = min((b for name, _ in cfg.augments for _, b in cfg.connections(name)),
+                       default=0)
+    self.anchor = Transformer(cfg.anchor, remat=self.remat, remat_from=first_bridge)
     self.augments = Augments(cfg.augments)
     self.bridge = Bridges(tuple(
         (name, len(cfg.connections(name)), bridge_block_kwargs(cfg, name))

@@ -197,13 +197,26 @@ class RunCheckpointer:
                             f'this run (different model or optimizer?): {e}') from e
     return restored['state'], int(restored['data']['batches_consumed'])
 
-  def restore_params(self, step: int | None = None) -> Any:
-    """The trained parameters of checkpoint `step` (default latest), without the optimizer."""
+  def restore_params(self, step: int | None = None, sharding: Any = None) -> Any:
+    """The trained parameters of checkpoint `step` (default latest), without the optimizer.
+
+    Works on any topology: a checkpoint a pod slice wrote restores on one host. Every array
+    lands in `sharding` (default: this process's first local device).
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f'No checkpoint in {self._manager.directory}.')
+    if sharding is None:
+      sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    metadata = ocp.StandardCheckpointer().metadata(
+        epath.Path(self._manager.directory) / str(step) / 'state')
+    metadata = getattr(metadata, 'item_metadata', metadata)
+    metadata = getattr(metadata, 'tree', metadata)
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata,
+        is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     return restored['state']['params']
 
   def wait_until_finished(self) -> None:

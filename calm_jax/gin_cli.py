@@ -106,6 +106,8 @@ def gin_main(entry: Callable[[], object]) -> None:
     logs.setup_console_logging()
     if _MULTIPROCESS.value or _COORDINATOR.value:
       import jax  # pylint: disable=g-import-not-at-top
+      # Cross-process collectives of CPU devices (tests, laptops); TPUs do not use this.
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
       jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                  num_processes=_NUM_PROCESSES.value,
                                  process_id=_PROCESS_ID.value)

@@ -14,6 +14,7 @@ example 2 kv heads over a model axis of 4), so a name can fall back to replicati
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any, Mapping, Sequence
@@ -204,6 +205,23 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh,
     spec = logical_to_spec(('batch',) + (None,) * (np.ndim(value) - 1), rules)
     out[name] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), value)
   return out
+
+
+@contextlib.contextmanager
+def activation_context(mesh: Mesh | None, rules: Rules | None):
+  """Makes the model's `nn.with_logical_constraint` calls on activations take effect.
+
+  Flax's constraints are no-ops unless logical axis rules and a mesh are in context. Enter this
+  while *tracing* a step (inside the jitted function: it sets the abstract mesh only, which
+  works under a trace) so that activations follow `rules` on `mesh`: with the FSDP rules, for
+  example, the [batch, length, embed] residual stream stays sharded by batch instead of XLA
+  choosing to shard it along the width. `mesh=None` or `rules=None` does nothing.
+  """
+  if mesh is None or rules is None:
+    yield
+    return
+  with nn.logical_axis_rules(rules), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    yield
 
 
 def sharding_listing(shardings: Any) -> dict[str, str]:

@@ -43,7 +43,7 @@ from calm_jax import calm as calm_lib
 from calm_jax import checkpoints, data, gin_cli, optim, partitioning, trainable
 from calm_jax.configs import BridgeConfig, CalmConfig, TransformerConfig
 from calm_jax.train_step import TrainState, apply_fn_for, init_train_state, make_train_step
-from calm_jax.transformer import Transformer
+from calm_jax.transformer import Transformer, check_remat
 from calm_jax.transformer import abstract_params as lm_abstract_params
 
 MODES = ('pretrain', 'compose', 'finetune')
@@ -75,11 +75,14 @@ def build_setup(mode: str, *, seed: int, model_config: TransformerConfig | None,
                 trainable_patterns: Sequence[str] | None, anchor_config: TransformerConfig | None,
                 augment_configs: Mapping[str, TransformerConfig] | None,
                 mesh: jax.sharding.Mesh | None = None,
-                rules: partitioning.Rules = partitioning.STANDARD_RULES) -> Setup:
+                rules: partitioning.Rules = partitioning.STANDARD_RULES,
+                remat: str = 'none') -> Setup:
   """Builds the model and parameter trees of `mode` (see the module docstring).
 
   Every parameter is created or restored directly in its sharding on `mesh` (default: a mesh
-  of all devices): nothing is materialised whole on one host first.
+  of all devices): nothing is materialised whole on one host first. `remat` is the model's
+  rematerialisation ('none', 'full', 'dots'): a composition's anchor layers above the first
+  bridge, or every layer of a pretrained / fine-tuned LM.
   """
   mesh = mesh or partitioning.make_mesh()
 
@@ -91,7 +94,7 @@ def build_setup(mode: str, *, seed: int, model_config: TransformerConfig | None,
   if mode == 'pretrain':
     if model_config is None:
       raise ValueError('pretrain needs a model_config (e.g. MODEL_CONFIG from gin/models/).')
-    model = Transformer(model_config)
+    model = Transformer(model_config, remat=remat)
     tokens = jnp.zeros((1, 1), jnp.int32)
     init = jax.jit(lambda key: nn.unbox(model.init(key, tokens)['params']),
                    out_shardings=lm_shardings(model_config))
@@ -103,7 +106,7 @@ def build_setup(mode: str, *, seed: int, model_config: TransformerConfig | None,
   if mode == 'finetune':
     patterns = tuple(trainable_patterns or (r'.*',))
     trained, frozen = trainable.split_params(anchor, patterns)
-    return Setup(Transformer(anchor_cfg), trained, frozen, anchor_cfg)
+    return Setup(Transformer(anchor_cfg, remat=remat), trained, frozen, anchor_cfg)
   if not augment_checkpoints:
     raise ValueError('compose needs AUGMENT_CHECKPOINT (or augment_checkpoints).')
   augment_configs = dict(augment_configs or {})
@@ -118,7 +121,8 @@ def build_setup(mode: str, *, seed: int, model_config: TransformerConfig | None,
       calm_lib.abstract_params(config), mesh, rules)['bridge']
   trained = jax.jit(lambda key: calm_lib.init_bridge_params(config, key),
                     out_shardings={'bridge': bridge_shardings})(jax.random.key(seed))
-  return Setup(calm_lib.Calm(config), trained, {'anchor': anchor, 'augments': augment_params})
+  return Setup(calm_lib.Calm(config, remat=remat), trained,
+               {'anchor': anchor, 'augments': augment_params})
 
 
 CALM_RUN_FILE = 'calm_run.json'
@@ -172,7 +176,7 @@ def train(*, model_dir: str = gin.REQUIRED, mode: str = 'compose',
           optimizer_fn: Callable[..., Any] = optim.make_optimizer, z_loss: float = 0.0,
           seed: int = 0, pack: bool = False, split: str = 'train', log_every: int = 50,
           save_every: int = 500, keep_checkpoints: int = 3,
-          mesh: partitioning.MeshConfig | None = None,
+          mesh: partitioning.MeshConfig | None = None, remat: str = 'none',
           log: Callable[[str], None] = logging.info) -> dict[str, float]:
   """Trains per `mode` and returns the last logged metrics.
 
@@ -205,9 +209,13 @@ def train(*, model_dir: str = gin.REQUIRED, mode: str = 'compose',
     keep_checkpoints: checkpoints kept.
     mesh: the device mesh and rule set (MESH, gin/meshes/); default: data parallel over all
       devices, parameters replicated.
+    remat: 'none', 'full' (recompute) or 'dots' (keep the weight matmuls): rematerialise the
+      layers that are differentiated (compose: the anchor layers above the first bridge) to
+      trade about one extra forward of them for their activation memory.
     log: console sink (process 0 only).
   """
   gin_cli.check_required('train', locals())
+  check_remat(remat)
   model_dir = epath.Path(model_dir)
   is_chief = jax.process_index() == 0
   if not is_chief:
@@ -230,7 +238,7 @@ def train(*, model_dir: str = gin.REQUIRED, mode: str = 'compose',
       augment_as_encoder=augment_as_encoder, trainable_patterns=trainable_patterns,
       anchor_config=anchor_config,
       augment_configs={DEFAULT_AUGMENT: augment_config} if augment_config else None,
-      mesh=device_mesh, rules=rules)
+      mesh=device_mesh, rules=rules, remat=remat)
   if mode == 'compose' and is_chief:
     write_calm_run(model_dir, setup.model.config, anchor_checkpoint, augment_checkpoints)
   optimizer, schedule = optimizer_fn(total_steps=train_steps)
@@ -259,7 +267,7 @@ def train(*, model_dir: str = gin.REQUIRED, mode: str = 'compose',
   batches = data.as_numpy_batches(dataset)
   replicated = partitioning.replicated(device_mesh)
   step_fn = make_train_step(
-      apply_fn_for(setup.model), optimizer, z_loss,
+      apply_fn_for(setup.model), optimizer, z_loss, mesh=device_mesh, rules=rules,
       in_shardings=(state_shardings, frozen_shardings,
                     partitioning.batch_sharding(device_mesh, rules), replicated),
       out_shardings=(state_shardings, replicated))

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from calm_jax import partitioning
 from calm_jax.calm import Calm
 from calm_jax.losses import cross_entropy_loss
 from calm_jax.trainable import merge_params
@@ -97,9 +98,21 @@ def train_step(state: TrainState, frozen: Any, batch: Batch, rng: Array, *, appl
 
 
 def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
-                    z_loss: float = 0.0, **jit_kwargs):
-  """`train_step` jitted once, donating the state (argument 0) and never the frozen tree."""
+                    z_loss: float = 0.0, *, mesh: jax.sharding.Mesh | None = None,
+                    rules: partitioning.Rules | None = None, **jit_kwargs):
+  """`train_step` jitted once, donating the state (argument 0) and never the frozen tree.
+
+  Args:
+    apply_fn: see `train_step`.
+    optimizer: see `train_step`.
+    z_loss: see `train_step`.
+    mesh: with `rules`, the step is traced in `partitioning.activation_context(mesh, rules)`,
+      so the model's activation sharding constraints apply (a sharded run must pass both).
+    rules: logical axis rules (`MeshConfig.rules()`).
+    **jit_kwargs: passed to `jax.jit` (in_shardings, out_shardings, ...).
+  """
   def step(state, frozen, batch, rng):
-    return train_step(state, frozen, batch, rng, apply_fn=apply_fn, optimizer=optimizer,
-                      z_loss=z_loss)
+    with partitioning.activation_context(mesh, rules):
+      return train_step(state, frozen, batch, rng, apply_fn=apply_fn, optimizer=optimizer,
+                        z_loss=z_loss)
   return jax.jit(step, donate_argnums=(0,), **jit_kwargs)

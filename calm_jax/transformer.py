@@ -80,16 +80,39 @@ class TransformerOutput(NamedTuple):
   cache: dict[str, dict[str, Array]] | None = None
 
 
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    # Save nothing inside a layer: recompute its forward in the backward pass.
+    'full': None,
+    # Save the matmuls with the weights (projections, MLP), recompute attention and elementwise.
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+REMAT_CHOICES = ('none',) + tuple(REMAT_POLICIES)
+
+
+def check_remat(remat: str) -> str:
+  """`remat` if it names a policy ('none', 'full', 'dots'), else a ValueError."""
+  if remat not in REMAT_CHOICES:
+    raise ValueError(f'Unknown remat {remat!r}; choose from {REMAT_CHOICES}.')
+  return remat
+
+
 class Transformer(nn.Module):
   """Decoder-only language model.
 
   Attributes:
     config: the architecture.
+    remat: rematerialisation of layers in training ('none', 'full' or 'dots', `REMAT_POLICIES`):
+      their activations are recomputed in the backward pass instead of kept. Parameters and
+      results do not change; decoding never remats.
+    remat_from: only layers i >= remat_from are rematerialised (a composition sets its first
+      bridge: nothing below it is differentiated).
   """
 
   config: TransformerConfig
+  remat: str = 'none'
+  remat_from: int = 0
 
-  def _layer(self, i: int) -> DecoderLayer:
+  def _layer(self, i: int, remat: bool = False) -> DecoderLayer:
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     local = cfg.attention_type(i) == 'local'
@@ -107,7 +130,10 @@ class Transformer(nn.Module):
     mlp = functools.partial(MLP, embed_dim=cfg.embed_dim, mlp_dim=cfg.mlp_dim,
                             activation=cfg.activation, gated=cfg.gated_mlp, dtype=dtype,
                             param_dtype=param_dtype)
-    return DecoderLayer(attention=attention, mlp=mlp, norm_eps=cfg.norm_eps,
+    layer_class = DecoderLayer
+    if remat:
+      layer_class = nn.remat(DecoderLayer, policy=REMAT_POLICIES[check_remat(self.remat)])
+    return layer_class(attention=attention, mlp=mlp, norm_eps=cfg.norm_eps,
                         norm_plus_one=cfg.norm_plus_one, sandwich_norms=cfg.sandwich_norms,
                         param_dtype=param_dtype, name=f'layer_{i}')
 
@@ -160,10 +186,14 @@ class Transformer(nn.Module):
     hidden = {0: x} if 0 in wanted else {}
     decoding = cache is not None or cache_length is not None
     new_cache = {} if decoding else None
+    check_remat(self.remat)
     for i in range(last):
       name = f'layer_{i}'
-      x, layer_cache = self._layer(i)(x, positions, segment_ids,
-                                      None if cache is None else cache[name], cache_length)
+      if not decoding and self.remat != 'none' and i >= self.remat_from:
+        x, layer_cache = self._layer(i, remat=True)(x, positions, segment_ids)
+      else:
+        x, layer_cache = self._layer(i)(x, positions, segment_ids,
+                                        None if cache is None else cache[name], cache_length)
       if decoding:
         new_cache[name] = layer_cache
       if after_layer is not None:

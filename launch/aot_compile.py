@@ -70,6 +70,7 @@ from calm_jax import optim, partitioning, presets
 from calm_jax.calm import Calm
 from calm_jax.configs import BridgeConfig, CalmConfig, TransformerConfig
 from calm_jax.train_step import TrainState, apply_fn_for, make_train_step
+from calm_jax.transformer import REMAT_CHOICES
 
 GIB = 2**30
 AUGMENT_NAME = 'augment'  # calm_jax.train's name for a single augment.
@@ -198,17 +199,17 @@ def _count(tree: Any) -> int:
 
 def lower_train_step(config: CalmConfig, mesh: jax.sharding.Mesh, rules: partitioning.Rules,
                      optimizer_name: str, batch: int, length: int,
-                     constrain_activations: bool = False) -> tuple[Any, dict[str, int]]:
+                     constrain_activations: bool = True,
+                     remat: str = 'none') -> tuple[Any, dict[str, int]]:
   """Lowers the composition train step on `mesh` with abstract, sharded arguments.
 
   The shardings are those `calm_jax.train` gives the same run: parameters by
   `param_shardings`, the optimizer state by `opt_state_shardings`, the batch by
   `batch_sharding`, the step counter and key replicated; the state is donated.
 
-  The model's `nn.with_logical_constraint` calls on activations do nothing unless logical axis
-  rules and a mesh are in context, and `calm_jax.train` sets neither; with
-  `constrain_activations` the step is traced inside both (`nn.logical_axis_rules(rules)`,
-  `jax.set_mesh(mesh)`), so those constraints apply.
+  As in `calm_jax.train`, the step is traced in `partitioning.activation_context(mesh, rules)`,
+  so the model's activation sharding constraints apply; `constrain_activations=False` leaves
+  them out (XLA then picks the activations' shardings), for comparison only.
 
   Args:
     config: the composition.
@@ -217,7 +218,10 @@ def lower_train_step(config: CalmConfig, mesh: jax.sharding.Mesh, rules: partiti
     optimizer_name: 'adamw' or 'adafactor' (`optim.make_optimizer`'s defaults otherwise).
     batch: global batch size (sequences).
     length: tokens per sequence.
-    constrain_activations: apply the model's activation sharding constraints (see above).
+    constrain_activations: apply the model's activation sharding constraints (see above;
+      default, as in training).
+    remat: 'none', 'full' or 'dots': rematerialise the anchor layers above the first bridge
+      (`Calm.remat`, calm-train's `train.remat`).
 
   Returns:
     (the `jax.stages.Lowered` step, {'frozen': parameters, 'trained': parameters}).
@@ -248,14 +252,12 @@ def lower_train_step(config: CalmConfig, mesh: jax.sharding.Mesh, rules: partiti
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
   frozen_shardings = {k: shardings[k] for k in frozen_keys}
   step_fn = make_train_step(
-      apply_fn_for(Calm(config)), optimizer,
+      apply_fn_for(Calm(config, remat=remat)), optimizer,
+      mesh=mesh if constrain_activations else None,
+      rules=rules if constrain_activations else None,
       in_shardings=(state_shardings, frozen_shardings, batch_sharding, replicated),
       out_shardings=(state_shardings, replicated))
-  if constrain_activations:
-    with nn.logical_axis_rules(rules), jax.set_mesh(mesh):
-      lowered = step_fn.lower(state, frozen, batch_structs, key)
-  else:
-    lowered = step_fn.lower(state, frozen, batch_structs, key)
+  lowered = step_fn.lower(state, frozen, batch_structs, key)
   return lowered, {'frozen': _count(frozen), 'trained': _count(trained)}
 
 
@@ -344,14 +346,14 @@ def compile_run(args: argparse.Namespace) -> dict[str, Any]:
       'device_kind': devices[0].device_kind, 'chips': chips,
       'processes': len({d.process_index for d in devices}),
       'mesh': dict(mesh.shape), 'rules': 'fsdp' if args.fsdp else 'standard',
-      'activation_constraints': args.constrain_activations,
+      'activation_constraints': args.constrain_activations, 'remat': args.remat,
       'dtype': args.dtype, 'optimizer': args.optimizer, 'batch': batch, 'length': args.length,
       'connections': [list(c) for c in config.connections(AUGMENT_NAME)],
       'versions': {name: importlib.metadata.version(name) for name in ('jax', 'jaxlib', 'libtpu')},
   }
   start = time.perf_counter()
   lowered, counts = lower_train_step(config, mesh, rules, args.optimizer, batch, args.length,
-                                     args.constrain_activations)
+                                     args.constrain_activations, args.remat)
   lower_seconds = time.perf_counter() - start
   report['params'] = counts
   model_flops = flops_lib.composition_step_flops(config, batch, args.length)
@@ -392,7 +394,8 @@ def summary(report: dict[str, Any]) -> str:
   lines = [f'{report["anchor"]} + {report["augment"]} on {report["topology"]} '
            f'({report["chips"]} chips, {report["processes"]} hosts), mesh {mesh}, '
            f'{report["rules"]} rules'
-           f'{" + activation constraints" if report.get("activation_constraints") else ""}, '
+           f'{"" if report.get("activation_constraints") else ", no activation constraints"}'
+           f'{", remat " + report["remat"] if report.get("remat", "none") != "none" else ""}, '
            f'{report["dtype"]}, {report["optimizer"]}, '
            f'batch {report["batch"]} x {report["length"]}']
   memory = report['memory_per_chip']
@@ -426,7 +429,7 @@ def summary(report: dict[str, Any]) -> str:
 def _run_key(report: dict[str, Any]) -> tuple:
   return tuple(json.dumps(report.get(k), sort_keys=True) for k in (
       'anchor', 'augment', 'topology', 'num_slices', 'mesh', 'rules', 'activation_constraints',
-      'dtype', 'optimizer', 'batch', 'length'))
+      'remat', 'dtype', 'optimizer', 'batch', 'length'))
 
 
 def add_to_results(path: str, report: dict[str, Any]) -> None:
@@ -459,9 +462,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--mesh-model', type=int, default=1, help='model (tensor-parallel) axis')
   parser.add_argument('--fsdp', action='store_true',
                       help='FSDP rules: parameters sharded over the data axis too')
-  parser.add_argument('--constrain-activations', action='store_true',
-                      help='trace inside the logical axis rules and mesh, so that the model\'s '
-                           'activation sharding constraints apply (calm-train does not yet)')
+  parser.add_argument('--constrain-activations', action=argparse.BooleanOptionalAction,
+                      default=True,
+                      help='apply the model\'s activation sharding constraints, as calm-train '
+                           'does (--no-constrain-activations: leave them to XLA, to compare)')
+  parser.add_argument('--remat', default='none', choices=REMAT_CHOICES,
+                      help='rematerialise the anchor layers above the first bridge '
+                           '(full: keep nothing; dots: keep the weight matmuls)')
   parser.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float32'),
                       help='parameter and compute dtype of every model')
   parser.add_argument('--optimizer', default='adamw', choices=optim.OPTIMIZERS)

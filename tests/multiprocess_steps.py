@@ -62,7 +62,7 @@ def main():
                   out_shardings=state_shardings)(jax.random.key(0))
   frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
   step_fn = make_train_step(
-      apply_fn_for(Calm(CONFIG)), optimizer,
+      apply_fn_for(Calm(CONFIG)), optimizer, mesh=mesh, rules=rules,
       in_shardings=(state_shardings, frozen_shardings, partitioning.batch_sharding(mesh, rules),
                     partitioning.replicated(mesh)),
       out_shardings=(state_shardings, partitioning.replicated(mesh)))

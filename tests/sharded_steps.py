@@ -3,7 +3,8 @@
 Run as a subprocess by tests/test_partitioning.py (the device count is fixed when JAX starts):
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_steps.py
 For each mesh (replica, data, model) and rule set: the losses of a few steps, the largest
-parameter difference from the single-device run, and the sharding of every parameter.
+parameter difference from the single-device run, and the sharding of every parameter; and
+XLA's per-device FLOPs of a wider composition's step with and without activation constraints.
 """
 
 import json
@@ -15,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from calm_jax import calm as calm_lib
-from calm_jax import optim, partitioning
+from calm_jax import flops, optim, partitioning
 from calm_jax.calm import Calm
 from calm_jax.configs import BridgeConfig, CalmConfig, TransformerConfig
 from calm_jax.random_init import random_like
-from calm_jax.train_step import apply_fn_for, init_train_state, make_train_step
+from calm_jax.train_step import TrainState, apply_fn_for, init_train_state, make_train_step
 
 VOCAB = 64
 ANCHOR = TransformerConfig(vocab_size=VOCAB, embed_dim=32, num_layers=2, num_heads=4,
@@ -51,8 +52,8 @@ def run(mesh_shape=None, fsdp=False):
   frozen = random_like({'anchor': unboxed['anchor'], 'augments': unboxed['augments']}, 0)
   trained = calm_lib.init_bridge_params(CONFIG, jax.random.key(0))
   optimizer, _ = optim.make_optimizer(name='adamw', learning_rate=1e-2, total_steps=STEPS)
-  step_fn = make_train_step(apply_fn_for(Calm(CONFIG)), optimizer)
   if mesh_shape is None:
+    step_fn = make_train_step(apply_fn_for(Calm(CONFIG)), optimizer)
     state = init_train_state(trained, optimizer)
     put = lambda b: b  # pylint: disable=unnecessary-lambda-assignment
   else:
@@ -60,6 +61,7 @@ def run(mesh_shape=None, fsdp=False):
     config = partitioning.MeshConfig(replica=replica, data=data, model=model, fsdp=fsdp)
     mesh = partitioning.make_mesh(config)
     rules = config.rules()
+    step_fn = make_train_step(apply_fn_for(Calm(CONFIG)), optimizer, mesh=mesh, rules=rules)
     shardings = partitioning.param_shardings(abstract, mesh, rules)
     frozen = jax.device_put(frozen, {'anchor': shardings['anchor'],
                                      'augments': shardings['augments']})
@@ -83,6 +85,61 @@ def run(mesh_shape=None, fsdp=False):
   return losses, jax.tree.map(np.asarray, state.params), listing
 
 
+# Wide enough that where XLA puts the activations shows in its FLOP count.
+WIDE = CalmConfig(
+    anchor=TransformerConfig(vocab_size=256, embed_dim=256, num_layers=4, num_heads=4,
+                             num_kv_heads=4, head_dim=64, mlp_dim=1024),
+    augments={'augment': TransformerConfig(vocab_size=256, embed_dim=128, num_layers=4,
+                                           num_heads=2, num_kv_heads=2, head_dim=64,
+                                           mlp_dim=512)},
+    bridges={'augment': BridgeConfig(connections=((2, 2), (4, 4)))})
+WIDE_BATCH, WIDE_LENGTH = 8, 128
+
+
+def compiled_flops(fsdp, constrain):
+  """XLA's per-device FLOPs of the WIDE composition step on a (1, 8, 1) mesh (compiled only).
+
+  `constrain=False` traces the step outside `partitioning.activation_context`, as calm-train did
+  before it applied the model's activation constraints.
+  """
+  config = partitioning.MeshConfig(data=8, fsdp=fsdp)
+  mesh, rules = partitioning.make_mesh(config), config.rules()
+  abstract = calm_lib.abstract_params(WIDE)
+  shardings = partitioning.param_shardings(abstract, mesh, rules)
+  unboxed = nn.unbox(abstract)
+  structs = lambda tree, sh: jax.tree.map(  # pylint: disable=unnecessary-lambda-assignment
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+  frozen_keys = ('anchor', 'augments')
+  frozen_shardings = {k: shardings[k] for k in frozen_keys}
+  frozen = structs({k: unboxed[k] for k in frozen_keys}, frozen_shardings)
+  trained_shardings = {'bridge': shardings['bridge']}
+  trained = structs({'bridge': unboxed['bridge']}, trained_shardings)
+  optimizer, _ = optim.make_optimizer(name='adamw')
+  replicated = partitioning.replicated(mesh)
+  state_shardings = TrainState(
+      step=replicated, params=trained_shardings,
+      opt_state=partitioning.opt_state_shardings(optimizer, {'bridge': abstract['bridge']},
+                                                 trained_shardings, mesh))
+  state = structs(TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trained,
+                             opt_state=jax.eval_shape(optimizer.init, trained)), state_shardings)
+  batch_sharding = partitioning.batch_sharding(mesh, rules)
+  batch = {name: jax.ShapeDtypeStruct((WIDE_BATCH, WIDE_LENGTH), dtype, sharding=batch_sharding)
+           for name, dtype in (('decoder_input_tokens', jnp.int32),
+                               ('decoder_target_tokens', jnp.int32),
+                               ('decoder_loss_weights', jnp.float32))}
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
+  step_fn = make_train_step(
+      apply_fn_for(Calm(WIDE)), optimizer, mesh=mesh if constrain else None,
+      rules=rules if constrain else None,
+      in_shardings=(state_shardings, frozen_shardings, batch_sharding, replicated),
+      out_shardings=(state_shardings, replicated))
+  analysis = step_fn.lower(state, frozen, batch, key).compile().cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0]
+  return float(analysis['flops'])
+
+
 def main():
   assert jax.device_count() == 8, jax.device_count()
   reference_losses, reference, _ = run()
@@ -93,6 +150,12 @@ def main():
                for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)))
     name = f'{"fsdp" if fsdp else "standard"}:{"x".join(map(str, shape))}'
     report['meshes'][name] = {'losses': losses, 'max_param_diff': diff, 'shardings': listing}
+  report['wide'] = {
+      'model_flops_per_device': flops.composition_step_flops(WIDE, WIDE_BATCH, WIDE_LENGTH) / 8,
+      'xla_flops_per_device': {
+          'standard': compiled_flops(fsdp=False, constrain=True),
+          'fsdp': compiled_flops(fsdp=True, constrain=True),
+          'fsdp_unconstrained': compiled_flops(fsdp=True, constrain=False)}}
   json.dump(report, sys.stdout, indent=1)
 
 

@@ -77,3 +77,20 @@ def test_actual_shardings_match_the_golden_listing(sharded_report, repo_root):
   golden = json.loads((repo_root / GOLDEN).read_text())
   actual = {name: row['shardings'] for name, row in sharded_report['meshes'].items()}
   assert actual == golden
+
+
+@pytest.mark.slow
+def test_activation_constraints_keep_fsdp_flops_at_the_model_flops(sharded_report):
+  """With FSDP rules the step's activations stay batch-sharded (constraints applied).
+
+  Left to itself XLA shards some activations along the width the parameters are sharded on and
+  recomputes or re-gathers them: more FLOPs per device than the model needs.
+  """
+  wide = sharded_report['wide']
+  model = wide['model_flops_per_device']
+  xla = wide['xla_flops_per_device']
+  # XLA counts a little more than the analytic model FLOPs (softmax, norms, the optimizer).
+  assert 1.0 <= xla['standard'] / model < 1.05, xla
+  assert 1.0 <= xla['fsdp'] / model < 1.05, xla
+  # The comparison that shows the constraints matter on this model.
+  assert xla['fsdp_unconstrained'] > 1.1 * xla['fsdp'], xla

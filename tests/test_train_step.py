@@ -2,13 +2,14 @@
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from calm_jax import calm as calm_lib
-from calm_jax import optim, trainable
+from calm_jax import flops, optim, trainable
 from calm_jax.calm import Calm
 from calm_jax.configs import BridgeConfig, CalmConfig, TransformerConfig
 from calm_jax.losses import cross_entropy_loss
@@ -179,3 +180,82 @@ def test_loss_counts_targets_only():
   np.testing.assert_allclose(float(out.cross_entropy), expected_ce, rtol=1e-5)
   np.testing.assert_allclose(float(out.loss), expected_ce + 1e-2 * expected_z, rtol=1e-5)
   assert float(out.weight_sum) == 5.0
+
+
+def _count_remat(jaxpr) -> int:
+  """Rematerialised regions (`checkpoint` equations) in a jaxpr, nested jaxprs included."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name in ('checkpoint', 'remat', 'remat2')  # jax.checkpoint's name.
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      count += _count_remat(sub)
+  return count
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots'])
+def test_remat_recomputes_the_anchor_layers_above_the_first_bridge_and_changes_nothing(remat):
+  config = tiny_config(zero_init=False)
+  first_bridge = min(b for _, b in config.connections('kv'))
+  assert 0 < first_bridge < config.anchor.num_layers
+  trained, frozen = make_params(config)
+  batch = make_batch()
+
+  def loss_and_grads(model):
+    apply = apply_fn_for(model)
+
+    def loss(t):
+      logits = apply(trainable.merge_params(t, frozen), batch)
+      return cross_entropy_loss(logits, batch['decoder_target_tokens'],
+                                batch['decoder_loss_weights']).loss
+    return jax.jit(jax.value_and_grad(loss))(trained), jax.make_jaxpr(loss)(trained)
+
+  (ref_loss, ref_grads), ref_jaxpr = loss_and_grads(Calm(config))
+  (loss, grads), jaxpr = loss_and_grads(Calm(config, remat=remat))
+  assert _count_remat(ref_jaxpr.jaxpr) == 0
+  # One region per anchor layer from the first bridge on; none below it, none in the augment.
+  assert _count_remat(jaxpr.jaxpr) == config.anchor.num_layers - first_bridge
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads,
+               ref_grads)
+
+
+def test_full_remat_costs_one_forward_of_the_rematerialised_layers():
+  """XLA's FLOPs grow by about one forward of the anchor layers above the first bridge."""
+  anchor = TransformerConfig(vocab_size=256, embed_dim=128, num_layers=8, num_heads=4,
+                             num_kv_heads=4, head_dim=32, mlp_dim=512)
+  augment = TransformerConfig(vocab_size=256, embed_dim=64, num_layers=4, num_heads=2,
+                              num_kv_heads=2, head_dim=32, mlp_dim=256)
+  config = CalmConfig(anchor=anchor, augments={'a': augment},
+                      bridges={'a': BridgeConfig(connections=((1, 2), (2, 4), (3, 6), (4, 8)))})
+  abstract = nn.unbox(calm_lib.abstract_params(config))
+  trained = {'bridge': abstract['bridge']}
+  frozen = {'anchor': abstract['anchor'], 'augments': abstract['augments']}
+  batch, length = 4, 256
+  features = {name: jax.ShapeDtypeStruct((batch, length), dtype) for name, dtype in (
+      ('decoder_input_tokens', jnp.int32), ('decoder_target_tokens', jnp.int32),
+      ('decoder_loss_weights', jnp.float32))}
+
+  def xla_flops(remat):
+    apply = apply_fn_for(Calm(config, remat=remat))
+
+    def loss(t, f, b):
+      return cross_entropy_loss(apply(trainable.merge_params(t, f), b),
+                                b['decoder_target_tokens'], b['decoder_loss_weights']).loss
+    compiled = jax.jit(jax.grad(loss)).lower(trained, frozen, features).compile()
+    return compiled.cost_analysis()['flops']
+
+  extra = xla_flops('full') - xla_flops('none')
+  layers = anchor.num_layers - 2  # Above the first bridge (anchor layer 2).
+  one_forward = flops.lm_forward_flops(anchor, batch, length, num_layers=layers, logits=False)
+  # The backward needs each layer's internals but not its last matmul's output (the MLP's down
+  # projection only feeds the residual sum), which XLA does not recompute.
+  down_projection = layers * 2.0 * batch * length * anchor.mlp_dim * anchor.embed_dim
+  assert 0.9 < extra / (one_forward - down_projection) < 1.1, (extra, one_forward)
+
+
+def test_unknown_remat_is_an_error():
+  config = tiny_config()
+  trained, frozen = make_params(config)
+  with pytest.raises(ValueError, match="Unknown remat 'some'"):
+    apply_fn_for(Calm(config, remat='some'))(trainable.merge_params(trained, frozen),
+                                             make_batch())
