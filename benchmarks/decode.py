@@ -41,33 +41,26 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 from calm_jax import calm as calm_lib
 from calm_jax import decoding, flops, trainable
 from calm_jax.calm import Calm, bridge_block_kwargs
-from calm_jax.configs import BridgeConfig, CalmConfig, TransformerConfig
+from calm_jax.configs import CalmConfig, TransformerConfig
 from calm_jax.random_init import random_like
 from calm_jax.transformer import Transformer
 
-# The models of benchmarks/train_step.py; batches, prompt lengths and runs of the decoder.
+# Decoding settings per model size of `common.MODELS`: batches, prompt lengths and runs.
 SIZES = {
-    # About 700 CPU-seconds (14 minutes on 2 busy cores): anchor ~38M, augment ~15M parameters,
-    # 3 bridges.
-    'toy': dict(anchor=dict(embed_dim=512, num_layers=8, num_heads=8, num_kv_heads=8,
-                            head_dim=64, mlp_dim=2048),
-                augment=dict(embed_dim=256, num_layers=12, num_heads=4, num_kv_heads=4,
-                             head_dim=64, mlp_dim=1024),
-                vocab=8192, batches=(1, 8, 32), contexts=(128, 512), max_decode_len=32,
-                runs=3, step_runs=10, budget_s=10.0, compiler_options={}),
+    # About 700 CPU-seconds (14 minutes on 2 busy cores).
+    'toy': dict(batches=(1, 8, 32), contexts=(128, 512), max_decode_len=32, runs=3,
+                step_runs=10, budget_s=10.0, compiler_options={}),
     # What CI runs: about 150 CPU-seconds, most of them compiling its 36 programs. XLA's default
     # CPU backend optimisation would compile 2.5x longer; it uses the cheapest level instead
     # (same HLO and FLOP counts, slower kernels: its times are only indicative).
-    'small': dict(anchor=dict(embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                              head_dim=32, mlp_dim=512),
-                  augment=dict(embed_dim=64, num_layers=8, num_heads=2, num_kv_heads=2,
-                               head_dim=32, mlp_dim=256),
-                  vocab=512, batches=(1, 8, 32), contexts=(16, 32), max_decode_len=8,
-                  runs=1, step_runs=3, budget_s=0.5,
-                  compiler_options={'xla_backend_optimization_level': 0}),
+    'small': dict(batches=(1, 8, 32), contexts=(16, 32), max_decode_len=8, runs=1, step_runs=3,
+                  budget_s=0.5, compiler_options={'xla_backend_optimization_level': 0}),
 }
 
 # The design's expectation: a composed decoding step costs about this many times the anchor's.
@@ -77,22 +70,7 @@ MODELS = ('anchor', 'composed')
 
 def build(size: str) -> tuple[CalmConfig, dict[str, Any]]:
   """(config, decoding settings) of a named size; bridges every 4 layers, non-zero output."""
-  spec = SIZES[size]
-  anchor = TransformerConfig(vocab_size=spec['vocab'], **spec['anchor'])
-  augment = TransformerConfig(vocab_size=spec['vocab'], **spec['augment'])
-  config = CalmConfig(anchor=anchor, augments={'augment': augment},
-                      bridges={'augment': BridgeConfig(every=4, zero_init_out=False)})
-  settings = {k: spec[k] for k in ('batches', 'contexts', 'max_decode_len', 'runs',
-                                   'step_runs', 'budget_s', 'compiler_options')}
-  return config, settings
-
-
-def xla_flops(compiled) -> float:
-  """FLOPs XLA's cost analysis reports for a compiled program."""
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0]
-  return float(analysis['flops'])
+  return common.composition(size, zero_init_out=False), dict(SIZES[size])
 
 
 def _lm_layer_flops(cfg: TransformerConfig, context: int) -> float:
@@ -298,7 +276,7 @@ def measure(programs: dict[str, Programs], models: dict[str, tuple[nn.Module, An
     row['generate_loop_per_token_s'] = (row['generate_s'] - row['prefill_s']) / (
         max_decode_len - 1)
     row['analytic_flops_per_token'] = decode_step_flops(config, cache_length)
-    row['step_xla_flops'] = xla_flops(programs[name].step)
+    row['step_xla_flops'] = common.xla_flops(programs[name].step)
     row['xla_flops_per_token'] = row['step_xla_flops'] / batch
     row['xla_over_analytic'] = row['xla_flops_per_token'] / row['analytic_flops_per_token']
     # A forward pass, but logits at one position per row (each row's last prompt token).
@@ -307,7 +285,7 @@ def measure(programs: dict[str, Programs], models: dict[str, tuple[nn.Module, An
         flops.composed_forward_flops(config, batch, context) if isinstance(config, CalmConfig)
         else flops.lm_forward_flops(config, batch, context)) - (
             2 * batch * (context - 1) * anchor.embed_dim * anchor.vocab_size)
-    row['prefill_xla_flops'] = xla_flops(programs[name].prefill)
+    row['prefill_xla_flops'] = common.xla_flops(programs[name].prefill)
   return rows
 
 

@@ -25,46 +25,28 @@ import jax
 import jax.numpy as jnp
 import optax
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 from calm_jax import calm as calm_lib
 from calm_jax import flops, optim, trainable
 from calm_jax.calm import Calm
-from calm_jax.configs import BridgeConfig, CalmConfig, TransformerConfig
+from calm_jax.configs import CalmConfig
 from calm_jax.random_init import random_like
 from calm_jax.train_step import apply_fn_for, init_train_state, make_train_step
 from calm_jax.transformer import Transformer
 
+# Batch, length and timed runs per model size of `common.MODELS`.
 SIZES = {
-    # About a minute on 2 CPU cores: anchor ~38M, augment ~15M parameters, 3 bridges.
-    'toy': dict(anchor=dict(embed_dim=512, num_layers=8, num_heads=8, num_kv_heads=8,
-                            head_dim=64, mlp_dim=2048),
-                augment=dict(embed_dim=256, num_layers=12, num_heads=4, num_kv_heads=4,
-                             head_dim=64, mlp_dim=1024),
-                vocab=8192, batch=4, length=256, runs=5),
-    # Seconds; what CI runs.
-    'small': dict(anchor=dict(embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                              head_dim=32, mlp_dim=512),
-                  augment=dict(embed_dim=64, num_layers=8, num_heads=2, num_kv_heads=2,
-                               head_dim=32, mlp_dim=256),
-                  vocab=512, batch=2, length=64, runs=2),
+    'toy': dict(batch=4, length=256, runs=5),  # About a minute on 2 CPU cores.
+    'small': dict(batch=2, length=64, runs=2),  # Seconds; what CI runs.
 }
 
 
 def build(size: str) -> tuple[CalmConfig, int, int, int]:
   """(config, batch, length, runs) of a named size."""
   spec = SIZES[size]
-  anchor = TransformerConfig(vocab_size=spec['vocab'], **spec['anchor'])
-  augment = TransformerConfig(vocab_size=spec['vocab'], **spec['augment'])
-  config = CalmConfig(anchor=anchor, augments={'augment': augment},
-                      bridges={'augment': BridgeConfig(every=4)})
-  return config, spec['batch'], spec['length'], spec['runs']
-
-
-def xla_flops(compiled) -> float:
-  """FLOPs XLA's cost analysis reports for a compiled program."""
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0]
-  return float(analysis['flops'])
+  return common.composition(size), spec['batch'], spec['length'], spec['runs']
 
 
 def measure(fn, args, runs: int, donate_first: bool = False) -> dict[str, float]:
@@ -80,7 +62,7 @@ def measure(fn, args, runs: int, donate_first: bool = False) -> dict[str, float]
     times.append(time.perf_counter() - start)
     if donate_first:  # The state was donated: carry the new one forward.
       args = (out[0],) + tuple(args[1:])
-  return {'xla_flops': xla_flops(compiled), 'median_s': statistics.median(times[1:]),
+  return {'xla_flops': common.xla_flops(compiled), 'median_s': statistics.median(times[1:]),
           'compile_s': compile_s}
 
 

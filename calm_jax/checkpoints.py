@@ -143,14 +143,24 @@ def load_lm(path: str | epath.Path, *, config: TransformerConfig | None = None,
   metadata = checkpointer.metadata(params_path)
   metadata = getattr(metadata, 'item_metadata', metadata)
   _check_shapes(stored, metadata, str(path))
-  abstract = nn.unbox(abstract_params(stored))
+  target = restore_target(nn.unbox(abstract_params(stored)), shardings)
+  return stored, checkpointer.restore(params_path, target)
+
+
+def restore_target(abstract: Any, shardings: Any = None) -> Any:
+  """The orbax restore target: `abstract`'s shapes and dtypes in `shardings`.
+
+  Args:
+    abstract: a tree of arrays or shape/dtype structs (unboxed).
+    shardings: one `jax.sharding.Sharding` for every leaf, a matching tree of them, or None
+      for this process's first local device.
+  """
   if shardings is None:
     shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   if isinstance(shardings, jax.sharding.Sharding):
     shardings = jax.tree.map(lambda _: shardings, abstract)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
-  return stored, checkpointer.restore(params_path, target)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
 
 
 class RunCheckpointer:
@@ -206,15 +216,13 @@ class RunCheckpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f'No checkpoint in {self._manager.directory}.')
-    if sharding is None:
-      sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     metadata = ocp.StandardCheckpointer().metadata(
         epath.Path(self._manager.directory) / str(step) / 'state')
     metadata = getattr(metadata, 'item_metadata', metadata)
     metadata = getattr(metadata, 'tree', metadata)
-    target = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata,
-        is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata,
+                            is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
+    target = restore_target(abstract, sharding)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     return restored['state']['params']

@@ -270,12 +270,7 @@ def load_composed(path: str | epath.Path, *, shardings: Any = None) -> Composed:
   stored = _check_shapes(config, metadata, str(path))
   abstract = jax.tree_util.tree_map_with_path(
       lambda k, _: stored[jax.tree_util.keystr(k)], metadata)
-  if shardings is None:
-    shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  if isinstance(shardings, jax.sharding.Sharding):
-    shardings = jax.tree.map(lambda _: shardings, abstract)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
+  target = checkpoints.restore_target(abstract, shardings)
   params = checkpointer.restore(_local(params_path), target)
   return Composed(config, params, load_vocabulary(document.get('vocabulary'), path),
                   document.get('metadata', {}))

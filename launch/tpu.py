@@ -466,8 +466,29 @@ def run_script(args: argparse.Namespace, command: Sequence[str]) -> str:
   ])
 
 
+MULTIPROCESS_FLAGS = ('--multiprocess', '--coordinator_address')
+
+
+def with_multiprocess(command: Sequence[str]) -> list[str]:
+  """`command` with `--multiprocess` after `calm-train` (or `python -m calm_jax.train`).
+
+  Every worker runs the same training command, and the processes must join one JAX program
+  (`jax.distributed.initialize()`, which on Cloud TPU finds its peers itself; one host works the
+  same way). Other commands, and commands that already pass a multi-process flag, are unchanged.
+  """
+  command = list(command)
+  if any(word.split('=')[0] in MULTIPROCESS_FLAGS for word in command):
+    return command
+  if command and os.path.basename(command[0]) == 'calm-train':
+    return command[:1] + ['--multiprocess'] + command[1:]
+  for i in range(len(command) - 1):
+    if command[i] == '-m' and command[i + 1] == 'calm_jax.train':
+      return command[:i + 2] + ['--multiprocess'] + command[i + 2:]
+  return command
+
+
 def run_plan(args: argparse.Namespace, command: Sequence[str]) -> list[Step]:
-  """Commands that start the same command on every worker.
+  """Commands that start the same command on every worker (`with_multiprocess` applied).
 
   Args:
     args: parsed flags (worker, remote_dir, job, env).
@@ -479,7 +500,7 @@ def run_plan(args: argparse.Namespace, command: Sequence[str]) -> list[Step]:
   if not command:
     raise LaunchError("run needs a command after '--', e.g. run --name=N --zone=Z -- calm-train "
                       '--gin_file=runs/compose.gin ...')
-  return [ssh_step(args, args.worker, run_script(args, command))]
+  return [ssh_step(args, args.worker, run_script(args, with_multiprocess(command)))]
 
 
 def logs_plan(args: argparse.Namespace) -> list[Step]:

@@ -38,7 +38,7 @@ def test_small_benchmark(tmp_path, repo_root):
   module = importlib.util.spec_from_file_location('decode', repo_root / 'benchmarks' / 'decode.py')
   decode = importlib.util.module_from_spec(module)
   module.loader.exec_module(decode)
-  spec = decode.SIZES['small']['anchor']
+  spec = decode.common.MODELS['small']['anchor']
   anchor_bytes = 2 * spec['num_layers'] * spec['num_kv_heads'] * spec['head_dim'] * 4
   for (model, batch, context), row in rows.items():
     if model == 'anchor':

@@ -82,8 +82,30 @@ def test_up_prints_create_wait_install_run(up):
   assert _contains(setup, ['pip', 'install', '-q', '-c', 'constraints.txt', '-e', '.[tpu];'])
   script = _flag(run, '--command')
   words = shlex.split(script)
-  # The remote shell gets calm-train's argv exactly, gin quotes included, under nohup.
-  assert _contains(words, ['nohup', *TRAIN, '>', 'logs/run.log', '2>&1', '<', '/dev/null', '&'])
+  # The remote shell gets calm-train's argv exactly, gin quotes included, under nohup, with
+  # --multiprocess added: the workers join one JAX program.
+  assert _contains(words, ['nohup', TRAIN[0], '--multiprocess', *TRAIN[1:], '>', 'logs/run.log',
+                           '2>&1', '<', '/dev/null', '&'])
+
+
+def _launch_module(repo_root, monkeypatch):
+  spec = importlib.util.spec_from_file_location('tpu_launch', repo_root / 'launch' / 'tpu.py')
+  module = importlib.util.module_from_spec(spec)
+  monkeypatch.setitem(sys.modules, spec.name, module)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_multiprocess_is_added_to_training_commands_only_once(repo_root, monkeypatch):
+  module = _launch_module(repo_root, monkeypatch)
+  assert module.with_multiprocess(['calm-train', '--gin_file=a.gin']) == [
+      'calm-train', '--multiprocess', '--gin_file=a.gin']
+  assert module.with_multiprocess(['python3', '-m', 'calm_jax.train', '--gin_file=a.gin']) == [
+      'python3', '-m', 'calm_jax.train', '--multiprocess', '--gin_file=a.gin']
+  for unchanged in (['calm-train', '--multiprocess', '--gin_file=a.gin'],
+                    ['calm-train', '--coordinator_address=10.0.0.2:1234', '--num_processes=2'],
+                    ['calm-eval', '--gin_file=runs/eval.gin'], ['nvidia-smi']):
+    assert module.with_multiprocess(unchanged) == unchanged
 
 
 def test_printed_lines_read_the_same_in_bash_and_shlex(up):
@@ -142,7 +164,7 @@ def test_run_script_starts_the_job_under_nohup(repo_root, tmp_path):
       if argv_file.exists() and argv_file.stat().st_size:
         break
       time.sleep(0.05)
-    assert argv_file.read_text().split('\0')[:-1] == TRAIN[1:]
+    assert argv_file.read_text().split('\0')[:-1] == ['--multiprocess', *TRAIN[1:]]
     assert 'step 1/1000  hello there' in (tmp_path / 'calm_jax' / 'logs' / 'run.log').read_text()
     again = remote('run', '--', *TRAIN)
     assert again.returncode == 1 and 'still running' in again.stderr
@@ -336,10 +358,7 @@ def test_a_failing_gcloud_stops_with_one_line(repo_root, tmp_path):
 
 
 def test_shell_quote_round_trips(repo_root, monkeypatch):
-  spec = importlib.util.spec_from_file_location('tpu_launch', repo_root / 'launch' / 'tpu.py')
-  tpu = importlib.util.module_from_spec(spec)
-  monkeypatch.setitem(sys.modules, spec.name, tpu)
-  spec.loader.exec_module(tpu)
+  tpu = _launch_module(repo_root, monkeypatch)
   rng = random.Random(0)
   alphabet = 'ab \'"$`!\\=-.(){};&|*?~#:,%@\n'
   words = ['', "--gin.X=''", "--gin.MODEL_DIR='gs://b'", 'a! b', 'a!b', "it's $HOME"]
