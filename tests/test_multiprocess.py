@@ -24,6 +24,20 @@ def _env(repo_root, devices):
                         '--xla_backend_optimization_level=0')
 
 
+def _run_together(commands, env, cwd=None):
+  """Runs the commands as concurrent processes; asserts they all succeed; returns their stderr."""
+  procs = [subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for command in commands]
+  try:
+    outputs = [p.communicate(timeout=900) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  return [err for _, err in outputs]
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path, repo_root):
   one = tmp_path / 'one'
@@ -36,17 +50,9 @@ def test_two_processes_equal_one(tmp_path, repo_root):
   two = tmp_path / 'two'
   two.mkdir()
   port = _free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, str(repo_root / SCRIPT), '--num_processes=2', f'--process_id={i}',
-       f'--port={port}', f'--out={two}'], env=_env(repo_root, 4), stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True) for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=900) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
+  _run_together([[sys.executable, str(repo_root / SCRIPT), '--num_processes=2',
+                  f'--process_id={i}', f'--port={port}', f'--out={two}'] for i in range(2)],
+                env=_env(repo_root, 4))
 
   a, b = np.load(one / 'result.npz'), np.load(two / 'result.npz')
   assert set(a.files) == set(b.files) and len(a.files) > 10
@@ -83,18 +89,8 @@ def _calm_train(repo_root, model_dir, port, process_id, steps):
 def _run_two(repo_root, model_dir, steps):
   """Runs calm-train as two processes; returns their stderr (process 0 first)."""
   port = _free_port()
-  env = dict(_env(repo_root, 4), PYTHONUNBUFFERED='1')
-  procs = [subprocess.Popen(_calm_train(repo_root, model_dir, port, i, steps), cwd=repo_root,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=900) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
-  return [err for _, err in outputs]
+  return _run_together([_calm_train(repo_root, model_dir, port, i, steps) for i in range(2)],
+                       env=dict(_env(repo_root, 4), PYTHONUNBUFFERED='1'), cwd=repo_root)
 
 
 @pytest.mark.slow
