@@ -134,8 +134,8 @@ class Transformer(nn.Module):
     if remat:
       layer_class = nn.remat(DecoderLayer, policy=REMAT_POLICIES[check_remat(self.remat)])
     return layer_class(attention=attention, mlp=mlp, norm_eps=cfg.norm_eps,
-                        norm_plus_one=cfg.norm_plus_one, sandwich_norms=cfg.sandwich_norms,
-                        param_dtype=param_dtype, name=f'layer_{i}')
+                       norm_plus_one=cfg.norm_plus_one, sandwich_norms=cfg.sandwich_norms,
+                       param_dtype=param_dtype, name=f'layer_{i}')
 
   @nn.compact
   def __call__(self, tokens: Array, positions: Array | None = None,
