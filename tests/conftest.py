@@ -1,7 +1,10 @@
 """Shared fixtures of the calm_jax tests."""
 
+import json
 import os
 import pathlib
+import subprocess
+import sys
 
 # Tests compile many small programs once each: XLA's cheapest backend optimisation level halves
 # the suite's time on a CPU. Benchmarks run in their own processes without it.
@@ -18,3 +21,23 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 def repo_root() -> pathlib.Path:
   """The repository's top directory."""
   return pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def run_benchmark(repo_root, tmp_path):
+  """`run_benchmark(name, *flags)`: runs benchmarks/<name>.py as a user would; returns its JSON.
+
+  The benchmark gets XLA's default flags (not the tests' cheap optimisation level) and writes
+  its report to a temporary file.
+  """
+  def run(name: str, *flags: str) -> dict:
+    output = tmp_path / f'{name}.json'
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    env['PYTHONPATH'] = str(repo_root)
+    result = subprocess.run(
+        [sys.executable, str(repo_root / 'benchmarks' / f'{name}.py'), *flags,
+         f'--output={output}'], capture_output=True, text=True, timeout=600, env=env,
+        check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(output.read_text())
+  return run

@@ -4,24 +4,12 @@ No timing is asserted (shared machines are noisy); cache sizes and FLOP counts a
 """
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 
 
-def test_small_benchmark(tmp_path, repo_root):
-  output = tmp_path / 'decode.json'
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # XLA's defaults.
-  env['PYTHONPATH'] = str(repo_root)
-  result = subprocess.run(
-      [sys.executable, str(repo_root / 'benchmarks' / 'decode.py'), '--size=small',
-       f'--output={output}'], capture_output=True, text=True, timeout=600, env=env,
-      check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads(output.read_text())
+def test_small_benchmark(repo_root, run_benchmark):
+  report = run_benchmark('decode', '--size=small')
 
   rows = {(r['model'], r['batch'], r['context']): r for r in report['rows']}
   assert report['batches'] == [1, 8, 32] and len(report['contexts']) >= 2

@@ -3,22 +3,10 @@
 No timing is asserted (shared machines are noisy); FLOP counts are deterministic.
 """
 
-import json
-import os
-import subprocess
-import sys
 
 
-def test_small_benchmark(tmp_path, repo_root):
-  output = tmp_path / 'train_step.json'
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # XLA's defaults.
-  env['PYTHONPATH'] = str(repo_root)
-  result = subprocess.run(
-      [sys.executable, str(repo_root / 'benchmarks' / 'train_step.py'), '--size=small',
-       f'--output={output}'], capture_output=True, text=True, timeout=600, env=env,
-      check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads(output.read_text())
+def test_small_benchmark(run_benchmark):
+  report = run_benchmark('train_step', '--size=small')
   programs = report['programs']
   assert set(programs) == {'anchor_forward', 'composed_forward', 'composition_step',
                            'full_finetune_step', 'naive_masked_step'}
