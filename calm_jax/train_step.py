@@ -12,6 +12,7 @@ decoder_causal_attention (1 on the prompt; the prompt mask of `augment_as_encode
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping
 
 import flax
@@ -20,8 +21,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from calm_jax import calm as calm_lib
 from calm_jax import partitioning
 from calm_jax.calm import Calm
+from calm_jax.configs import CalmConfig
 from calm_jax.losses import cross_entropy_loss
 from calm_jax.trainable import merge_params
 
@@ -116,3 +119,72 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
       return train_step(state, frozen, batch, rng, apply_fn=apply_fn, optimizer=optimizer,
                         z_loss=z_loss)
   return jax.jit(step, donate_argnums=(0,), **jit_kwargs)
+
+
+def _with_shardings(abstract: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `abstract` (arrays or structs) carrying `shardings`."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def _size(tree: Any) -> int:
+  """Number of elements of a tree of arrays or structs."""
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def lower_composition_step(config: CalmConfig, mesh: jax.sharding.Mesh,
+                           rules: partitioning.Rules, optimizer: optax.GradientTransformation,
+                           batch: int, length: int, *, remat: str = 'none',
+                           constrain_activations: bool = True) -> tuple[Any, dict[str, int]]:
+  """Lowers the composition train step on `mesh` from shapes alone (nothing is allocated).
+
+  The arguments carry the shardings `calm_jax.train` gives the same run: parameters by
+  `partitioning.param_shardings`, the optimizer state by `opt_state_shardings`, the batch by
+  `batch_sharding`, the step counter and key replicated; the state is donated. Compiling the
+  result gives per-device memory and XLA's cost analysis, for any mesh, TPU topologies
+  included (`launch/aot_compile.py`).
+
+  Args:
+    config: the composition.
+    mesh: a mesh with axes `partitioning.MESH_AXES`.
+    rules: logical axis rules.
+    optimizer: the optax transformation.
+    batch: global batch size (sequences).
+    length: tokens per sequence.
+    remat: the anchor's rematerialisation (`Calm.remat`).
+    constrain_activations: trace in `partitioning.activation_context` as training does;
+      False leaves the activations' shardings to XLA, for comparison only.
+
+  Returns:
+    (the `jax.stages.Lowered` step, {'frozen': parameters, 'trained': parameters}).
+  """
+  abstract = calm_lib.abstract_params(config)
+  shardings = partitioning.param_shardings(abstract, mesh, rules)
+  unboxed = nn.unbox(abstract)
+  frozen_shardings = {k: shardings[k] for k in ('anchor', 'augments')}
+  frozen = _with_shardings({k: unboxed[k] for k in frozen_shardings}, frozen_shardings)
+  trained_shardings = {'bridge': shardings['bridge']}
+  trained = _with_shardings({'bridge': unboxed['bridge']}, trained_shardings)
+  replicated = partitioning.replicated(mesh)
+  state_shardings = TrainState(
+      step=replicated, params=trained_shardings,
+      opt_state=partitioning.opt_state_shardings(optimizer, {'bridge': abstract['bridge']},
+                                                 trained_shardings, mesh))
+  state = _with_shardings(
+      TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trained,
+                 opt_state=jax.eval_shape(optimizer.init, trained)), state_shardings)
+  batch_sharding = partitioning.batch_sharding(mesh, rules)
+  features = {'decoder_input_tokens': jnp.int32, 'decoder_target_tokens': jnp.int32,
+              'decoder_loss_weights': jnp.float32}
+  batch_structs = {name: jax.ShapeDtypeStruct((batch, length), dtype, sharding=batch_sharding)
+                   for name, dtype in features.items()}
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
+  step_fn = make_train_step(
+      apply_fn_for(Calm(config, remat=remat)), optimizer,
+      mesh=mesh if constrain_activations else None,
+      rules=rules if constrain_activations else None,
+      in_shardings=(state_shardings, frozen_shardings, batch_sharding, replicated),
+      out_shardings=(state_shardings, replicated))
+  return (step_fn.lower(state, frozen, batch_structs, key),
+          {'frozen': _size(frozen), 'trained': _size(trained)})

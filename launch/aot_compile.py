@@ -60,16 +60,12 @@ import sys
 import time
 from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from calm_jax import calm as calm_lib
 from calm_jax import flops as flops_lib
 from calm_jax import optim, partitioning, presets
-from calm_jax.calm import Calm
 from calm_jax.configs import BridgeConfig, CalmConfig, TransformerConfig
-from calm_jax.train_step import TrainState, apply_fn_for, make_train_step
+from calm_jax.train_step import lower_composition_step
 from calm_jax.transformer import REMAT_CHOICES
 
 GIB = 2**30
@@ -187,78 +183,20 @@ def build_config(anchor: str, augment: str, size: str = 'preset',
                     bridges={AUGMENT_NAME: BridgeConfig()})
 
 
-def _with_shardings(abstract: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs of `abstract` (arrays or structs) carrying `shardings`."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      abstract, shardings)
-
-
-def _count(tree: Any) -> int:
-  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
 def lower_train_step(config: CalmConfig, mesh: jax.sharding.Mesh, rules: partitioning.Rules,
                      optimizer_name: str, batch: int, length: int,
                      constrain_activations: bool = True,
                      remat: str = 'none') -> tuple[Any, dict[str, int]]:
-  """Lowers the composition train step on `mesh` with abstract, sharded arguments.
+  """`train_step.lower_composition_step` with `optim.make_optimizer(name=optimizer_name)`.
 
-  The shardings are those `calm_jax.train` gives the same run: parameters by
-  `param_shardings`, the optimizer state by `opt_state_shardings`, the batch by
-  `batch_sharding`, the step counter and key replicated; the state is donated.
-
-  As in `calm_jax.train`, the step is traced in `partitioning.activation_context(mesh, rules)`,
-  so the model's activation sharding constraints apply; `constrain_activations=False` leaves
-  them out (XLA then picks the activations' shardings), for comparison only.
-
-  Args:
-    config: the composition.
-    mesh: a mesh with axes `partitioning.MESH_AXES`.
-    rules: logical axis rules.
-    optimizer_name: 'adamw' or 'adafactor' (`optim.make_optimizer`'s defaults otherwise).
-    batch: global batch size (sequences).
-    length: tokens per sequence.
-    constrain_activations: apply the model's activation sharding constraints (see above;
-      default, as in training).
-    remat: 'none', 'full' or 'dots': rematerialise the anchor layers above the first bridge
-      (`Calm.remat`, calm-train's `train.remat`).
+  The shardings are those `calm_jax.train` gives the same run (see there).
 
   Returns:
     (the `jax.stages.Lowered` step, {'frozen': parameters, 'trained': parameters}).
   """
-  abstract = calm_lib.abstract_params(config)
-  shardings = partitioning.param_shardings(abstract, mesh, rules)
-  unboxed = nn.unbox(abstract)
-  frozen_keys = ('anchor', 'augments')
-  frozen = _with_shardings({k: unboxed[k] for k in frozen_keys},
-                           {k: shardings[k] for k in frozen_keys})
-  trained_shardings = {'bridge': shardings['bridge']}
-  trained = _with_shardings({'bridge': unboxed['bridge']}, trained_shardings)
   optimizer, _ = optim.make_optimizer(name=optimizer_name)
-  replicated = partitioning.replicated(mesh)
-  state_shardings = TrainState(
-      step=replicated, params=trained_shardings,
-      opt_state=partitioning.opt_state_shardings(optimizer, {'bridge': abstract['bridge']},
-                                                 trained_shardings, mesh))
-  abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trained,
-                              opt_state=jax.eval_shape(optimizer.init, trained))
-  state = _with_shardings(abstract_state, state_shardings)
-  batch_sharding = partitioning.batch_sharding(mesh, rules)
-  features = {'decoder_input_tokens': jnp.int32, 'decoder_target_tokens': jnp.int32,
-              'decoder_loss_weights': jnp.float32}
-  batch_structs = {name: jax.ShapeDtypeStruct((batch, length), dtype, sharding=batch_sharding)
-                   for name, dtype in features.items()}
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
-  frozen_shardings = {k: shardings[k] for k in frozen_keys}
-  step_fn = make_train_step(
-      apply_fn_for(Calm(config, remat=remat)), optimizer,
-      mesh=mesh if constrain_activations else None,
-      rules=rules if constrain_activations else None,
-      in_shardings=(state_shardings, frozen_shardings, batch_sharding, replicated),
-      out_shardings=(state_shardings, replicated))
-  lowered = step_fn.lower(state, frozen, batch_structs, key)
-  return lowered, {'frozen': _count(frozen), 'trained': _count(trained)}
+  return lower_composition_step(config, mesh, rules, optimizer, batch, length, remat=remat,
+                                constrain_activations=constrain_activations)
 
 
 def memory_report(compiled: Any, chip: Chip) -> dict[str, Any]:

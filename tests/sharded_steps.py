@@ -12,7 +12,6 @@ import sys
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from calm_jax import calm as calm_lib
@@ -20,7 +19,8 @@ from calm_jax import flops, optim, partitioning
 from calm_jax.calm import Calm
 from calm_jax.configs import BridgeConfig, CalmConfig, TransformerConfig
 from calm_jax.random_init import random_like
-from calm_jax.train_step import TrainState, apply_fn_for, init_train_state, make_train_step
+from calm_jax.train_step import (apply_fn_for, init_train_state, lower_composition_step,
+                                 make_train_step)
 
 VOCAB = 64
 ANCHOR = TransformerConfig(vocab_size=VOCAB, embed_dim=32, num_layers=2, num_heads=4,
@@ -103,38 +103,11 @@ def compiled_flops(fsdp, constrain):
   before it applied the model's activation constraints.
   """
   config = partitioning.MeshConfig(data=8, fsdp=fsdp)
-  mesh, rules = partitioning.make_mesh(config), config.rules()
-  abstract = calm_lib.abstract_params(WIDE)
-  shardings = partitioning.param_shardings(abstract, mesh, rules)
-  unboxed = nn.unbox(abstract)
-  structs = lambda tree, sh: jax.tree.map(  # pylint: disable=unnecessary-lambda-assignment
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-  frozen_keys = ('anchor', 'augments')
-  frozen_shardings = {k: shardings[k] for k in frozen_keys}
-  frozen = structs({k: unboxed[k] for k in frozen_keys}, frozen_shardings)
-  trained_shardings = {'bridge': shardings['bridge']}
-  trained = structs({'bridge': unboxed['bridge']}, trained_shardings)
   optimizer, _ = optim.make_optimizer(name='adamw')
-  replicated = partitioning.replicated(mesh)
-  state_shardings = TrainState(
-      step=replicated, params=trained_shardings,
-      opt_state=partitioning.opt_state_shardings(optimizer, {'bridge': abstract['bridge']},
-                                                 trained_shardings, mesh))
-  state = structs(TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trained,
-                             opt_state=jax.eval_shape(optimizer.init, trained)), state_shardings)
-  batch_sharding = partitioning.batch_sharding(mesh, rules)
-  batch = {name: jax.ShapeDtypeStruct((WIDE_BATCH, WIDE_LENGTH), dtype, sharding=batch_sharding)
-           for name, dtype in (('decoder_input_tokens', jnp.int32),
-                               ('decoder_target_tokens', jnp.int32),
-                               ('decoder_loss_weights', jnp.float32))}
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
-  step_fn = make_train_step(
-      apply_fn_for(Calm(WIDE)), optimizer, mesh=mesh if constrain else None,
-      rules=rules if constrain else None,
-      in_shardings=(state_shardings, frozen_shardings, batch_sharding, replicated),
-      out_shardings=(state_shardings, replicated))
-  analysis = step_fn.lower(state, frozen, batch, key).compile().cost_analysis()
+  lowered, _ = lower_composition_step(WIDE, partitioning.make_mesh(config), config.rules(),
+                                      optimizer, WIDE_BATCH, WIDE_LENGTH,
+                                      constrain_activations=constrain)
+  analysis = lowered.compile().cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0]
   return float(analysis['flops'])
