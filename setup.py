@@ -53,11 +53,11 @@ setuptools.setup(
     extras_require=EXTRAS_REQUIRE,
     entry_points={
         'console_scripts': [
-            'calm-convert = calm_jax.convert.cli:main',
-            'calm-train = calm_jax.train:main',
-            'calm-eval = calm_jax.eval:main',
-            'calm-infer = calm_jax.infer:main',
-            'calm-export = calm_jax.export:main',
+            'calm-convert = calm_jax.cli.convert:main',
+            'calm-train = calm_jax.cli.train:main',
+            'calm-eval = calm_jax.cli.eval:main',
+            'calm-infer = calm_jax.cli.infer:main',
+            'calm-export = calm_jax.cli.export:main',
             'calm-kv-experiment = calm_tasks.kv_experiment:main',
         ],
     },

@@ -1,4 +1,4 @@
-"""What the benchmarks share: their model sizes and XLA's FLOP count of a compiled program.
+"""What the benchmarks share: model sizes, XLA's FLOP count, the report's header and its file.
 
 The scripts import it as a sibling module (`python benchmarks/<name>.py` puts this directory
 first on `sys.path`; they also add it themselves when imported by path).
@@ -6,7 +6,15 @@ first on `sys.path`; they also add it themselves when imported by path).
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+from typing import Any
+
+import jax
+
 from calm_jax.configs import BridgeConfig, CalmConfig, TransformerConfig
+from calm_jax.trainable import count_params
 
 # Anchor and augment per size; bridges every 4th augment layer.
 MODELS = {
@@ -40,3 +48,23 @@ def xla_flops(compiled) -> float:
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0]
   return float(analysis['flops'])
+
+
+def report_header(config: CalmConfig, frozen: Any, bridges: Any) -> dict[str, Any]:
+  """The connections, parameter counts and machine of a report."""
+  return {'connections': {n: config.connections(n) for n, _ in config.augments},
+          'parameters': {'anchor': count_params(frozen['anchor']),
+                         'augments': count_params(frozen['augments']),
+                         'bridges': count_params(bridges)},
+          'machine': {'platform': platform.platform(), 'device': str(jax.devices()[0]),
+                      'cpu_count': os.cpu_count(), 'jax': jax.__version__}}
+
+
+def write_report(report: dict[str, Any], output: str | None, name: str, size: str) -> str:
+  """Writes `report` as JSON to `output` (default benchmarks/results/{name}_{size}.json)."""
+  output = output or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
+                                  f'{name}_{size}.json')
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  with open(output, 'w') as f:
+    json.dump(report, f, indent=2)
+  return output

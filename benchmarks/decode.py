@@ -3,9 +3,9 @@
 For each model (the anchor `Transformer` and the composed `Calm`), batch size B and context
 (prompt) length P, with cache length L = P + max_decode_len, measures:
 
-  prefill_s        median wall time of the jitted prefill (`decoding._prefill`) of B prompts of
+  prefill_s        median wall time of the jitted prefill (`decoding.prefill`) of B prompts of
                    P tokens, after one warm-up call (see `median_time`);
-  step_s           median wall time of ONE jitted decoding step (`decoding._apply` on tokens
+  step_s           median wall time of ONE jitted decoding step (`decoding.extend` on tokens
                    [B, 1] with the prefill's cache, donated and carried from call to call): one
                    new token in each of the B rows;
   generate_s       median wall time of `make_generate_fn` producing max_decode_len tokens per row
@@ -14,7 +14,7 @@ For each model (the anchor `Transformer` and the composed `Calm`), batch size B 
                    prefill first and divides by the max_decode_len - 1 loop steps;
   cache bytes      bytes of every cache leaf with a sequence axis / (B * L), per part (anchor,
                    augments, bridge; the composed cache's [B] `prompt_length` is left out);
-  FLOPs per token  the analytic count of one decoding step per row (`decode_step_flops`) and
+  FLOPs per token  the analytic count of one decoding step per row (`flops.decode_step_flops`) and
                    XLA's cost analysis of the compiled step divided by B (a cross-check), plus
                    analytic (calm_jax.flops) and XLA FLOPs of the prefill.
 
@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import functools
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -46,8 +44,8 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from calm_jax import calm as calm_lib
 from calm_jax import decoding, flops, trainable
-from calm_jax.calm import Calm, bridge_block_kwargs
-from calm_jax.configs import CalmConfig, TransformerConfig
+from calm_jax.calm import Calm
+from calm_jax.configs import CalmConfig
 from calm_jax.random_init import random_like
 from calm_jax.transformer import Transformer
 
@@ -71,54 +69,6 @@ MODELS = ('anchor', 'composed')
 def build(size: str) -> tuple[CalmConfig, dict[str, Any]]:
   """(config, decoding settings) of a named size; bridges every 4 layers, non-zero output."""
   return common.composition(size, zero_init_out=False), dict(SIZES[size])
-
-
-def _lm_layer_flops(cfg: TransformerConfig, context: int) -> float:
-  """One decoder layer, one new token attending `context` cache slots."""
-  d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  projections = 2 * d * h * (n + 2 * k) + 2 * n * h * d
-  mlp = 2 * d * cfg.mlp_dim * (3 if cfg.gated_mlp else 2)
-  return float(projections + mlp + 4 * n * context * h)
-
-
-def decode_step_flops(config: CalmConfig | TransformerConfig, context: int) -> float:
-  """Analytic FLOPs of one decoding step per row (one new token), attending `context` slots.
-
-  A multiply-add is 2 FLOPs; only matrix products count (as in calm_jax/flops.py). The step
-  attends every slot of the cache (the causal mask does not skip work), so `context` is the
-  cache length L. Widths: D anchor / layer width, E augment width, N heads, K kv heads, H head
-  dim, F MLP width, V vocabulary.
-
-    LM layer       2 D H (N + 2 K) + 2 N H D       q, k, v, out projections
-                   + 2 D F (3 gated, else 2)       MLP
-                   + 4 N L H                       scores and values over the cache
-    anchor         num_layers * layer + 2 D V      (logits)
-    augment        its layers up to the deepest one a bridge reads (no logits)
-    bridge block   2 E D                           projection of the augment state
-                   + 4 D K H                       key and value of the new token
-                   + 2 D N H + 2 N H D             query and output
-                   + 4 N L H                       cross-attention over the bridge cache
-
-  Args:
-    config: the composition (anchor + augments + bridges), or one LM alone.
-    context: L, the number of cache slots each step attends.
-
-  Returns:
-    FLOPs per decoded token of one row.
-  """
-  if isinstance(config, TransformerConfig):
-    return (config.num_layers * _lm_layer_flops(config, context)
-            + 2.0 * config.embed_dim * config.vocab_size)
-  total = decode_step_flops(config.anchor, context)
-  for name, augment in config.augments:
-    connections = config.connections(name)
-    total += max(a for a, _ in connections) * _lm_layer_flops(augment, context)
-    kw = bridge_block_kwargs(config, name)
-    d, e = kw['anchor_dim'], kw['augment_dim']
-    n, k, h = kw['num_heads'], kw['num_kv_heads'], kw['head_dim']
-    block = 2 * e * d + 4 * d * k * h + 2 * d * n * h + 2 * n * h * d + 4 * n * context * h
-    total += len(connections) * float(block)
-  return total
 
 
 def cache_bytes(cache: Any) -> dict[str, int]:
@@ -166,7 +116,7 @@ class Programs(NamedTuple):
   """The three jitted programs of one (model, batch, context), their inputs and compiles.
 
   Attributes:
-    prefill: `fn(params, tokens, prompt_mask) -> (first, logits, cache)`.
+    prefill: `fn(params, tokens, prompt_mask) -> (last prompt index, logits, cache)`.
     step: `fn(params, token [B, 1], positions [B, 1], cache) -> (logits, cache)`, cache donated.
     generate: `make_generate_fn`'s `fn(params, tokens, prompt_mask, rng)`.
     tokens: [B, P] prompts (every prompt fills its P positions).
@@ -188,13 +138,11 @@ def lower_programs(model: nn.Module, params: Any, batch: int, context: int,
                               vocab, jnp.int32)
   prompt_mask = jnp.ones((batch, context), jnp.int32)
 
-  # pylint: disable=protected-access
   def prefill(p, t, m):
-    return decoding._prefill(model, p, t, m, max_decode_len)
+    return decoding.prefill(model, p, t, m, max_decode_len)
 
   def step(p, token, positions, cache):
-    out = decoding._apply(model, p, token, positions, cache=cache)
-    return out.logits, out.cache
+    return decoding.extend(model, p, token, positions, cache)
 
   prefill = jax.jit(prefill).lower(params, tokens, prompt_mask)
   cache = prefill.out_info[2]
@@ -243,7 +191,7 @@ def measure(programs: dict[str, Programs], models: dict[str, tuple[nn.Module, An
 
   token = jnp.ones((batch, 1), jnp.int32)
   state = {}
-  for name, (first, _, cache) in prefilled.items():
+  for name, (last, _, cache) in prefilled.items():
     parts = cache_bytes(cache)
     rows[name]['cache_bytes_per_token'] = sum(parts.values()) / (batch * cache_length)
     rows[name]['cache_bytes_per_token_parts'] = {
@@ -251,7 +199,7 @@ def measure(programs: dict[str, Programs], models: dict[str, tuple[nn.Module, An
     # Call k = 0, 1, ... feeds a token at sequence index P + k (cache slot P + k), as
     # `generate` does.
     state[name] = {'cache': cache, 'k': 0,
-                   'positions': [(first + i)[:, None] for i in range(1, max_decode_len)]}
+                   'positions': [(last + i)[:, None] for i in range(1, max_decode_len)]}
   del prefilled, cache
 
   def one_step(name):
@@ -275,7 +223,7 @@ def measure(programs: dict[str, Programs], models: dict[str, tuple[nn.Module, An
     row['generate_per_token_s'] = row['generate_s'] / max_decode_len
     row['generate_loop_per_token_s'] = (row['generate_s'] - row['prefill_s']) / (
         max_decode_len - 1)
-    row['analytic_flops_per_token'] = decode_step_flops(config, cache_length)
+    row['analytic_flops_per_token'] = flops.decode_step_flops(config, cache_length)
     row['step_xla_flops'] = common.xla_flops(programs[name].step)
     row['xla_flops_per_token'] = row['step_xla_flops'] / batch
     row['xla_over_analytic'] = row['xla_flops_per_token'] / row['analytic_flops_per_token']
@@ -343,14 +291,7 @@ def run(size: str, log: Callable[[str], None] = lambda _: None) -> dict:
       ratios.append({'batch': batch, 'context': context,
                      **{k: composed[v] / anchor[v] for k, v in RATIO_KEYS.items()}})
 
-  return {'size': size, **settings,
-          'connections': {n: config.connections(n) for n, _ in config.augments},
-          'parameters': {
-              'anchor': sum(x.size for x in jax.tree.leaves(frozen['anchor'])),
-              'augments': sum(x.size for x in jax.tree.leaves(frozen['augments'])),
-              'bridges': sum(x.size for x in jax.tree.leaves(bridges))},
-          'machine': {'platform': platform.platform(), 'device': str(jax.devices()[0]),
-                      'cpu_count': os.cpu_count(), 'jax': jax.__version__},
+  return {'size': size, **settings, **common.report_header(config, frozen, bridges),
           'design_decode_ratio': list(DESIGN_DECODE_RATIO), 'compile_s': compile_s,
           'rows': rows, 'ratios': ratios}
 
@@ -384,16 +325,12 @@ def main(argv=None) -> None:
   parser.add_argument('--output', default=None,
                       help='JSON path; default benchmarks/results/decode_<size>.json')
   args = parser.parse_args(argv)
-  output = args.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
-                                       f'decode_{args.size}.json')
   start, load = time.perf_counter(), os.getloadavg()
   report = run(args.size, log=lambda line: print(line, file=sys.stderr, flush=True))
   report['total_s'] = time.perf_counter() - start
   # Other processes on the machine make times noisy: 1-minute load average, start and end.
   report['machine']['load_average'] = [load[0], os.getloadavg()[0]]
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  with open(output, 'w') as f:
-    json.dump(report, f, indent=2)
+  output = common.write_report(report, args.output, 'decode', args.size)
   print(table(report))
   print(f'wrote {output} ({report["total_s"]:.0f} s)', file=sys.stderr)
 

@@ -13,9 +13,7 @@ plus the ratios step / anchor forward, step / full fine-tune and XLA / analytic.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -106,12 +104,12 @@ def run(size: str) -> dict:
   step = make_train_step(apply_fn_for(Calm(config)), optimizer)
   state = init_train_state(jax.tree.map(jnp.copy, bridges), optimizer)
   programs['composition_step'] = (
-      measure(step, (state, frozen, features, jax.random.key(0)), runs, donate_first=True),
+      measure(step, (state, frozen, features), runs, donate_first=True),
       flops.composition_step_flops(config, batch, length))
   full_step = make_train_step(apply_fn_for(anchor), optimizer)
   full_state = init_train_state(jax.tree.map(jnp.copy, frozen['anchor']), optimizer)
   programs['full_finetune_step'] = (
-      measure(full_step, (full_state, {}, features, jax.random.key(0)), runs,
+      measure(full_step, (full_state, {}, features), runs,
               donate_first=True),
       flops.full_finetune_step_flops(config.anchor, batch, length))
   masked = optax.multi_transform({'train': optimizer, 'freeze': optax.set_to_zero()},
@@ -123,14 +121,7 @@ def run(size: str) -> dict:
       flops.composition_step_flops(config, batch, length))
 
   report = {'size': size, 'batch': batch, 'length': length, 'runs': runs,
-            'connections': {n: config.connections(n) for n, _ in config.augments},
-            'parameters': {
-                'anchor': sum(x.size for x in jax.tree.leaves(frozen['anchor'])),
-                'augments': sum(x.size for x in jax.tree.leaves(frozen['augments'])),
-                'bridges': sum(x.size for x in jax.tree.leaves(bridges))},
-            'machine': {'platform': platform.platform(), 'device': str(jax.devices()[0]),
-                        'cpu_count': os.cpu_count(), 'jax': jax.__version__},
-            'programs': {}}
+            **common.report_header(config, frozen, bridges), 'programs': {}}
   for name, (measured, analytic) in programs.items():
     report['programs'][name] = {'analytic_flops': analytic, **measured,
                                 'xla_over_analytic': measured['xla_flops'] / analytic}
@@ -157,12 +148,8 @@ def main(argv=None) -> None:
   parser.add_argument('--output', default=None,
                       help='JSON path; default benchmarks/results/train_step_<size>.json')
   args = parser.parse_args(argv)
-  output = args.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
-                                       f'train_step_{args.size}.json')
   report = run(args.size)
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  with open(output, 'w') as f:
-    json.dump(report, f, indent=2)
+  output = common.write_report(report, args.output, 'train_step', args.size)
   for name, row in report['programs'].items():
     print(f'{name:<20} analytic {row["analytic_flops"]:.3e}  xla {row["xla_flops"]:.3e} '
           f'(x{row["xla_over_analytic"]:.3f})  median {row["median_s"] * 1e3:9.1f} ms',

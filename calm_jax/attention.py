@@ -1,14 +1,14 @@
-"""Self-attention with GQA, RoPE, soft-capping, sliding windows, causal/segment masks, KV cache.
+"""Self-attention with GQA, RoPE, soft-capping and a KV cache; the dot-product attention kernel.
 
 Einsum letters: B batch, T query length, S key length, D width, N query heads, K kv heads,
 G query heads per kv head (N = K * G), H head dim, L cache length.
 
-KV cache (decoding): {'keys', 'values'} of [B, L, K, H], slot s holding the token at sequence
-index s of its row (keys after RoPE). A prefill (`cache_length` given) attends like a full forward
-pass and returns its keys and values padded to L slots; a decoding step (`cache` given) writes
-each row's new token at slot `positions` and attends to slots <= that position (and inside the
-window). Slots past a row's position may hold stale values from a padded prefill: they are never
-read before the step that overwrites them.
+Masks come from the caller (`calm_jax.masks`). KV cache (decoding): {'keys', 'values'} of
+[B, L, K, H], slot s holding the token at sequence index s of its row (keys after RoPE). Without a
+cache, attention returns its own keys and values [B, T, K, H] (a prefill pads them into a cache
+with `pad_cache`); with one, it writes each row's new token at slot `positions` and attends the
+cache under the caller's [B, 1, L] mask. Slots past a row's position may hold stale values from a
+padded prefill: the masks never let a step read them before the step that overwrites them.
 """
 
 from __future__ import annotations
@@ -24,29 +24,6 @@ Array = jax.Array
 
 # Finite, so that a query with no visible key (a padding row) yields a uniform softmax, not NaN.
 _MASKED = float(np.finfo(np.float32).min)
-
-
-def attention_mask(q_index: Array, kv_index: Array, q_segment_ids: Array,
-                   kv_segment_ids: Array, window: int | None = None) -> Array:
-  """Boolean mask [B, T, S]: which key each query may attend.
-
-  Query i sees key j when j <= i (causal, by index in the sequence), both lie in the same
-  segment, the key is a real token (segment id != 0) and, with a window, i - j < window.
-
-  Args:
-    q_index: [B, T] index of each query in its sequence.
-    kv_index: [B, S] index of each key.
-    q_segment_ids: [B, T] segment of each query; 0 marks padding.
-    kv_segment_ids: [B, S] segment of each key; 0 marks padding.
-    window: sliding-window size, or None for unlimited.
-  """
-  q = q_index[:, :, None]
-  k = kv_index[:, None, :]
-  mask = (k <= q) & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
-  mask &= kv_segment_ids[:, None, :] != 0
-  if window is not None:
-    mask &= q - k < window
-  return mask
 
 
 def write_cache(cache: dict[str, Array], keys: Array, values: Array,
@@ -105,7 +82,6 @@ class SelfAttention(nn.Module):
     head_dim: H.
     query_scale: multiplier of the queries (usually H ** -0.5).
     inv_freq: rotary inverse frequencies [H // 2] of this layer.
-    window: sliding window, or None.
     softcap: attention logit soft-cap, or None.
     qk_norm: RMSNorm over H of queries and keys before RoPE.
     norm_eps: epsilon of those norms.
@@ -122,7 +98,6 @@ class SelfAttention(nn.Module):
   head_dim: int
   query_scale: float
   inv_freq: tuple[float, ...]
-  window: int | None = None
   softcap: float | None = None
   qk_norm: bool = False
   norm_eps: float = 1e-6
@@ -146,20 +121,18 @@ class SelfAttention(nn.Module):
     return y
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, segment_ids: Array,
-               cache: dict[str, Array] | None = None,
-               cache_length: int | None = None) -> tuple[Array, dict[str, Array] | None]:
-    """Attends `x` [B, T, D] to itself (and to the cache).
+  def __call__(self, x: Array, positions: Array, mask: Array,
+               cache: dict[str, Array] | None = None) -> tuple[Array, dict[str, Array]]:
+    """Attends `x` [B, T, D] to itself, or to the cache it extends.
 
     Args:
-      x: [B, T, D] (T = 1 in a decoding step).
-      positions: [B, T] RoPE positions; in a decoding step also the cache slot written.
-      segment_ids: [B, T], 0 for padding (unused in a decoding step).
-      cache: decoding step: this layer's KV cache.
-      cache_length: prefill: return a cache of this many slots.
+      x: [B, T, D] (T = 1 with a cache).
+      positions: [B, T] RoPE positions; with a cache also the slot each new token is written to.
+      mask: [B, T, T] without a cache, [B, 1, L] with one (`calm_jax.masks`).
+      cache: this layer's KV cache to extend (a decoding step), or None.
 
     Returns:
-      ([B, T, D], the new cache or None).
+      ([B, T, D], {'keys', 'values'}: the extended cache, or this call's own [B, T, K, H]).
     """
     if cache is not None and x.shape[1] != 1:
       raise ValueError(f'a decoding step takes one position per row, got {x.shape[1]}.')
@@ -174,22 +147,12 @@ class SelfAttention(nn.Module):
     inv_freq = np.asarray(self.inv_freq, np.float32)
     q = apply_rope(q, positions, inv_freq) * jnp.asarray(self.query_scale, self.dtype)
     k = apply_rope(k, positions, inv_freq)
-    new_cache = None
     if cache is None:
-      index = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-      mask = attention_mask(index, index, segment_ids, segment_ids, self.window)
-      out = dot_product_attention(q, k, v, mask, self.softcap)
-      if cache_length is not None:
-        new_cache = pad_cache(k, v, cache_length)
+      kv = {'keys': k, 'values': v}
     else:
-      new_cache = write_cache(cache, k, v, positions[:, 0])
-      slots = jnp.arange(new_cache['keys'].shape[1])[None, None, :]
-      # [B, 1, L]
-      mask = slots <= positions[:, :, None]
-      if self.window is not None:
-        mask &= positions[:, :, None] - slots < self.window
-      out = dot_product_attention(q, new_cache['keys'].astype(self.dtype),
-                                  new_cache['values'].astype(self.dtype), mask, self.softcap)
+      kv = write_cache(cache, k, v, positions[:, 0])
+    out = dot_product_attention(q, kv['keys'].astype(self.dtype),
+                                kv['values'].astype(self.dtype), mask, self.softcap)
     init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
     kernel = self.param('out', nn.with_logical_partitioning(init, ('heads', 'kv', 'embed')),
                         (self.num_heads, self.head_dim, self.embed_dim), self.param_dtype)
@@ -200,4 +163,4 @@ class SelfAttention(nn.Module):
                                                                  ('embed',)),
                         (self.embed_dim,), self.param_dtype)
       y = y + bias.astype(self.dtype)
-    return y, new_cache
+    return y, kv

@@ -3,25 +3,28 @@
 Einsum letters: B batch, T anchor (query) length, S augment (key) length, D anchor width,
 E augment width, N heads, K kv heads, H head dim.
 
-Bridge j: P = proj(h_A(a_j)) [B, S, D]; queries from h_B(b_j), keys/values from P; the output
-`attn @ W_o` is added to the anchor's residual stream after layer b_j (DESIGN.md).
+Terms: a *bridge* is one connection (a_j, b_j): P = proj(h_A(a_j)) [B, S, D]; queries from
+h_B(b_j), keys/values from P; the output `attn @ W_o` is added to the anchor's residual stream
+after layer b_j (DESIGN.md). `Bridge` is one bridge, stored as `block_{j}`; `AugmentBridges`
+holds the bridges of one augment; the composed model's `bridge` subtree holds every augment's.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from calm_jax.attention import dot_product_attention
+from calm_jax.configs import CalmConfig
 from calm_jax.layers import RMSNorm, apply_rope, rope_inverse_frequencies
 
 Array = jax.Array
 
 
-class BridgeBlock(nn.Module):
+class Bridge(nn.Module):
   """One connection's projection and cross-attention.
 
   Attributes:
@@ -112,7 +115,7 @@ class BridgeBlock(nn.Module):
 
   def __call__(self, anchor_states: Array, augment_states: Array, mask: Array,
                positions: Array | None = None) -> Array:
-    """The bridge's contribution [B, T, D] to the anchor's residual stream.
+    """The bridge's contribution [B, T, D] to the anchor's residual stream (creates all params).
 
     Args:
       anchor_states: h_B(b_j) [B, T, D].
@@ -124,29 +127,33 @@ class BridgeBlock(nn.Module):
     return self.attend(anchor_states, keys, values, mask, positions)
 
 
-class Bridge(nn.Module):
-  """All bridges of one augment: `block_{j}` for its j-th connection (0-based).
+class AugmentBridges(nn.Module):
+  """The bridges of one augment: `block_{j}` for its j-th connection (0-based).
 
   Attributes:
-    num_blocks: number of connections.
-    block_kwargs: the BridgeBlock attributes shared by all blocks.
+    num_bridges: number of connections.
+    bridge_kwargs: the `Bridge` attributes shared by all of them.
   """
 
-  num_blocks: int
-  block_kwargs: dict
+  num_bridges: int
+  bridge_kwargs: dict
 
   def setup(self):
-    for j in range(self.num_blocks):
-      setattr(self, f'block_{j}', BridgeBlock(**self.block_kwargs))
+    self.blocks = [Bridge(**self.bridge_kwargs, name=f'block_{j}')
+                   for j in range(self.num_bridges)]
 
-  def block(self, j: int) -> BridgeBlock:
-    """The j-th bridge block."""
-    return getattr(self, f'block_{j}')
 
-  def __call__(self, j: int, anchor_states: Array, augment_states: Array, mask: Array,
-               positions: Array | None = None) -> Array:
-    """Runs block j (see `BridgeBlock.__call__`)."""
-    return self.block(j)(anchor_states, augment_states, mask, positions)
+def bridge_kwargs(config: CalmConfig, name: str) -> dict[str, Any]:
+  """The `Bridge` attributes of augment `name`'s bridges."""
+  bridge = config.bridge(name)
+  num_heads, num_kv_heads, head_dim = bridge.heads(config.anchor)
+  return dict(anchor_dim=config.anchor.embed_dim,
+              augment_dim=dict(config.augments)[name].embed_dim, num_heads=num_heads,
+              num_kv_heads=num_kv_heads, head_dim=head_dim,
+              use_query_norm=bridge.use_query_norm, use_kv_norm=bridge.use_kv_norm,
+              zero_init_out=bridge.zero_init_out, norm_eps=bridge.norm_eps,
+              rope_base=bridge.rope_base, dtype=jnp.dtype(config.anchor.dtype),
+              param_dtype=jnp.dtype(config.anchor.param_dtype))
 
 
 def connected_layers(connections: Sequence[tuple[int, int]]) -> tuple[int, ...]:

@@ -5,7 +5,12 @@ Parameter tree (DESIGN.md):
   augments/{name}/...             each augmenting LM (frozen)
   bridge/{name}/block_{j}/...     the trained bridges: proj, query, key, value, out, norms
 
-Einsum letters: B batch, T length, L cache length.
+One forward pass, in the order `Calm` runs it:
+  1. each augment's residual streams after its connected layers (`Transformer`, no logits);
+  2. each bridge's keys and values from its augment layer (`Bridge.keys_values`);
+  3. the anchor: embedding, then for each depth i = 0..n the bridges attached after layer i
+     (`Bridge.attend`, added to the stream) followed by anchor layer i; final norm and logits.
+Masks are built once (`calm_jax.masks`) and passed down.
 
 Decoding cache (paper, section 3.1: every new token is fed to both models, so the augments'
 states are refreshed at each step):
@@ -19,22 +24,26 @@ the anchor only and its bridges read the prompt's keys/values.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from calm_jax.attention import attention_mask, pad_cache, write_cache
-from calm_jax.bridge import Bridge, BridgeBlock, connected_layers
+from calm_jax import masks
+from calm_jax.attention import pad_cache, write_cache
+from calm_jax.bridge import AugmentBridges, Bridge, bridge_kwargs, connected_layers
 from calm_jax.configs import CalmConfig, TransformerConfig
-from calm_jax.transformer import Transformer, TransformerOutput
+from calm_jax.transformer import (Transformer, TransformerOutput,
+                                  default_positions_and_segments, last_prompt_index)
 
 Array = jax.Array
+# {augment name: {block j: (keys, values) [B, S, K, H]}}
+BridgeKV = dict[str, dict[int, tuple[Array, Array]]]
 
 
 class Augments(nn.Module):
-  """The augmenting LMs, each a child named after its augment.
+  """The augmenting LMs: child `{name}` (a `Transformer`) per augment.
 
   Attributes:
     configs: (name, TransformerConfig) per augment.
@@ -42,64 +51,30 @@ class Augments(nn.Module):
 
   configs: tuple[tuple[str, TransformerConfig], ...]
 
-  @nn.compact
-  def __call__(self, tokens: Array, positions: Array, segment_ids: Array,
-               layers: dict[str, tuple[int, ...]], cache: dict[str, Any] | None = None,
-               cache_length: int | None = None
-               ) -> tuple[dict[str, dict[int, Array]], dict[str, Any] | None]:
-    """Residual streams {name: {layer: [B, T, E]}} after the requested layers (no logits).
-
-    With `cache` (a decoding step) or `cache_length` (a prefill) also returns each augment's KV
-    cache {name: ...}, else None.
-    """
-    hidden, caches = {}, {}
-    for name, config in self.configs:
-      out = Transformer(config, name=name)(
-          tokens, positions, segment_ids, return_hidden=layers[name], compute_logits=False,
-          cache=None if cache is None else cache[name], cache_length=cache_length)
-      hidden[name], caches[name] = out.hidden, out.cache
-    decoding = cache is not None or cache_length is not None
-    return hidden, caches if decoding else None
+  def setup(self):
+    self.lms = {name: Transformer(config, name=name) for name, config in self.configs}
 
 
 class Bridges(nn.Module):
-  """The bridges of every augment: child `{name}` holds `block_{j}`.
+  """Every augment's bridges: child `{name}` (an `AugmentBridges`) per augment.
 
   Attributes:
-    specs: (augment name, number of blocks, BridgeBlock attributes) per augment.
+    specs: (augment name, number of bridges, `Bridge` attributes) per augment.
   """
 
   specs: tuple[tuple[str, int, Any], ...]
 
   def setup(self):
-    for name, num_blocks, kwargs in self.specs:
-      setattr(self, name, Bridge(num_blocks=num_blocks, block_kwargs=kwargs))
+    self.augments = {name: AugmentBridges(num_bridges=n, bridge_kwargs=kwargs, name=name)
+                     for name, n, kwargs in self.specs}
 
-  def block(self, name: str, j: int) -> BridgeBlock:
-    """Block j of augment `name`."""
-    return getattr(self, name).block(j)
-
-  def __call__(self, name: str, j: int, anchor_states: Array, augment_states: Array,
-               mask: Array, positions: Array | None = None) -> Array:
-    """Block j of augment `name` (see `BridgeBlock.__call__`)."""
-    return getattr(self, name)(j, anchor_states, augment_states, mask, positions)
-
-
-def bridge_block_kwargs(config: CalmConfig, name: str) -> dict[str, Any]:
-  """The BridgeBlock attributes of augment `name`'s bridges."""
-  bridge = config.bridge(name)
-  num_heads, num_kv_heads, head_dim = bridge.heads(config.anchor)
-  return dict(anchor_dim=config.anchor.embed_dim,
-              augment_dim=dict(config.augments)[name].embed_dim, num_heads=num_heads,
-              num_kv_heads=num_kv_heads, head_dim=head_dim, use_query_norm=bridge.query_norm,
-              use_kv_norm=bridge.kv_norm, zero_init_out=bridge.zero_init_out,
-              norm_eps=bridge.norm_eps, rope_base=bridge.rope_base,
-              dtype=jnp.dtype(config.anchor.dtype),
-              param_dtype=jnp.dtype(config.anchor.param_dtype))
+  def get(self, name: str, j: int) -> Bridge:
+    """Bridge j of augment `name`."""
+    return self.augments[name].blocks[j]
 
 
 def attachments(config: CalmConfig) -> dict[int, list[tuple[str, int, int]]]:
-  """{anchor_layer: [(augment name, block j, augment_layer), ...]} in application order."""
+  """{anchor_layer: [(augment name, bridge j, augment_layer), ...]} in application order."""
   attached: dict[int, list[tuple[str, int, int]]] = {}
   for name, _ in config.augments:
     for j, (a, b) in enumerate(config.connections(name)):
@@ -109,6 +84,9 @@ def attachments(config: CalmConfig) -> dict[int, list[tuple[str, int, int]]]:
 
 class Calm(nn.Module):
   """Anchor + augments + bridges; outputs are the anchor's.
+
+  `__call__` is the full forward pass; `prefill` and `extend` are the cached decoding entry
+  points, with the signature of `Transformer`'s.
 
   Attributes:
     config: the composition.
@@ -122,101 +100,151 @@ class Calm(nn.Module):
 
   def setup(self):
     cfg = self.config
-    first_bridge = min((b for name, _ in cfg.augments for _, b in cfg.connections(name)),
-                       default=0)
-    self.anchor = Transformer(cfg.anchor, remat=self.remat, remat_from=first_bridge)
+    self.anchor = Transformer(cfg.anchor, remat=self.remat,
+                              remat_from=cfg.first_bridged_layer())
     self.augments = Augments(cfg.augments)
-    self.bridge = Bridges(tuple(
-        (name, len(cfg.connections(name)), bridge_block_kwargs(cfg, name))
-        for name, _ in cfg.augments))
+    self.bridge = Bridges(tuple((name, len(cfg.connections(name)), bridge_kwargs(cfg, name))
+                                for name, _ in cfg.augments))
 
-  def cross_mask(self, segment_ids: Array, prompt_mask: Array | None) -> Array:
-    """[B, T, S] mask of the bridges: causal, same segment, real tokens (+ prompt only)."""
-    index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
-    mask = attention_mask(index, index, segment_ids, segment_ids)
-    if self.config.augment_as_encoder:
-      if prompt_mask is None:
-        raise ValueError('augment_as_encoder needs a prompt_mask ([B, T], 1 on the prompt).')
-      mask &= prompt_mask[:, None, :].astype(bool)
-    return mask
+  def _augment_layers(self) -> dict[str, tuple[int, ...]]:
+    return {name: connected_layers(self.config.connections(name))
+            for name, _ in self.config.augments}
+
+  def _run_augments(self, run: Callable[[Transformer, tuple[int, ...]], TransformerOutput]
+                    ) -> dict[str, TransformerOutput]:
+    """{name: run(augment LM, the layers its bridges read)} for every augment."""
+    return {name: run(self.augments.lms[name], layers)
+            for name, layers in self._augment_layers().items()}
+
+  def _keys_values(self, augments: dict[str, TransformerOutput], positions: Array) -> BridgeKV:
+    """Each bridge's keys and values from its augment layer's states [B, S, E]."""
+    return {name: {j: self.bridge.get(name, j).keys_values(augments[name].hidden[a], positions)
+                   for j, (a, _) in enumerate(self.config.connections(name))}
+            for name, _ in self.config.augments}
+
+  def _anchor(self, tokens: Array, positions: Array, layer_masks: dict[int | None, Array],
+              cache: dict[str, Any] | None, keys_values: BridgeKV, cross_mask: Array,
+              return_hidden: Sequence[int], logits_index: Array | None = None
+              ) -> TransformerOutput:
+    """The anchor's pass: embedding, then at each depth its bridges and its next layer."""
+    anchor = self.config.anchor
+    bad = [i for i in return_hidden if not 0 <= i <= anchor.num_layers]
+    if bad:
+      raise ValueError(f'return_hidden {bad} outside [0, {anchor.num_layers}].')
+    attached = attachments(self.config)
+    x = self.anchor.embed(tokens)
+    hidden, kv = {}, {}
+    for i in range(anchor.num_layers + 1):
+      for name, j, _ in attached.get(i, ()):
+        keys, values = keys_values[name][j]
+        x = x + self.bridge.get(name, j).attend(x, keys.astype(x.dtype), values.astype(x.dtype),
+                                                cross_mask, positions)
+      if i in return_hidden:
+        hidden[i] = x
+      if i == anchor.num_layers:
+        break
+      layer = f'layer_{i}'
+      x, kv[layer] = self.anchor.layers[i](x, positions, layer_masks[anchor.layer_window(i)],
+                                           None if cache is None else cache[layer])
+    if logits_index is not None:
+      x = x[jnp.arange(x.shape[0]), logits_index][:, None]
+    return TransformerOutput(self.anchor.logits(x), hidden, kv)
 
   def __call__(self, tokens: Array, positions: Array | None = None,
                segment_ids: Array | None = None, prompt_mask: Array | None = None, *,
-               return_hidden: tuple[int, ...] = (), cache: dict[str, Any] | None = None,
-               cache_length: int | None = None,
-               logits_index: Array | None = None) -> TransformerOutput:
-    """Runs the composition (a full forward pass, a prefill or one decoding step).
+               return_hidden: Sequence[int] = ()) -> TransformerOutput:
+    """The full forward pass of the composition.
 
     Args:
       tokens: [B, T] token ids, read by every model (shared vocabulary).
-      positions: [B, T]; default 0..T-1. In a decoding step, [B, 1] each row's sequence index
-        (and cache slot) of the new token.
+      positions: [B, T]; default 0..T-1.
       segment_ids: [B, T], 0 for padding; default all ones.
-      prompt_mask: [B, T], 1 on prompt tokens; required by `augment_as_encoder` (full forward
-        and prefill).
+      prompt_mask: [B, T], 1 on prompt tokens; required by `augment_as_encoder`.
       return_hidden: anchor layers whose (bridged) residual stream to return.
-      cache: a decoding step (T = 1): the composed cache of the previous call.
-      cache_length: a prefill: also return the composed cache with this many slots.
-      logits_index: [B] the one position per row whose logits to compute ([B, 1, V]).
 
     Returns:
-      The anchor's `TransformerOutput` (logits [B, T, V] float32); when decoding, its `cache` is
+      The anchor's `TransformerOutput` (logits [B, T, V] float32, no cache).
+    """
+    positions, segment_ids = default_positions_and_segments(tokens, positions, segment_ids)
+    if self.config.augment_as_encoder and prompt_mask is None:
+      raise ValueError('augment_as_encoder needs a prompt_mask ([B, T], 1 on the prompt).')
+    augments = self._run_augments(lambda lm, layers: lm(
+        tokens, positions, segment_ids, return_hidden=layers, compute_logits=False))
+    cross_mask = masks.cross_mask(segment_ids,
+                                  prompt_mask if self.config.augment_as_encoder else None)
+    out = self._anchor(tokens, positions, self.anchor.sequence_masks(segment_ids), None,
+                       self._keys_values(augments, positions), cross_mask, return_hidden)
+    return out._replace(cache=None)
+
+  def prefill(self, tokens: Array, prompt_mask: Array, *, cache_length: int,
+              return_hidden: Sequence[int] = ()) -> TransformerOutput:
+    """Runs the prompts through every model and returns the composed cache.
+
+    Args:
+      tokens: [B, P] decoder input tokens (each row's prompt is the prefix `prompt_mask`
+        marks).
+      prompt_mask: [B, P] 1 on each row's prompt.
+      cache_length: L >= P slots of every cache.
+      return_hidden: as in `__call__`.
+
+    Returns:
+      The anchor's `TransformerOutput`: logits [B, 1, V] at each row's last prompt token and
       the composed cache (module docstring).
     """
-    cfg = self.config
-    if positions is None:
-      if cache is not None:
-        raise ValueError('a decoding step needs the positions of its tokens.')
-      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    if segment_ids is None:
-      segment_ids = jnp.ones(tokens.shape, jnp.int32)
-    layers = {name: connected_layers(cfg.connections(name)) for name, _ in cfg.augments}
-    step = cache is not None
-    encoder_step = step and cfg.augment_as_encoder
-    augment_states, augment_cache = {}, None
-    if not encoder_step:
-      augment_states, augment_cache = self.augments(
-          tokens, positions, segment_ids, layers,
-          cache=cache['augments'] if step else None, cache_length=cache_length)
-    else:
-      augment_cache = cache['augments']
-    if step:
-      prompt_length = cache['prompt_length']
-      slots = jnp.arange(cache['anchor']['layer_0']['keys'].shape[1])[None, None, :]
-      # [B, 1, L]: causal over the cache, or the prompt only for the encoder ablation.
-      mask = (slots < prompt_length[:, None, None] if cfg.augment_as_encoder
-              else slots <= positions[:, :, None])
-    else:
-      mask = self.cross_mask(segment_ids, prompt_mask)
-      prompt_length = jnp.sum((segment_ids != 0) if prompt_mask is None
-                              else prompt_mask.astype(bool), axis=1).astype(jnp.int32)
-    attached = attachments(cfg)
-    bridge_cache: dict[str, dict[str, Any]] = {name: {} for name, _ in cfg.augments}
+    positions, segment_ids = default_positions_and_segments(tokens)
+    augments = self._run_augments(lambda lm, layers: lm.prefill(
+        tokens, prompt_mask, cache_length=cache_length, return_hidden=layers,
+        compute_logits=False))
+    keys_values = self._keys_values(augments, positions)
+    cross_mask = masks.cross_mask(segment_ids,
+                                  prompt_mask if self.config.augment_as_encoder else None)
+    out = self._anchor(tokens, positions, self.anchor.sequence_masks(segment_ids), None,
+                       keys_values, cross_mask, return_hidden,
+                       logits_index=last_prompt_index(prompt_mask))
+    return out._replace(cache={
+        'anchor': {name: pad_cache(kv['keys'], kv['values'], cache_length)
+                   for name, kv in out.cache.items()},
+        'augments': {name: augment.cache for name, augment in augments.items()},
+        'bridge': {name: {f'block_{j}': pad_cache(keys, values, cache_length)
+                          for j, (keys, values) in blocks.items()}
+                   for name, blocks in keys_values.items()},
+        'prompt_length': jnp.sum(prompt_mask.astype(bool), axis=1).astype(jnp.int32)})
 
-    def add_bridges(layer: int, x: Array) -> Array:
-      for name, j, a in attached.get(layer, ()):
-        block = self.bridge.block(name, j)
-        if step:
-          kv = cache['bridge'][name][f'block_{j}']
-          if not cfg.augment_as_encoder:
-            kv = write_cache(kv, *block.keys_values(augment_states[name][a], positions),
-                             positions[:, 0])
-          bridge_cache[name][f'block_{j}'] = kv
-          keys, values = kv['keys'].astype(x.dtype), kv['values'].astype(x.dtype)
-        else:
-          keys, values = block.keys_values(augment_states[name][a], positions)
-          if cache_length is not None:
-            bridge_cache[name][f'block_{j}'] = pad_cache(keys, values, cache_length)
-        x = x + block.attend(x, keys, values, mask, positions)
-      return x
+  def extend(self, tokens: Array, positions: Array, cache: dict[str, Any], *,
+             return_hidden: Sequence[int] = ()) -> TransformerOutput:
+    """One decoding step of the composition: the new token goes through every model.
 
-    out = self.anchor(tokens, positions, segment_ids, return_hidden=return_hidden,
-                      after_layer=add_bridges, cache=cache['anchor'] if step else None,
-                      cache_length=cache_length, logits_index=logits_index)
-    if not step and cache_length is None:
-      return out
+    Args:
+      tokens: [B, 1] the new tokens.
+      positions: [B, 1] each row's sequence index of its new token (RoPE position and slot).
+      cache: the composed cache of the previous `prefill` or `extend`.
+      return_hidden: as in `__call__`.
+
+    Returns:
+      The anchor's `TransformerOutput`: logits [B, 1, V] and the extended composed cache.
+    """
+    cache_length = cache['anchor']['layer_0']['keys'].shape[1]
+    if self.config.augment_as_encoder:  # The augments and bridges keep the prompt's states.
+      augment_cache, bridge_cache = cache['augments'], cache['bridge']
+      cross_mask = masks.prompt_cache_mask(cache['prompt_length'], cache_length)
+    else:
+      augments = self._run_augments(lambda lm, layers: lm.extend(
+          tokens, positions, cache['augments'][lm.name], return_hidden=layers,
+          compute_logits=False))
+      augment_cache = {name: augment.cache for name, augment in augments.items()}
+      bridge_cache = {
+          name: {f'block_{j}': write_cache(cache['bridge'][name][f'block_{j}'], keys, values,
+                                           positions[:, 0])
+                 for j, (keys, values) in blocks.items()}
+          for name, blocks in self._keys_values(augments, positions).items()}
+      cross_mask = masks.cache_mask(positions, cache_length)
+    keys_values = {name: {int(block.split('_')[1]): (kv['keys'], kv['values'])
+                          for block, kv in blocks.items()}
+                   for name, blocks in bridge_cache.items()}
+    out = self._anchor(tokens, positions, self.anchor.cache_masks(positions, cache_length),
+                       cache['anchor'], keys_values, cross_mask, return_hidden)
     return out._replace(cache={'anchor': out.cache, 'augments': augment_cache,
-                               'bridge': bridge_cache, 'prompt_length': prompt_length})
+                               'bridge': bridge_cache, 'prompt_length': cache['prompt_length']})
 
 
 def abstract_params(config: CalmConfig) -> Any:
@@ -229,15 +257,13 @@ def abstract_params(config: CalmConfig) -> Any:
 def init_bridge_params(config: CalmConfig, rng: Array) -> dict[str, Any]:
   """Initial trained tree {'bridge': {name: {'block_j': ...}}}, touching no frozen model.
 
-  Each augment's blocks share one compiled init (same shapes); block j of augment i uses the
+  Each augment's bridges share one compiled init (same shapes); bridge j of augment i uses the
   key `fold_in(fold_in(rng, i), j)`.
   """
   bridges = {}
   for i, (name, augment) in enumerate(config.augments):
-    block = BridgeBlock(**bridge_block_kwargs(config, name))
-    init = jax.jit(block.init)
-    dtype = jnp.dtype(config.anchor.dtype)
-    x = jnp.zeros((1, 1, config.anchor.embed_dim), dtype)
+    init = jax.jit(Bridge(**bridge_kwargs(config, name)).init)
+    x = jnp.zeros((1, 1, config.anchor.embed_dim), jnp.dtype(config.anchor.dtype))
     h = jnp.zeros((1, 1, augment.embed_dim), jnp.dtype(augment.dtype))
     mask = jnp.ones((1, 1, 1), bool)
     key = jax.random.fold_in(rng, i)

@@ -44,12 +44,10 @@ def save_lm(path: str | epath.Path, config: TransformerConfig, params: Any,
   """
   path = epath.Path(path)
   check_new_lm_dir(path)
-  _check_shapes(config, nn.unbox(params), str(path))
+  check_tree(params, flat_paths(abstract_params(config)), str(path))
   path.mkdir(parents=True, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
-  # orbax wants absolute local paths.
-  checkpointer.save(path / PARAMS_DIR if _is_remote(path) else (path / PARAMS_DIR).resolve(),
-                    nn.unbox(params))
+  checkpointer.save(orbax_path(path / PARAMS_DIR), nn.unbox(params))
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:  # Every process wrote its shards; one writes the config.
     document = {'format': FORMAT, 'config': config.to_dict(), 'metadata': dict(metadata or {})}
@@ -65,8 +63,49 @@ def check_new_lm_dir(path: str | epath.Path) -> None:
     raise CheckpointError(f'{path} already holds a checkpoint; choose a new directory.')
 
 
-def _is_remote(path: epath.Path) -> bool:
-  return '://' in str(path)
+def orbax_path(path: str | epath.Path) -> epath.Path:
+  """`path` as orbax wants it: absolute if local; remote (`gs://`) paths pass through."""
+  path = epath.Path(path)
+  return path if '://' in str(path) else path.resolve()
+
+
+def stored_tree(directory: str | epath.Path) -> Any:
+  """The tree of shape/dtype metadata of the orbax checkpoint in `directory` (no data read)."""
+  metadata = ocp.StandardCheckpointer().metadata(orbax_path(directory))
+  metadata = getattr(metadata, 'item_metadata', metadata)
+  return getattr(metadata, 'tree', metadata)
+
+
+def flat_paths(tree: Any) -> dict[str, Any]:
+  """{key path: leaf} of a parameter tree (boxed trees are unboxed first)."""
+  return {jax.tree_util.keystr(k): v
+          for k, v in jax.tree_util.tree_flatten_with_path(nn.unbox(tree))[0]}
+
+
+def check_tree(tree: Any, required: Mapping[str, Any], where: str,
+               allowed: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Raises a CheckpointError naming the first parameter of `tree` that does not fit.
+
+  Args:
+    tree: the parameters (arrays, shape structs or orbax metadata).
+    required: {key path: leaf with a shape} that `tree` must hold (`flat_paths`).
+    where: the checkpoint, for messages.
+    allowed: the paths it may hold (a superset of `required`); default `required`.
+
+  Returns:
+    {key path: the expected leaf} of every parameter in `tree`.
+  """
+  allowed = required if allowed is None else allowed
+  actual = {k: tuple(getattr(v, 'shape', ())) for k, v in flat_paths(tree).items()}
+  missing, extra = sorted(set(required) - set(actual)), sorted(set(actual) - set(allowed))
+  if missing or extra:
+    raise CheckpointError(f'{where}: parameters do not match the config: missing {missing[:5]}, '
+                          f'unexpected {extra[:5]}.')
+  for key, shape in actual.items():
+    if shape != tuple(allowed[key].shape):
+      raise CheckpointError(f'{where}: parameter {key} has shape {shape}, the config needs '
+                            f'{tuple(allowed[key].shape)}.')
+  return {key: allowed[key] for key in actual}
 
 
 def read_document(path: str | epath.Path, file_name: str, fmt: str, what: str) -> dict[str, Any]:
@@ -99,23 +138,6 @@ def load_lm_config(path: str | epath.Path) -> TransformerConfig:
   return TransformerConfig.from_dict(document['config'])
 
 
-def _check_shapes(config: TransformerConfig, tree: Any, where: str) -> None:
-  """Raises a CheckpointError naming the first parameter whose shape differs from `config`'s."""
-  expected = {jax.tree_util.keystr(k): v.shape for k, v in
-              jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_params(config)))[0]}
-  actual = {jax.tree_util.keystr(k): tuple(getattr(v, 'shape', ())) for k, v in
-            jax.tree_util.tree_flatten_with_path(tree)[0]}
-  missing = sorted(set(expected) - set(actual))
-  extra = sorted(set(actual) - set(expected))
-  if missing or extra:
-    raise CheckpointError(f'{where}: parameters do not match the config: missing {missing[:5]}, '
-                          f'unexpected {extra[:5]}.')
-  for key, shape in expected.items():
-    if tuple(actual[key]) != tuple(shape):
-      raise CheckpointError(f'{where}: parameter {key} has shape {tuple(actual[key])}, the '
-                            f'config needs {tuple(shape)}.')
-
-
 def load_lm(path: str | epath.Path, *, config: TransformerConfig | None = None,
             shardings: Any = None) -> tuple[TransformerConfig, Any]:
   """Restores an LM checkpoint straight into device arrays.
@@ -123,8 +145,9 @@ def load_lm(path: str | epath.Path, *, config: TransformerConfig | None = None,
   Args:
     path: the LM checkpoint directory (local or `gs://`).
     config: if given, the architecture the caller expects; a different stored config is an error.
-    shardings: a `jax.sharding.Sharding` for every leaf, or a tree of them matching the
-      parameters; default: the first local device.
+    shardings: a `jax.sharding.Sharding` for every leaf, a tree of them matching the
+      parameters, or a function of the stored config returning either; default: the first
+      local device.
 
   Returns:
     (config, params) with params a plain (unboxed) tree of `jax.Array`s.
@@ -137,14 +160,12 @@ def load_lm(path: str | epath.Path, *, config: TransformerConfig | None = None,
   params_path = path / PARAMS_DIR
   if not params_path.exists():
     raise CheckpointError(f'{path} has no {PARAMS_DIR}/ directory.')
-  if not _is_remote(params_path):
-    params_path = params_path.resolve()
-  checkpointer = ocp.StandardCheckpointer()
-  metadata = checkpointer.metadata(params_path)
-  metadata = getattr(metadata, 'item_metadata', metadata)
-  _check_shapes(stored, metadata, str(path))
-  target = restore_target(nn.unbox(abstract_params(stored)), shardings)
-  return stored, checkpointer.restore(params_path, target)
+  abstract = nn.unbox(abstract_params(stored))
+  check_tree(stored_tree(params_path), flat_paths(abstract), str(path))
+  if callable(shardings):
+    shardings = shardings(stored)
+  target = restore_target(abstract, shardings)
+  return stored, ocp.StandardCheckpointer().restore(orbax_path(params_path), target)
 
 
 def restore_target(abstract: Any, shardings: Any = None) -> Any:
@@ -177,9 +198,7 @@ class RunCheckpointer:
   """
 
   def __init__(self, model_dir: str | epath.Path, max_to_keep: int = 3):
-    directory = epath.Path(model_dir) / 'checkpoints'
-    if not _is_remote(directory):
-      directory = directory.resolve()
+    directory = orbax_path(epath.Path(model_dir) / 'checkpoints')
     self._manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
         item_names=('state', 'data'))
@@ -216,20 +235,13 @@ class RunCheckpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f'No checkpoint in {self._manager.directory}.')
-    metadata = ocp.StandardCheckpointer().metadata(
-        epath.Path(self._manager.directory) / str(step) / 'state')
-    metadata = getattr(metadata, 'item_metadata', metadata)
-    metadata = getattr(metadata, 'tree', metadata)
+    metadata = stored_tree(epath.Path(self._manager.directory) / str(step) / 'state')
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata,
                             is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
     target = restore_target(abstract, sharding)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     return restored['state']['params']
-
-  def wait_until_finished(self) -> None:
-    """Blocks until pending saves are complete."""
-    self._manager.wait_until_finished()
 
   def close(self) -> None:
     """Waits for pending saves and releases resources."""

@@ -49,11 +49,6 @@ SIGNATURE_FILE = 'signature.json'
 SAVED_MODEL_DIR = 'saved_model'
 
 
-def _local(path: epath.Path) -> epath.Path:
-  """orbax wants absolute local paths; remote ones pass through."""
-  return path if '://' in str(path) else path.resolve()
-
-
 def vocabulary_reference(vocabulary: Any, directory: epath.Path) -> dict[str, Any] | None:
   """A JSON description of a seqio vocabulary, copying its model file into `directory`.
 
@@ -112,10 +107,10 @@ def save_composed(path: str | epath.Path, config: CalmConfig, params: Any, *,
   if (path / CONFIG_FILE).exists() or (path / PARAMS_DIR).exists():
     raise CheckpointError(f'{path} already holds a composed checkpoint; choose a new directory.')
   params = nn.unbox(params)
-  _check_shapes(config, params, str(path))
+  _check_params(config, params, str(path))
   path.mkdir(parents=True, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(_local(path / PARAMS_DIR), params)
+  checkpointer.save(checkpoints.orbax_path(path / PARAMS_DIR), params)
   checkpointer.wait_until_finished()
   document = {'format': FORMAT, 'config': config.to_dict(),
               'vocabulary': vocabulary_reference(vocabulary, path),
@@ -125,41 +120,19 @@ def save_composed(path: str | epath.Path, config: CalmConfig, params: Any, *,
   tmp.rename(path / CONFIG_FILE)
 
 
-def _allowed(config: CalmConfig) -> tuple[dict[str, Any], set[str]]:
-  """({path: abstract leaf} a composed tree may hold, the paths the composition reads).
-
-  The composition reads each augment only up to its deepest connection; a composed checkpoint
-  may hold the whole augment LM (as exported from a composition run) or just that part.
-  """
-  def flat(tree):
-    return {jax.tree_util.keystr(k): v
-            for k, v in jax.tree_util.tree_flatten_with_path(nn.unbox(tree))[0]}
-
-  used = nn.unbox(calm_lib.abstract_params(config))
-  allowed = flat(used)
-  for name, augment in config.augments:
-    allowed.update(flat({'augments': {name: transformer_lib.abstract_params(augment)}}))
-  return allowed, set(flat(used))
-
-
-def _check_shapes(config: CalmConfig, tree: Any, where: str) -> dict[str, Any]:
-  """Raises a CheckpointError naming the first parameter that does not fit `config`.
+def _check_params(config: CalmConfig, tree: Any, where: str) -> dict[str, Any]:
+  """`checkpoints.check_tree` of a composed tree: it must hold what the composition reads and
+  may hold the rest of each augment LM (as exported from a composition run), nothing else.
 
   Returns:
     {path: abstract leaf} of the parameters in `tree`.
   """
-  allowed, required = _allowed(config)
-  actual = {jax.tree_util.keystr(k): tuple(getattr(v, 'shape', ())) for k, v in
-            jax.tree_util.tree_flatten_with_path(tree)[0]}
-  missing, extra = sorted(required - set(actual)), sorted(set(actual) - set(allowed))
-  if missing or extra:
-    raise CheckpointError(f'{where}: parameters do not match the config: missing {missing[:5]}, '
-                          f'unexpected {extra[:5]}.')
-  for key, shape in actual.items():
-    if tuple(shape) != tuple(allowed[key].shape):
-      raise CheckpointError(f'{where}: parameter {key} has shape {tuple(shape)}, the '
-                            f'config needs {tuple(allowed[key].shape)}.')
-  return {key: allowed[key] for key in actual}
+  required = checkpoints.flat_paths(calm_lib.abstract_params(config))
+  allowed = dict(required)
+  for name, augment in config.augments:
+    allowed.update(checkpoints.flat_paths(
+        {'augments': {name: transformer_lib.abstract_params(augment)}}))
+  return checkpoints.check_tree(tree, required, where, allowed)
 
 
 def read_document(path: str | epath.Path) -> dict[str, Any]:
@@ -264,14 +237,12 @@ def load_composed(path: str | epath.Path, *, shardings: Any = None) -> Composed:
   params_path = path / PARAMS_DIR
   if not params_path.exists():
     raise CheckpointError(f'{path} has no {PARAMS_DIR}/ directory.')
-  checkpointer = ocp.StandardCheckpointer()
-  metadata = checkpointer.metadata(_local(params_path))
-  metadata = getattr(metadata, 'item_metadata', metadata)
-  stored = _check_shapes(config, metadata, str(path))
+  metadata = checkpoints.stored_tree(params_path)
+  stored = _check_params(config, metadata, str(path))
   abstract = jax.tree_util.tree_map_with_path(
       lambda k, _: stored[jax.tree_util.keystr(k)], metadata)
   target = checkpoints.restore_target(abstract, shardings)
-  params = checkpointer.restore(_local(params_path), target)
+  params = ocp.StandardCheckpointer().restore(checkpoints.orbax_path(params_path), target)
   return Composed(config, params, load_vocabulary(document.get('vocabulary'), path),
                   document.get('metadata', {}))
 

@@ -152,6 +152,14 @@ class TransformerConfig:
     """Returns 'global' or 'local' for 0-based `layer`."""
     return self.attention_types[layer] if self.attention_types else 'global'
 
+  def layer_window(self, layer: int) -> int | None:
+    """The sliding window of 0-based `layer`, None for a global layer."""
+    return self.sliding_window if self.attention_type(layer) == 'local' else None
+
+  def layer_windows(self) -> tuple[int | None, ...]:
+    """The distinct `layer_window`s of the layers (one attention mask each)."""
+    return tuple(dict.fromkeys(self.layer_window(i) for i in range(self.num_layers)))
+
   def differences(self, other: TransformerConfig) -> dict[str, tuple[Any, Any]]:
     """Fields whose values differ, as {name: (self's, other's)}."""
     return {f.name: (getattr(self, f.name), getattr(other, f.name))
@@ -198,6 +206,9 @@ def paper_connections(num_augment_layers: int, num_anchor_layers: int,
                for j in range(1, n + 1))
 
 
+_RENAMED_BRIDGE_FIELDS = {'query_norm': 'use_query_norm', 'kv_norm': 'use_kv_norm'}
+
+
 @dataclasses.dataclass(frozen=True)
 class BridgeConfig:
   """The bridges from one augmenting model into the anchor.
@@ -211,8 +222,8 @@ class BridgeConfig:
     num_heads: cross-attention heads; None means the anchor's.
     num_kv_heads: key/value heads (GQA); None means `num_heads`.
     head_dim: None means anchor width // num_heads.
-    query_norm: RMSNorm on the anchor states before the query projection.
-    kv_norm: RMSNorm on the projected augment states P_j.
+    use_query_norm: RMSNorm on the anchor states before the query projection.
+    use_kv_norm: RMSNorm on the projected augment states P_j.
     zero_init_out: W_o starts at zero, so the untrained composition is exactly the anchor.
     norm_eps: epsilon of both norms.
     rope_base: if set, rotary position embeddings (this base) on the bridge's queries (anchor
@@ -225,8 +236,8 @@ class BridgeConfig:
   num_heads: int | None = None
   num_kv_heads: int | None = None
   head_dim: int | None = None
-  query_norm: bool = True
-  kv_norm: bool = True
+  use_query_norm: bool = True
+  use_kv_norm: bool = True
   zero_init_out: bool = True
   norm_eps: float = 1e-6
   rope_base: float | None = None
@@ -239,6 +250,22 @@ class BridgeConfig:
                        f'got {self.connections}.')
     if self.every < 1:
       raise ValueError(f'BridgeConfig.every must be >= 1, got {self.every}.')
+
+  def to_dict(self) -> dict[str, Any]:
+    """Returns a JSON-serialisable dict; `from_dict` inverts it."""
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, data: Mapping[str, Any]) -> BridgeConfig:
+    """Builds a config from `to_dict`'s output; unknown keys are an error.
+
+    Files written before the norm switches were renamed (`query_norm`, `kv_norm`) still load.
+    """
+    data = {_RENAMED_BRIDGE_FIELDS.get(k, k): v for k, v in data.items()}
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise ValueError(f'Unknown BridgeConfig fields {unknown}.')
+    return cls(**data)
 
   def resolve(self, augment: TransformerConfig,
               anchor: TransformerConfig) -> tuple[tuple[int, int], ...]:
@@ -263,7 +290,7 @@ class BridgeConfig:
 
 def paper_bridge() -> BridgeConfig:
   """The paper's bridges: no query or key/value norms (W_o still starts at zero)."""
-  return BridgeConfig(query_norm=False, kv_norm=False)
+  return BridgeConfig(use_query_norm=False, use_kv_norm=False)
 
 
 _RESERVED_NAMES = frozenset({'name', 'parent', 'config', 'scope', 'variables', 'params'})
@@ -324,6 +351,10 @@ class CalmConfig:
     """Resolved (augment_layer, anchor_layer) pairs of augment `name`."""
     return dict(self.bridges)[name].resolve(dict(self.augments)[name], self.anchor)
 
+  def first_bridged_layer(self) -> int:
+    """The lowest anchor layer any bridge writes to: nothing below it is differentiated."""
+    return min(b for name, _ in self.augments for _, b in self.connections(name))
+
   def bridge(self, name: str) -> BridgeConfig:
     """The BridgeConfig of augment `name`."""
     if name not in dict(self.bridges):
@@ -334,7 +365,7 @@ class CalmConfig:
     """Returns a JSON-serialisable dict (augments in order); `from_dict` inverts it."""
     return {'anchor': self.anchor.to_dict(),
             'augments': [[name, config.to_dict()] for name, config in self.augments],
-            'bridges': [[name, dataclasses.asdict(bridge)] for name, bridge in self.bridges],
+            'bridges': [[name, bridge.to_dict()] for name, bridge in self.bridges],
             'augment_as_encoder': self.augment_as_encoder}
 
   @classmethod
@@ -343,13 +374,12 @@ class CalmConfig:
     unknown = sorted(set(data) - {'anchor', 'augments', 'bridges', 'augment_as_encoder'})
     if unknown:
       raise ValueError(f'Unknown CalmConfig fields {unknown}.')
-    bridge_fields = {f.name for f in dataclasses.fields(BridgeConfig)}
     bridges = []
     for name, bridge in data.get('bridges', ()):
-      extra = sorted(set(bridge) - bridge_fields)
-      if extra:
-        raise ValueError(f'Unknown BridgeConfig fields {extra} (augment {name!r}).')
-      bridges.append((name, BridgeConfig(**bridge)))
+      try:
+        bridges.append((name, BridgeConfig.from_dict(bridge)))
+      except ValueError as e:
+        raise ValueError(f'{e} (augment {name!r}).') from e
     return cls(anchor=TransformerConfig.from_dict(data['anchor']),
                augments=tuple((name, TransformerConfig.from_dict(config))
                               for name, config in data['augments']),

@@ -36,6 +36,12 @@ def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
         f'(is the module that registers it imported, e.g. calm_tasks.kv_arithmetic?)') from e
 
 
+def tasks_of(name: str) -> list[seqio.Task]:
+  """The tasks of the task or mixture `name` (a task alone is a list of one)."""
+  task = get_task_or_mixture(name)
+  return list(task.tasks) if isinstance(task, seqio.Mixture) else [task]
+
+
 def feature_converter(task: seqio.Task | seqio.Mixture, pack: bool) -> seqio.FeatureConverter:
   """Prefix-LM converter for input/target tasks, plain LM converter for target-only ones."""
   tasks = task.tasks if isinstance(task, seqio.Mixture) else [task]

@@ -19,14 +19,14 @@ per sequence); the cached decoder must reproduce it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calm_jax.calm import Calm
+from calm_jax.transformer import last_prompt_index
 
 Array = jax.Array
 _NEG_INF = -np.inf
@@ -49,14 +49,14 @@ def greedy_decode(logits_fn: LogitsFn, input_tokens: Array, prompt_mask: Array,
     [B, max_decode_len] generated token ids.
   """
   batch, length = input_tokens.shape
-  first = jnp.sum(prompt_mask, axis=1).astype(jnp.int32) - 1  # [B] index of last prompt token.
+  last = jnp.sum(prompt_mask, axis=1).astype(jnp.int32) - 1  # [B] index of last prompt token.
   positions = jnp.arange(length)[None, :]
-  tokens = jnp.where(positions <= first[:, None], input_tokens, 0)
+  tokens = jnp.where(positions <= last[:, None], input_tokens, 0)
   rows = jnp.arange(batch)
 
   def body(i, carry):
     tokens, out, done = carry
-    cursor = first + i  # [B] input index whose logits predict the i-th new token.
+    cursor = last + i  # [B] input index whose logits predict the i-th new token.
     logits = logits_fn(tokens)
     next_token = jnp.argmax(logits[rows, jnp.minimum(cursor, length - 1)], axis=-1)
     next_token = jnp.where(done, 0, next_token).astype(tokens.dtype)
@@ -120,26 +120,35 @@ def sample_tokens(rng: Array, logits: Array, sampling: Sampling) -> Array:
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def _apply(model: nn.Module, params: Any, tokens: Array, positions: Array | None = None,
-           prompt_mask: Array | None = None, **kwargs):
-  extra = {'prompt_mask': prompt_mask} if isinstance(model, Calm) and prompt_mask is not None \
-      else {}
-  return model.apply({'params': params}, tokens, positions, **extra, **kwargs)
+def prefill(model: nn.Module, params: Any, input_tokens: Array, prompt_mask: Array,
+            max_decode_len: int) -> tuple[Array, Array, Any]:
+  """Runs the prompts through `model.prefill` with a cache of prompt + `max_decode_len` slots.
 
+  Args:
+    model: a `Transformer` or a `Calm` (anything with `prefill` / `extend` of their signature).
+    params: its parameters.
+    input_tokens: [B, P] decoder input tokens; only each row's prompt region is read.
+    prompt_mask: [B, P] `decoder_causal_attention`; a row without prompt decodes from its
+      first token (the 0 that starts T5X's inputs).
+    max_decode_len: tokens the cache must still hold.
 
-def _prefill(model: nn.Module, params: Any, input_tokens: Array, prompt_mask: Array,
-             max_decode_len: int) -> tuple[Array, Array, Any]:
-  """(index of each row's last prompt token [B], its logits [B, V], the cache)."""
+  Returns:
+    (index of each row's last prompt token [B], its logits [B, V], the cache).
+  """
   length = input_tokens.shape[1]
-  # A row without prompt decodes from its first token (the 0 that starts T5X's inputs).
-  first = jnp.maximum(jnp.sum(prompt_mask, axis=1).astype(jnp.int32) - 1, 0)
-  index = jnp.arange(length)[None, :]
-  prompt_mask = (index <= first[:, None]).astype(jnp.int32)
+  last = last_prompt_index(prompt_mask)
+  prompt_mask = (jnp.arange(length)[None, :] <= last[:, None]).astype(jnp.int32)
   tokens = jnp.where(prompt_mask == 1, input_tokens, 0)
   # Logits at each row's last prompt token only: [B, V], not [B, P, V].
-  out = _apply(model, params, tokens, prompt_mask=prompt_mask,
-               cache_length=length + max_decode_len, logits_index=first)
-  return first, out.logits[:, 0], out.cache
+  out = model.apply({'params': params}, tokens, prompt_mask,
+                    cache_length=length + max_decode_len, method=type(model).prefill)
+  return last, out.logits[:, 0], out.cache
+
+
+def extend(model: nn.Module, params: Any, tokens: Array, positions: Array, cache: Any):
+  """One cached step (`model.extend`): tokens [B, 1] at `positions` [B, 1]; (logits, cache)."""
+  out = model.apply({'params': params}, tokens, positions, cache, method=type(model).extend)
+  return out.logits[:, 0], out.cache
 
 
 def generate(model: nn.Module, params: Any, input_tokens: Array, prompt_mask: Array, *,
@@ -165,7 +174,7 @@ def generate(model: nn.Module, params: Any, input_tokens: Array, prompt_mask: Ar
     raise ValueError('sampling with temperature > 0 needs an rng.')
   rng = jax.random.key(0) if rng is None else rng
   batch = input_tokens.shape[0]
-  first, logits, cache = _prefill(model, params, input_tokens, prompt_mask, max_decode_len)
+  last, logits, cache = prefill(model, params, input_tokens, prompt_mask, max_decode_len)
   token = sample_tokens(jax.random.fold_in(rng, 0), logits, sampling)
   out = jnp.zeros((batch, max_decode_len), jnp.int32).at[:, 0].set(token)
 
@@ -175,11 +184,11 @@ def generate(model: nn.Module, params: Any, input_tokens: Array, prompt_mask: Ar
 
   def body(carry):
     i, out, cache, token, done = carry
-    step = _apply(model, params, token[:, None], (first + i)[:, None], cache=cache)
-    token = sample_tokens(jax.random.fold_in(rng, i), step.logits[:, 0], sampling)
+    logits, cache = extend(model, params, token[:, None], (last + i)[:, None], cache)
+    token = sample_tokens(jax.random.fold_in(rng, i), logits, sampling)
     token = jnp.where(done, 0, token)
     out = out.at[:, i].set(token)
-    return i + 1, out, step.cache, token, done | (token == eos_id)
+    return i + 1, out, cache, token, done | (token == eos_id)
 
   carry = (jnp.asarray(1), out, cache, token, token == eos_id)
   return jax.lax.while_loop(cond, body, carry)[1]
@@ -205,7 +214,7 @@ def beam_search(model: nn.Module, params: Any, input_tokens: Array, prompt_mask:
   """
   batch = input_tokens.shape[0]
   width = num_beams
-  first, logits, cache = _prefill(model, params, input_tokens, prompt_mask, max_decode_len)
+  last, logits, cache = prefill(model, params, input_tokens, prompt_mask, max_decode_len)
   vocab = logits.shape[-1]
   if width > vocab:
     raise ValueError(f'num_beams {width} exceeds the vocabulary size {vocab}.')
@@ -232,7 +241,7 @@ def beam_search(model: nn.Module, params: Any, input_tokens: Array, prompt_mask:
   done = jnp.zeros((batch, width), bool)
   seqs = jnp.zeros((batch, width, max_decode_len), jnp.int32)
   scores, done, seqs, cache = select(0, log_probs, scores, done, seqs, cache)
-  positions = jnp.repeat(first, width)
+  positions = jnp.repeat(last, width)
 
   def cond(carry):
     i, _, done, _, _ = carry
@@ -241,10 +250,10 @@ def beam_search(model: nn.Module, params: Any, input_tokens: Array, prompt_mask:
   def body(carry):
     i, scores, done, seqs, cache = carry
     tokens = seqs[:, :, i - 1].reshape(batch * width, 1)
-    step = _apply(model, params, tokens, (positions + i)[:, None], cache=cache)
-    log_probs = jax.nn.log_softmax(step.logits[:, 0].astype(jnp.float32), axis=-1)
+    logits, cache = extend(model, params, tokens, (positions + i)[:, None], cache)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return (i + 1, *select(i, log_probs.reshape(batch, width, vocab), scores, done, seqs,
-                           step.cache))
+                           cache))
 
   _, scores, done, seqs, _ = jax.lax.while_loop(
       cond, body, (jnp.asarray(1), scores, done, seqs, cache))
@@ -277,3 +286,35 @@ def make_generate_fn(model: nn.Module, *, max_decode_len: int, eos_id: int,
                     eos_id=eos_id, sampling=sampling, rng=rng)
 
   return jax.jit(fn)
+
+
+def decode_batches(generate_fn: Callable[[Any, Array, Array, Array], Array], params: Any,
+                   batches: Iterable[Mapping[str, np.ndarray]], batch_size: int, seed: int = 0
+                   ) -> Iterator[tuple[int, np.ndarray]]:
+  """Yields (number of real rows, [n, max_decode_len] tokens) per batch of model features.
+
+  Batches are padded to `batch_size` rows so that every call has one shape (one compilation).
+  Features without `decoder_causal_attention` (LM tasks) decode from the first token alone.
+
+  Args:
+    generate_fn: `make_generate_fn`'s function.
+    params: the model's parameters.
+    batches: host batches of model features (`decoder_input_tokens`, ...), at most
+      `batch_size` rows each.
+    batch_size: the rows of every call.
+    seed: batch i samples with `fold_in(key(seed), i)`.
+  """
+  for i, features in enumerate(batches):
+    tokens = features['decoder_input_tokens']
+    n = len(tokens)
+    pad = batch_size - n
+    prompt = features.get('decoder_causal_attention')
+    if prompt is None:
+      prompt = np.zeros_like(tokens)
+      prompt[:, 0] = 1
+    tokens = np.pad(tokens, ((0, pad), (0, 0)))
+    prompt = np.pad(prompt, ((0, pad), (0, 0)), constant_values=0)
+    prompt[n:, 0] = 1  # Padding rows: a one-token prompt, ignored.
+    out = generate_fn(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(prompt, jnp.int32),
+                      jax.random.fold_in(jax.random.key(seed), i))
+    yield n, np.asarray(out)[:n]

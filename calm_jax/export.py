@@ -1,4 +1,4 @@
-"""`calm-export`: a composed checkpoint (one directory, ready to generate) and a serving artifact.
+"""Export (`calm-export`): a composed checkpoint (one directory, ready to generate) and a serving artifact.
 
 CHECKPOINT is a composition run's MODEL_DIR: the frozen models it names (`calm_run.json`) and
 the bridges of its latest checkpoint are written together under EXPORT_DIR with the composed
@@ -13,28 +13,18 @@ symbolic batch size (and, with `export.saved_model = True`, as a TF SavedModel v
 
 from __future__ import annotations
 
-if __name__ == '__main__':
-  # `python -m calm_jax.export`: register the configurable under the module's real name.
-  from calm_jax.export import main as _main  # pylint: disable=g-import-not-at-top
-  _main()
-  raise SystemExit(0)
-
 from typing import Callable, Sequence
 
 from absl import logging
 from etils import epath
-import gin
 import jax
 
-from calm_jax import checkpoints, composed, data, decoding, gin_cli
-from calm_jax import eval as eval_lib
+from calm_jax import checkpoints, composed, data, decoding, runs
 from calm_jax.calm import Calm
 
 
-@gin.configurable
-def export(*, checkpoint: str = gin.REQUIRED, output_dir: str = gin.REQUIRED,
-           mixture_or_task_name: str | None = None, serving_prompt_length: int | None = None,
-           max_decode_len: int = 32, temperature: float = 0.0, top_k: int = 0,
+def export(*, checkpoint: str, output_dir: str, mixture_or_task_name: str | None = None,
+           serving_prompt_length: int | None = None, max_decode_len: int = 32, temperature: float = 0.0, top_k: int = 0,
            top_p: float = 1.0, num_beams: int = 1, platforms: Sequence[str] | None = None,
            saved_model: bool = False,
            log: Callable[[str], None] = logging.info) -> composed.Composed:
@@ -55,17 +45,14 @@ def export(*, checkpoint: str = gin.REQUIRED, output_dir: str = gin.REQUIRED,
   Returns:
     The exported model, loaded back from `output_dir`.
   """
-  gin_cli.check_required('export', locals())
   out = epath.Path(output_dir)
   vocabulary = None
   if mixture_or_task_name is not None:
-    task = data.get_task_or_mixture(mixture_or_task_name)
-    tasks = task.tasks if hasattr(task, 'tasks') else [task]
-    vocabulary = tasks[0].output_features['targets'].vocabulary
+    vocabulary = data.tasks_of(mixture_or_task_name)[0].output_features['targets'].vocabulary
   if composed.is_composed(checkpoint) and epath.Path(checkpoint) == out:
     log(f'{out} is already a composed checkpoint; writing the serving artifact only')
   else:
-    loaded = eval_lib.load_for_eval(checkpoint)
+    loaded = runs.load_checkpoint(checkpoint)
     if not isinstance(loaded.model, Calm):
       raise checkpoints.CheckpointError(
           f'{checkpoint} is an LM checkpoint; calm-export exports compositions.')
@@ -83,8 +70,3 @@ def export(*, checkpoint: str = gin.REQUIRED, output_dir: str = gin.REQUIRED,
     log(f'wrote serving artifact {out / composed.SERVING_DIR} for {signature["platforms"]}'
         f'{" and a TF SavedModel" if saved_model else ""}')
   return result
-
-
-def main():
-  """Console-script entry point (`calm-export`)."""
-  gin_cli.gin_main(export)

@@ -26,58 +26,84 @@ Conventions (a multiply-add is 2 FLOPs; only matrix products are counted, as in 
       projection's weight gradient only (1x: the augment is frozen), and the lowest bridges'
       query without input gradient (1x: nothing below them is trained).
   Full fine-tuning step of the anchor: 3x the anchor forward.
+
+  Decoding step (one new token per row attending the L slots of its caches): the forward
+  formulas with T = 1 new token and S = L keys (the step attends every slot: the mask does not
+  skip work); the augments run up to their deepest connection, every bridge projects its new
+  token and attends its L-slot cache.
 """
 
 from __future__ import annotations
 
-from calm_jax.calm import bridge_block_kwargs
+from calm_jax.bridge import bridge_kwargs
 from calm_jax.configs import CalmConfig, TransformerConfig
 
 
-def _layer_parts(cfg: TransformerConfig, batch: int, length: int) -> tuple[float, float]:
-  """(dense FLOPs, attention FLOPs) of one layer's forward."""
+def _layer_parts(cfg: TransformerConfig, batch: int, length: int,
+                 keys: int | None = None) -> tuple[float, float]:
+  """(dense FLOPs, attention FLOPs) of one layer's forward: `length` new tokens per row, each
+  attending `keys` positions (default `length`)."""
+  keys = length if keys is None else keys
   tokens = batch * length
   projections = (2 * tokens * cfg.embed_dim * cfg.head_dim * (cfg.num_heads + 2 * cfg.num_kv_heads)
                  + 2 * tokens * cfg.num_heads * cfg.head_dim * cfg.embed_dim)
   mlp = 2 * tokens * cfg.embed_dim * cfg.mlp_dim * (3 if cfg.gated_mlp else 2)
-  attention = 4 * batch * cfg.num_heads * length * length * cfg.head_dim
+  attention = 4 * batch * cfg.num_heads * length * keys * cfg.head_dim
   return float(projections + mlp), float(attention)
 
 
 def lm_forward_flops(cfg: TransformerConfig, batch: int, length: int,
-                     num_layers: int | None = None, logits: bool = True) -> float:
-  """Forward FLOPs of the first `num_layers` layers (default all) and the output projection."""
-  dense, attention = _layer_parts(cfg, batch, length)
+                     num_layers: int | None = None, logits: bool = True,
+                     keys: int | None = None) -> float:
+  """Forward FLOPs of the first `num_layers` layers (default all) and the output projection.
+
+  `keys` is the number of positions each token attends (default `length`; a decoding step
+  attends its cache length).
+  """
+  dense, attention = _layer_parts(cfg, batch, length, keys)
   layers = cfg.num_layers if num_layers is None else num_layers
   head = 2.0 * batch * length * cfg.embed_dim * cfg.vocab_size if logits else 0.0
   return layers * (dense + attention) + head
 
 
-def _bridge_parts(config: CalmConfig, name: str, batch: int, length: int) -> dict[str, float]:
-  kw = bridge_block_kwargs(config, name)
+def _bridge_parts(config: CalmConfig, name: str, batch: int, length: int,
+                  keys: int | None = None) -> dict[str, float]:
+  keys = length if keys is None else keys
+  kw = bridge_kwargs(config, name)
   d, e = kw['anchor_dim'], kw['augment_dim']
   n, k, h = kw['num_heads'], kw['num_kv_heads'], kw['head_dim']
   tokens = batch * length
   return {'proj': 2.0 * tokens * e * d, 'query': 2.0 * tokens * d * n * h,
           'key_value': 4.0 * tokens * d * k * h, 'out': 2.0 * tokens * n * h * d,
-          'attention': 4.0 * batch * n * length * length * h}
+          'attention': 4.0 * batch * n * length * keys * h}
 
 
-def composed_forward_flops(config: CalmConfig, batch: int, length: int) -> float:
-  """Anchor forward + each augment up to its deepest connection + every bridge block."""
-  total = lm_forward_flops(config.anchor, batch, length)
+def composed_forward_flops(config: CalmConfig, batch: int, length: int,
+                           keys: int | None = None) -> float:
+  """Anchor forward + each augment up to its deepest connection + every bridge.
+
+  `keys` as in `lm_forward_flops` (the anchor's, the augments' and the bridges' attention).
+  """
+  total = lm_forward_flops(config.anchor, batch, length, keys=keys)
   for name, augment in config.augments:
     connections = config.connections(name)
     total += lm_forward_flops(augment, batch, length, max(a for a, _ in connections),
-                              logits=False)
-    total += len(connections) * sum(_bridge_parts(config, name, batch, length).values())
+                              logits=False, keys=keys)
+    total += len(connections) * sum(_bridge_parts(config, name, batch, length, keys).values())
   return total
+
+
+def decode_step_flops(config: CalmConfig | TransformerConfig, cache_length: int) -> float:
+  """FLOPs of one decoding step per row: one new token attending `cache_length` slots."""
+  if isinstance(config, TransformerConfig):
+    return lm_forward_flops(config, 1, 1, keys=cache_length)
+  return composed_forward_flops(config, 1, 1, keys=cache_length)
 
 
 def composition_step_flops(config: CalmConfig, batch: int, length: int) -> float:
   """The minimum FLOPs of one composition training step (see the module docstring)."""
   anchor = config.anchor
-  lowest = min(b for name, _ in config.augments for _, b in config.connections(name))
+  lowest = config.first_bridged_layer()
   dense, attention = _layer_parts(anchor, batch, length)
   above = anchor.num_layers - lowest
   backward = above * (dense + 2 * attention) + 2.0 * batch * length * anchor.embed_dim * \

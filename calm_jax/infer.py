@@ -1,9 +1,9 @@
-"""`calm-infer`: cached decoding of every example of a task or mixture, predictions as JSONL.
+"""Inference (`calm-infer`): cached decoding of every example of a task or mixture, as JSONL.
 
 As T5X's infer run: one file per task, `INFER_OUTPUT_DIR/{task}-{step:06d}.jsonl`, one JSON
 object per example in dataset order: {"inputs": ..., "targets": ..., "prediction": ...,
 "prediction_tokens": [...]} (texts decoded with the task's vocabulary). CHECKPOINT is anything
-`calm-eval` accepts (LM checkpoint, composition run, composed checkpoint).
+`calm_jax.runs.load_checkpoint` accepts (LM checkpoint, composition run, composed checkpoint).
 
   calm-infer --gin_file=runs/infer.gin --gin_file=tasks/kv_arithmetic.gin \
       --gin.CHECKPOINT="'/tmp/calm_kv/calm'" --gin.MIXTURE_OR_TASK_NAME="'kv_arithmetic_eval'" \
@@ -12,23 +12,14 @@ object per example in dataset order: {"inputs": ..., "targets": ..., "prediction
 
 from __future__ import annotations
 
-if __name__ == '__main__':
-  # `python -m calm_jax.infer`: register the configurable under the module's real name.
-  from calm_jax.infer import main as _main  # pylint: disable=g-import-not-at-top
-  _main()
-  raise SystemExit(0)
-
 import json
 import time
 from typing import Callable, Mapping
 
 from absl import logging
 from etils import epath
-import gin
-import seqio
 
-from calm_jax import data, decoding, gin_cli
-from calm_jax import eval as eval_lib
+from calm_jax import data, decoding, runs
 
 
 def _text(vocabulary, ids) -> str:
@@ -38,15 +29,8 @@ def _text(vocabulary, ids) -> str:
   return vocabulary.decode([i for i in ids if i != 0])
 
 
-def _tasks(name: str) -> list[seqio.Task]:
-  task = data.get_task_or_mixture(name)
-  return list(task.tasks) if isinstance(task, seqio.Mixture) else [task]
-
-
-@gin.configurable
-def infer(*, checkpoint: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
-          task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
-          output_dir: str = gin.REQUIRED, batch_size: int = 64, split: str = 'validation',
+def infer(*, checkpoint: str, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+          output_dir: str, batch_size: int = 64, split: str = 'validation',
           num_examples: int | None = None, temperature: float = 0.0, top_k: int = 0,
           top_p: float = 1.0, num_beams: int = 1, length_penalty: float = 0.0, seed: int = 0,
           log: Callable[[str], None] = logging.info) -> dict[str, str]:
@@ -68,14 +52,13 @@ def infer(*, checkpoint: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
   Returns:
     {task name: path of its JSONL file}.
   """
-  gin_cli.check_required('infer', locals())
-  loaded = eval_lib.load_for_eval(checkpoint)
+  loaded = runs.load_checkpoint(checkpoint)
   sampling = decoding.Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
   out_dir = epath.Path(output_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   written = {}
   generate_fns = {}
-  for task in _tasks(mixture_or_task_name):
+  for task in data.tasks_of(mixture_or_task_name):
     vocabulary = task.output_features['targets'].vocabulary
     key = vocabulary.eos_id
     if key not in generate_fns:
@@ -93,7 +76,7 @@ def infer(*, checkpoint: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
     tmp = path.parent / (path.name + '.tmp')
     start, count = time.perf_counter(), 0
     with tmp.open('w') as f:
-      for n, out in eval_lib.decode_batches(generate_fns[key], loaded.params,
+      for n, out in decoding.decode_batches(generate_fns[key], loaded.params,
                                             features.as_numpy_iterator(), batch_size, seed):
         for example, tokens in zip(examples[count:count + n], out):
           record = {'prediction': _text(vocabulary, tokens),
@@ -110,8 +93,3 @@ def infer(*, checkpoint: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQ
         f'({count / max(seconds, 1e-9):.1f} examples/s, compilation included) -> {path}')
     written[task.name] = str(path)
   return written
-
-
-def main():
-  """Console-script entry point (`calm-infer`)."""
-  gin_cli.gin_main(infer)

@@ -27,8 +27,6 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ('replica', 'data', 'model')
-LOGICAL_NAMES = ('batch', 'length', 'embed', 'augment_embed', 'heads', 'kv_heads', 'kv', 'mlp',
-                 'vocab')
 
 Rules = tuple[tuple[str, Any], ...]
 

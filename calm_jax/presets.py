@@ -1,8 +1,11 @@
 """Architectures of the published checkpoints users compose, as `TransformerConfig`s.
 
 Values are those of each model's published `config.json`; `tests/test_presets.py` checks them
-against `transformers`' own configs and parameter counts. Each preset also exists as a gin file
-under `gin/models/`. Presets hold no weights: import a checkpoint with `calm-convert`.
+against `transformers`' own configs and parameter counts. `gin/models/<name>.gin` binds
+`MODEL_CONFIG = @presets.get_preset()` with `presets.get_preset.name = '<name>'` (gin's dynamic
+registration: this module does not import gin), so a gin file or flag overrides a field with
+`presets.get_preset.<field> = ...`. Presets hold no weights: import a checkpoint with
+`calm-convert`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ decoder_causal_attention (1 on the prompt; the prompt mask of `augment_as_encode
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping
 
 import flax
@@ -26,7 +25,7 @@ from calm_jax import partitioning
 from calm_jax.calm import Calm
 from calm_jax.configs import CalmConfig
 from calm_jax.losses import cross_entropy_loss
-from calm_jax.trainable import merge_params
+from calm_jax.trainable import count_params, merge_params
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -66,7 +65,7 @@ def apply_fn_for(model: nn.Module) -> ApplyFn:
   return apply
 
 
-def train_step(state: TrainState, frozen: Any, batch: Batch, rng: Array, *, apply_fn: ApplyFn,
+def train_step(state: TrainState, frozen: Any, batch: Batch, *, apply_fn: ApplyFn,
                optimizer: optax.GradientTransformation,
                z_loss: float = 0.0) -> tuple[TrainState, dict[str, Array]]:
   """One optimizer step on `batch`, differentiating the trained tree only.
@@ -75,7 +74,6 @@ def train_step(state: TrainState, frozen: Any, batch: Batch, rng: Array, *, appl
     state: trained parameters and optimizer state (donated by `make_train_step`).
     frozen: the frozen parameters (never donated, never updated).
     batch: T5X decoder-only features [B, T].
-    rng: base key; folded with the step (unused by deterministic models).
     apply_fn: `apply(params, batch) -> logits` on the merged tree (`apply_fn_for`).
     optimizer: the optax transformation that built `state.opt_state`.
     z_loss: z-loss coefficient.
@@ -83,8 +81,6 @@ def train_step(state: TrainState, frozen: Any, batch: Batch, rng: Array, *, appl
   Returns:
     (new state, metrics): loss, cross_entropy, z_loss, accuracy, target_tokens, grad_norm.
   """
-  del rng  # No dropout; kept so stochastic models can fold in state.step.
-
   def loss_fn(trained):
     logits = apply_fn(merge_params(trained, frozen), batch)
     out = cross_entropy_loss(logits, batch['decoder_target_tokens'],
@@ -114,11 +110,46 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
     rules: logical axis rules (`MeshConfig.rules()`).
     **jit_kwargs: passed to `jax.jit` (in_shardings, out_shardings, ...).
   """
-  def step(state, frozen, batch, rng):
+  def step(state, frozen, batch):
     with partitioning.activation_context(mesh, rules):
-      return train_step(state, frozen, batch, rng, apply_fn=apply_fn, optimizer=optimizer,
+      return train_step(state, frozen, batch, apply_fn=apply_fn, optimizer=optimizer,
                         z_loss=z_loss)
   return jax.jit(step, donate_argnums=(0,), **jit_kwargs)
+
+
+def state_shardings(optimizer: optax.GradientTransformation, trained: Any,
+                    trained_shardings: Any, mesh: jax.sharding.Mesh) -> TrainState:
+  """The shardings of a `TrainState`: the step replicated, the parameters in theirs, the
+  optimizer state by `partitioning.opt_state_shardings`.
+
+  Args:
+    optimizer: the optax transformation.
+    trained: the trained tree (arrays or shape structs, boxed or not).
+    trained_shardings: its shardings.
+    mesh: the run's mesh.
+  """
+  return TrainState(step=partitioning.replicated(mesh), params=trained_shardings,
+                    opt_state=partitioning.opt_state_shardings(optimizer, trained,
+                                                               trained_shardings, mesh))
+
+
+def make_sharded_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
+                            z_loss: float, *, mesh: jax.sharding.Mesh, rules: partitioning.Rules,
+                            train_state_shardings: TrainState, frozen_shardings: Any,
+                            constrain_activations: bool = True):
+  """`make_train_step` of `model` on `mesh`: what `calm_jax.train` runs and AOT compiles.
+
+  The state keeps `train_state_shardings` (and is donated), the frozen tree
+  `frozen_shardings`, the batch is sharded by `partitioning.batch_sharding`, the metrics come
+  back replicated. `constrain_activations=False` leaves the activations' shardings to XLA (for
+  comparison only).
+  """
+  return make_train_step(
+      apply_fn_for(model), optimizer, z_loss, mesh=mesh if constrain_activations else None,
+      rules=rules if constrain_activations else None,
+      in_shardings=(train_state_shardings, frozen_shardings,
+                    partitioning.batch_sharding(mesh, rules)),
+      out_shardings=(train_state_shardings, partitioning.replicated(mesh)))
 
 
 def _with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -127,22 +158,16 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
                       abstract, shardings)
 
 
-def _size(tree: Any) -> int:
-  """Number of elements of a tree of arrays or structs."""
-  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
 def lower_composition_step(config: CalmConfig, mesh: jax.sharding.Mesh,
                            rules: partitioning.Rules, optimizer: optax.GradientTransformation,
                            batch: int, length: int, *, remat: str = 'none',
                            constrain_activations: bool = True) -> tuple[Any, dict[str, int]]:
   """Lowers the composition train step on `mesh` from shapes alone (nothing is allocated).
 
-  The arguments carry the shardings `calm_jax.train` gives the same run: parameters by
-  `partitioning.param_shardings`, the optimizer state by `opt_state_shardings`, the batch by
-  `batch_sharding`, the step counter and key replicated; the state is donated. Compiling the
-  result gives per-device memory and XLA's cost analysis, for any mesh, TPU topologies
-  included (`launch/aot_compile.py`).
+  The arguments carry the shardings `calm_jax.train` gives the same run
+  (`make_sharded_train_step`; parameters by `partitioning.param_shardings`); the state is
+  donated. Compiling the result gives per-device memory and XLA's cost analysis, for any mesh,
+  TPU topologies included (`launch/aot_compile.py`).
 
   Args:
     config: the composition.
@@ -158,33 +183,24 @@ def lower_composition_step(config: CalmConfig, mesh: jax.sharding.Mesh,
   Returns:
     (the `jax.stages.Lowered` step, {'frozen': parameters, 'trained': parameters}).
   """
-  abstract = calm_lib.abstract_params(config)
-  shardings = partitioning.param_shardings(abstract, mesh, rules)
-  unboxed = nn.unbox(abstract)
+  abstract = nn.unbox(calm_lib.abstract_params(config))
+  shardings = partitioning.param_shardings(calm_lib.abstract_params(config), mesh, rules)
   frozen_shardings = {k: shardings[k] for k in ('anchor', 'augments')}
-  frozen = _with_shardings({k: unboxed[k] for k in frozen_shardings}, frozen_shardings)
+  frozen = _with_shardings({k: abstract[k] for k in frozen_shardings}, frozen_shardings)
   trained_shardings = {'bridge': shardings['bridge']}
-  trained = _with_shardings({'bridge': unboxed['bridge']}, trained_shardings)
-  replicated = partitioning.replicated(mesh)
-  state_shardings = TrainState(
-      step=replicated, params=trained_shardings,
-      opt_state=partitioning.opt_state_shardings(optimizer, {'bridge': abstract['bridge']},
-                                                 trained_shardings, mesh))
+  trained = _with_shardings({'bridge': abstract['bridge']}, trained_shardings)
+  train_state_shardings = state_shardings(optimizer, trained, trained_shardings, mesh)
   state = _with_shardings(
       TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trained,
-                 opt_state=jax.eval_shape(optimizer.init, trained)), state_shardings)
+                 opt_state=jax.eval_shape(optimizer.init, trained)), train_state_shardings)
   batch_sharding = partitioning.batch_sharding(mesh, rules)
   features = {'decoder_input_tokens': jnp.int32, 'decoder_target_tokens': jnp.int32,
               'decoder_loss_weights': jnp.float32}
   batch_structs = {name: jax.ShapeDtypeStruct((batch, length), dtype, sharding=batch_sharding)
                    for name, dtype in features.items()}
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
-  step_fn = make_train_step(
-      apply_fn_for(Calm(config, remat=remat)), optimizer,
-      mesh=mesh if constrain_activations else None,
-      rules=rules if constrain_activations else None,
-      in_shardings=(state_shardings, frozen_shardings, batch_sharding, replicated),
-      out_shardings=(state_shardings, replicated))
-  return (step_fn.lower(state, frozen, batch_structs, key),
-          {'frozen': _size(frozen), 'trained': _size(trained)})
+  step_fn = make_sharded_train_step(
+      Calm(config, remat=remat), optimizer, 0.0, mesh=mesh, rules=rules,
+      train_state_shardings=train_state_shardings, frozen_shardings=frozen_shardings,
+      constrain_activations=constrain_activations)
+  return (step_fn.lower(state, frozen, batch_structs),
+          {'frozen': count_params(frozen), 'trained': count_params(trained)})

@@ -1,4 +1,4 @@
-"""Choosing the trainable set by parameter path, and putting the two halves back together.
+"""Parameter trees: the trainable set by path, the two halves put back together, their size.
 
 Paths are '/'-joined keys, e.g. 'bridge/kv/block_0/query' or 'anchor/layer_3/attn/query'.
 A composition trains r'^bridge/'; LoRA or full fine-tuning baselines pick other patterns, and
@@ -7,12 +7,13 @@ the same train step serves all of them.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Sequence
 
+import jax
 from flax import traverse_util
 
-COMPOSITION = (r'^bridge/',)
 FULL_ANCHOR = (r'^anchor/',)
 
 
@@ -45,3 +46,8 @@ def merge_params(trained: Any, frozen: Any) -> dict:
     raise ValueError(f'Parameters both trained and frozen: {sorted(overlap)[:5]}.')
   flat.update(traverse_util.flatten_dict(dict(trained), sep='/'))
   return traverse_util.unflatten_dict(flat, sep='/')
+
+
+def count_params(tree: Any) -> int:
+  """Number of elements of a parameter tree of arrays or shape structs (boxed or not)."""
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))

@@ -18,7 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from calm_jax.attention import SelfAttention
+from calm_jax import masks
+from calm_jax.attention import SelfAttention, pad_cache
 from calm_jax.configs import TransformerConfig
 from calm_jax.layers import MLP, Embedder, RMSNorm, rope_inverse_frequencies
 
@@ -45,16 +46,19 @@ class DecoderLayer(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, segment_ids: Array,
-               cache: dict[str, Array] | None = None,
-               cache_length: int | None = None) -> tuple[Array, dict[str, Array] | None]:
-    """Maps the residual stream `x` [B, T, D] through one layer (see `SelfAttention`)."""
+  def __call__(self, x: Array, positions: Array, mask: Array,
+               cache: dict[str, Array] | None = None) -> tuple[Array, dict[str, Array]]:
+    """Maps the residual stream `x` [B, T, D] through one layer.
+
+    Returns:
+      (the new residual stream [B, T, D], the attention's keys and values or extended cache;
+      see `SelfAttention`).
+    """
     def norm(name):
       return RMSNorm(eps=self.norm_eps, plus_one=self.norm_plus_one,
                      param_dtype=self.param_dtype, name=name)
 
-    h, cache = self.attention(name='attn')(norm('pre_attention_norm')(x), positions, segment_ids,
-                                           cache, cache_length)
+    h, kv = self.attention(name='attn')(norm('pre_attention_norm')(x), positions, mask, cache)
     if self.sandwich_norms:
       h = norm('post_attention_norm')(h)
     x = x + h
@@ -62,7 +66,7 @@ class DecoderLayer(nn.Module):
     if self.sandwich_norms:
       h = norm('post_ffw_norm')(h)
     x = x + h
-    return nn.with_logical_constraint(x, ('batch', 'length', 'embed')), cache
+    return nn.with_logical_constraint(x, ('batch', 'length', 'embed')), kv
 
 
 class TransformerOutput(NamedTuple):
@@ -72,7 +76,8 @@ class TransformerOutput(NamedTuple):
     logits: [B, T, V] float32, or None when not requested.
     hidden: residual stream after each requested layer count, {i: [B, T, D]}; i = 0 is the
       (scaled) embedding, i = n the output of `layer_{n-1}` (before the final norm).
-    cache: when decoding, the KV cache {'layer_{i}': {'keys', 'values'}} of every layer run.
+    cache: from `prefill` and `extend`, the KV cache {'layer_{i}': {'keys', 'values'}} of
+      every layer run; None from `__call__`.
   """
 
   logits: Array | None
@@ -99,11 +104,16 @@ def check_remat(remat: str) -> str:
 class Transformer(nn.Module):
   """Decoder-only language model.
 
+  `__call__` is the full forward pass; `prefill` and `extend` are the cached decoding entry
+  points (the same signature as `Calm`'s, so `calm_jax.decoding` serves both). The embedder,
+  the layers and the head (`embed`, `layers`, `logits`) are also what a composition drives
+  layer by layer.
+
   Attributes:
     config: the architecture.
     remat: rematerialisation of layers in training ('none', 'full' or 'dots', `REMAT_POLICIES`):
       their activations are recomputed in the backward pass instead of kept. Parameters and
-      results do not change; decoding never remats.
+      results do not change, and nothing changes without a backward pass (decoding).
     remat_from: only layers i >= remat_from are rematerialised (a composition sets its first
       bridge: nothing below it is differentiated).
   """
@@ -112,7 +122,18 @@ class Transformer(nn.Module):
   remat: str = 'none'
   remat_from: int = 0
 
-  def _layer(self, i: int, remat: bool = False) -> DecoderLayer:
+  def setup(self):
+    cfg = self.config
+    check_remat(self.remat)
+    self.embedder = Embedder(vocab_size=cfg.vocab_size, embed_dim=cfg.embed_dim,
+                             tie=cfg.tie_embeddings, scale=cfg.scale_embeddings,
+                             init_scale=cfg.embedding_init_scale, dtype=jnp.dtype(cfg.dtype),
+                             param_dtype=jnp.dtype(cfg.param_dtype))
+    self.layers = [self._make_layer(i) for i in range(cfg.num_layers)]
+    self.final_norm = RMSNorm(eps=cfg.norm_eps, plus_one=cfg.norm_plus_one,
+                              param_dtype=jnp.dtype(cfg.param_dtype))
+
+  def _make_layer(self, i: int) -> DecoderLayer:
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     local = cfg.attention_type(i) == 'local'
@@ -123,29 +144,70 @@ class Transformer(nn.Module):
         SelfAttention,
         embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim, query_scale=float(scalar) ** -0.5,
-        inv_freq=tuple(float(f) for f in inv_freq),
-        window=cfg.sliding_window if local else None, softcap=cfg.attn_logit_softcap,
+        inv_freq=tuple(float(f) for f in inv_freq), softcap=cfg.attn_logit_softcap,
         qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, norm_plus_one=cfg.norm_plus_one,
         qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias, dtype=dtype, param_dtype=param_dtype)
     mlp = functools.partial(MLP, embed_dim=cfg.embed_dim, mlp_dim=cfg.mlp_dim,
                             activation=cfg.activation, gated=cfg.gated_mlp, dtype=dtype,
                             param_dtype=param_dtype)
     layer_class = DecoderLayer
-    if remat:
-      layer_class = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat])  # Checked.
+    if self.remat != 'none' and i >= self.remat_from:
+      layer_class = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat])
     return layer_class(attention=attention, mlp=mlp, norm_eps=cfg.norm_eps,
                        norm_plus_one=cfg.norm_plus_one, sandwich_norms=cfg.sandwich_norms,
                        param_dtype=param_dtype, name=f'layer_{i}')
 
-  @nn.compact
+  def embed(self, tokens: Array) -> Array:
+    """The residual stream before the first layer: embeddings [B, T, D] of `tokens` [B, T]."""
+    return nn.with_logical_constraint(self.embedder.encode(tokens), ('batch', 'length', 'embed'))
+
+  def logits(self, x: Array) -> Array:
+    """Final norm, output projection and soft-cap of the residual stream: [B, T, V] float32."""
+    logits = self.embedder.decode(self.final_norm(x))
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    cap = self.config.final_logit_softcap
+    if cap is not None:
+      logits = cap * jnp.tanh(logits / cap)
+    return logits
+
+  def sequence_masks(self, segment_ids: Array) -> dict[int | None, Array]:
+    """{window: [B, T, T] mask} of a full forward pass, one per distinct layer window."""
+    return {w: masks.sequence_mask(segment_ids, w) for w in self.config.layer_windows()}
+
+  def cache_masks(self, positions: Array, cache_length: int) -> dict[int | None, Array]:
+    """{window: [B, 1, L] mask} of a decoding step at `positions` [B, 1]."""
+    return {w: masks.cache_mask(positions, cache_length, w) for w in self.config.layer_windows()}
+
+  def _run(self, tokens: Array, positions: Array, layer_masks: dict[int | None, Array],
+           cache: dict[str, dict[str, Array]] | None, return_hidden: Sequence[int],
+           compute_logits: bool, logits_index: Array | None = None) -> TransformerOutput:
+    """The layer loop shared by the three entry points; `cache` is extended when given."""
+    cfg = self.config
+    bad = [i for i in return_hidden if not 0 <= i <= cfg.num_layers]
+    if bad:
+      raise ValueError(f'return_hidden {bad} outside [0, {cfg.num_layers}].')
+    wanted = set(return_hidden)
+    depth = cfg.num_layers if compute_logits else max(wanted, default=0)
+    x = self.embed(tokens)
+    hidden = {0: x} if 0 in wanted else {}
+    kv = {}
+    for i in range(depth):
+      name = f'layer_{i}'
+      x, kv[name] = self.layers[i](x, positions, layer_masks[cfg.layer_window(i)],
+                                   None if cache is None else cache[name])
+      if i + 1 in wanted:
+        hidden[i + 1] = x
+    logits = None
+    if compute_logits:
+      if logits_index is not None:
+        x = x[jnp.arange(x.shape[0]), logits_index][:, None]
+      logits = self.logits(x)
+    return TransformerOutput(logits, hidden, kv)
+
   def __call__(self, tokens: Array, positions: Array | None = None,
                segment_ids: Array | None = None, *, return_hidden: Sequence[int] = (),
-               compute_logits: bool = True,
-               after_layer: Callable[[int, Array], Array] | None = None,
-               cache: dict[str, dict[str, Array]] | None = None,
-               cache_length: int | None = None,
-               logits_index: Array | None = None) -> TransformerOutput:
-    """Runs the LM.
+               compute_logits: bool = True) -> TransformerOutput:
+    """The full forward pass.
 
     Args:
       tokens: [B, T] int token ids.
@@ -154,63 +216,70 @@ class Transformer(nn.Module):
         default all ones. Tokens attend causally within their own segment only.
       return_hidden: layer counts i in [0, num_layers] whose residual stream to return.
       compute_logits: if False, stop after the deepest requested layer and return no logits.
-      after_layer: `f(i, x) -> x` applied to the residual stream after i layers (i = 0 is the
-        embedding), before the next layer reads it; where the composition adds its bridges.
-      cache: a decoding step (T = 1): the KV cache of the previous call; `positions` [B, 1] is
-        each row's sequence index (and cache slot) of the new token.
-      cache_length: a prefill: also return a KV cache with this many slots (prompt + decode).
-      logits_index: [B] one position per row whose logits to compute (a prefill needs only
-        each row's last prompt token); logits are then [B, 1, V].
 
     Returns:
-      A `TransformerOutput`.
+      A `TransformerOutput` without cache.
     """
-    cfg = self.config
-    bad = [i for i in return_hidden if not 0 <= i <= cfg.num_layers]
-    if bad:
-      raise ValueError(f'return_hidden {bad} outside [0, {cfg.num_layers}].')
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    if segment_ids is None:
-      segment_ids = jnp.ones(tokens.shape, jnp.int32)
-    embedder = Embedder(vocab_size=cfg.vocab_size, embed_dim=cfg.embed_dim,
-                        tie=cfg.tie_embeddings, scale=cfg.scale_embeddings,
-                        init_scale=cfg.embedding_init_scale,
-                        dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-                        name='embedder')
-    wanted = set(return_hidden)
-    last = cfg.num_layers if compute_logits else max(wanted, default=0)
-    x = nn.with_logical_constraint(embedder.encode(tokens), ('batch', 'length', 'embed'))
-    if after_layer is not None:
-      x = after_layer(0, x)
-    hidden = {0: x} if 0 in wanted else {}
-    decoding = cache is not None or cache_length is not None
-    new_cache = {} if decoding else None
-    check_remat(self.remat)
-    for i in range(last):
-      name = f'layer_{i}'
-      if not decoding and self.remat != 'none' and i >= self.remat_from:
-        x, layer_cache = self._layer(i, remat=True)(x, positions, segment_ids)
-      else:
-        x, layer_cache = self._layer(i)(x, positions, segment_ids,
-                                        None if cache is None else cache[name], cache_length)
-      if decoding:
-        new_cache[name] = layer_cache
-      if after_layer is not None:
-        x = after_layer(i + 1, x)
-      if i + 1 in wanted:
-        hidden[i + 1] = x
-    if not compute_logits:
-      return TransformerOutput(None, hidden, new_cache)
-    if logits_index is not None:
-      x = x[jnp.arange(x.shape[0]), logits_index][:, None]
-    x = RMSNorm(eps=cfg.norm_eps, plus_one=cfg.norm_plus_one,
-                param_dtype=jnp.dtype(cfg.param_dtype), name='final_norm')(x)
-    logits = embedder.decode(x)
-    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    if cfg.final_logit_softcap is not None:
-      logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
-    return TransformerOutput(logits, hidden, new_cache)
+    positions, segment_ids = default_positions_and_segments(tokens, positions, segment_ids)
+    out = self._run(tokens, positions, self.sequence_masks(segment_ids), None, return_hidden,
+                    compute_logits)
+    return out._replace(cache=None)
+
+  def prefill(self, tokens: Array, prompt_mask: Array, *, cache_length: int,
+              return_hidden: Sequence[int] = (),
+              compute_logits: bool = True) -> TransformerOutput:
+    """Runs the prompts and returns their KV cache: the first call of cached decoding.
+
+    Args:
+      tokens: [B, P] decoder input tokens; each row's prompt is the prefix marked by
+        `prompt_mask`, what follows it is never read by the prompt's positions.
+      prompt_mask: [B, P] 1 on each row's prompt (a non-empty prefix).
+      cache_length: L >= P slots of the returned cache (prompt + tokens to decode).
+      return_hidden, compute_logits: as in `__call__`.
+
+    Returns:
+      A `TransformerOutput`: logits [B, 1, V] at each row's last prompt token, the cache
+      {'layer_{i}': {'keys', 'values'} [B, L, K, H]}.
+    """
+    positions, segment_ids = default_positions_and_segments(tokens)
+    out = self._run(tokens, positions, self.sequence_masks(segment_ids), None, return_hidden,
+                    compute_logits, logits_index=last_prompt_index(prompt_mask))
+    return out._replace(cache={name: pad_cache(kv['keys'], kv['values'], cache_length)
+                               for name, kv in out.cache.items()})
+
+  def extend(self, tokens: Array, positions: Array, cache: dict[str, dict[str, Array]], *,
+             return_hidden: Sequence[int] = (),
+             compute_logits: bool = True) -> TransformerOutput:
+    """One decoding step: feeds one new token per row and extends the cache.
+
+    Args:
+      tokens: [B, 1] the new tokens.
+      positions: [B, 1] each row's sequence index of its new token (its RoPE position and
+        cache slot).
+      cache: the cache of the previous `prefill` or `extend`.
+      return_hidden, compute_logits: as in `__call__`.
+
+    Returns:
+      A `TransformerOutput`: logits [B, 1, V] and the extended cache.
+    """
+    cache_length = next(iter(cache.values()))['keys'].shape[1]
+    return self._run(tokens, positions, self.cache_masks(positions, cache_length), cache,
+                     return_hidden, compute_logits)
+
+
+def default_positions_and_segments(tokens: Array, positions: Array | None = None,
+                                   segment_ids: Array | None = None) -> tuple[Array, Array]:
+  """`positions` (default 0..T-1) and `segment_ids` (default all ones) of tokens [B, T]."""
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  if segment_ids is None:
+    segment_ids = jnp.ones(tokens.shape, jnp.int32)
+  return positions, segment_ids
+
+
+def last_prompt_index(prompt_mask: Array) -> Array:
+  """[B] index of each row's last prompt token (0 for a row without prompt)."""
+  return jnp.maximum(jnp.sum(prompt_mask, axis=1).astype(jnp.int32) - 1, 0)
 
 
 def abstract_params(config: TransformerConfig):
@@ -218,9 +287,3 @@ def abstract_params(config: TransformerConfig):
   model = Transformer(config)
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
   return jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)['params']
-
-
-def count_params(config: TransformerConfig) -> int:
-  """Number of parameters of `config`'s model, computed from shapes only."""
-  leaves = jax.tree.leaves(nn.unbox(abstract_params(config)))
-  return sum(int(x.size) for x in leaves)

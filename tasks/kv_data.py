@@ -93,17 +93,6 @@ def encode(text: str, vocab: Sequence[str] | Mapping[str, int]) -> list[int]:
   return [index.get(word, index[UNK]) for word in text.split()]
 
 
-def decode(ids: Sequence[int], vocab: Sequence[str]) -> str:
-  """The string of `ids` up to the first <eos>, padding dropped."""
-  words = []
-  for i in ids:
-    if vocab[i] == EOS:
-      break
-    if vocab[i] != PAD:
-      words.append(vocab[i])
-  return ' '.join(words)
-
-
 def key_values(spec: KVSpec) -> dict[str, int]:
   """The repository {key token: value}, deterministic from `spec.seed`.
 

@@ -15,13 +15,6 @@ results.md (Table 1's layout with the paper's numbers beside ours) and results.p
 
 from __future__ import annotations
 
-if __name__ == '__main__':
-  # `python -m calm_tasks.kv_experiment`: run the importable module, so that gin registers its configurable
-  # once, under the name the gin files use (not also as `__main__.*`).
-  from calm_tasks.kv_experiment import main as _main  # pylint: disable=g-import-not-at-top
-  _main()
-  raise SystemExit(0)
-
 import dataclasses
 import functools
 import json
@@ -30,11 +23,10 @@ from typing import Any, Mapping
 
 from absl import logging
 from etils import epath
-import gin
 import jax
 import jax.numpy as jnp
 
-from calm_jax import checkpoints, gin_cli, optim
+from calm_jax import checkpoints, optim
 from calm_jax import eval as eval_lib
 from calm_jax import train as train_lib
 from calm_jax.configs import BridgeConfig, TransformerConfig
@@ -96,19 +88,16 @@ def write_results(results: Mapping[str, Mapping[str, float]], out_dir: epath.Pat
   plt.close(fig)
 
 
-@gin.configurable
-def run_experiment(*, experiment_dir: str = gin.REQUIRED,
-                   m_a_config: TransformerConfig = gin.REQUIRED,
-                   m_b_config: TransformerConfig = gin.REQUIRED,
-                   bridge: BridgeConfig = gin.REQUIRED,
-                   task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
-                   m_a_steps: int = gin.REQUIRED, m_b_steps: int = gin.REQUIRED,
-                   compose_steps: int = gin.REQUIRED, batch_size: int = 64,
+def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
+                   m_b_config: TransformerConfig, bridge: BridgeConfig,
+                   task_feature_lengths: Mapping[str, int], m_a_steps: int, m_b_steps: int,
+                   compose_steps: int, batch_size: int = 64,
                    m_a_learning_rate: float = 1e-3, m_b_learning_rate: float = 1e-3,
                    compose_learning_rate: float = 1e-3, weight_decay: float = 0.0,
                    warmup_steps: int = 100,
                    eval_examples: int | None = None, eval_batch_size: int = 250,
-                   seed: int = 0, log_every: int = 100) -> dict[str, dict[str, float]]:
+                   seed: int = 0, log_every: int = 100,
+                   config_text: str | None = None) -> dict[str, dict[str, float]]:
   """Runs every phase (see the module docstring) and returns {dataset: {model: accuracy %}}.
 
   Args:
@@ -126,11 +115,13 @@ def run_experiment(*, experiment_dir: str = gin.REQUIRED,
     eval_batch_size: decoding batch.
     seed: seed of every phase.
     log_every: steps between progress lines.
+    config_text: the resolved configuration, written to EXPERIMENT_DIR/config.gin and each
+      phase's MODEL_DIR (the command line passes gin's); default: each phase's arguments.
   """
-  gin_cli.check_required('run_experiment', locals())
   root = epath.Path(experiment_dir)
   root.mkdir(parents=True, exist_ok=True)
-  (root / 'config.gin').write_text(gin.config_str())
+  if config_text is not None:
+    (root / train_lib.CONFIG_FILE).write_text(config_text)
   start = time.perf_counter()
   timings = {}
 
@@ -144,7 +135,7 @@ def run_experiment(*, experiment_dir: str = gin.REQUIRED,
         optimizer_fn=functools.partial(optim.make_optimizer, learning_rate=lr,
                                        warmup_steps=warmup_steps, decay='cosine',
                                        weight_decay=weight_decay),
-        **kwargs)
+        config_text=config_text, **kwargs)
     timings[name] = time.perf_counter() - tick
 
   phase('m_a', mode='pretrain', mixture_or_task_name='kv_substitution',
@@ -152,11 +143,11 @@ def run_experiment(*, experiment_dir: str = gin.REQUIRED,
   phase('m_b', mode='pretrain', mixture_or_task_name='numeric_arithmetic',
         model_config=m_b_config, train_steps=m_b_steps, learning_rate=m_b_learning_rate)
   compose = dict(mode='compose', mixture_or_task_name='kv_arithmetic_held_in',
-                 anchor_checkpoint=str(root / 'm_b' / 'lm'), bridge=bridge,
+                 anchor_checkpoint=str(root / 'm_b' / 'lm'), bridges={'augment': bridge},
                  train_steps=compose_steps, learning_rate=compose_learning_rate)
-  phase('calm', augment_checkpoint=str(root / 'm_a' / 'lm'), **compose)
+  phase('calm', augment_checkpoints={'augment': str(root / 'm_a' / 'lm')}, **compose)
   random_m_a = _random_lm(m_a_config, root / 'm_a_random', seed + 1)
-  phase('calm_random_m_a', augment_checkpoint=random_m_a, **compose)
+  phase('calm_random_m_a', augment_checkpoints={'augment': random_m_a}, **compose)
 
   checkpoints_by_model = {'m_A': root / 'm_a' / 'lm', 'm_B': root / 'm_b' / 'lm',
                           'calm': root / 'calm', 'calm_random_m_A': root / 'calm_random_m_a'}
@@ -181,5 +172,13 @@ def run_experiment(*, experiment_dir: str = gin.REQUIRED,
 
 
 def main():
-  """Console-script entry point (`calm-kv-experiment`)."""
-  gin_cli.gin_main(run_experiment)
+  """Console-script entry point (`calm-kv-experiment`): `run_experiment` configured by gin."""
+  # pylint: disable=g-import-not-at-top
+  from calm_jax.cli import gin_cli
+  # The module's registered copy (not `__main__`'s under `python -m`): the one gin files bind.
+  from calm_tasks import kv_experiment
+  gin_cli.gin_main(kv_experiment.run_experiment)
+
+
+if __name__ == '__main__':
+  main()

@@ -38,7 +38,7 @@ def main():
   from calm_jax import checkpoints, optim, partitioning
   from calm_jax.calm import Calm
   from calm_jax.random_init import random_like
-  from calm_jax.train_step import TrainState, apply_fn_for, init_train_state, make_train_step
+  from calm_jax.train_step import init_train_state, make_sharded_train_step, state_shardings
   from sharded_steps import BATCH, CONFIG, batches
 
   config = partitioning.MeshConfig(data=4, model=2, fsdp=True)
@@ -53,19 +53,15 @@ def main():
       host_frozen, {'anchor': shardings['anchor'], 'augments': shardings['augments']})
   optimizer, _ = optim.make_optimizer(name='adamw', learning_rate=1e-2, total_steps=4)
   trained_shardings = {'bridge': shardings['bridge']}
-  state_shardings = TrainState(
-      step=partitioning.replicated(mesh), params=trained_shardings,
-      opt_state=partitioning.opt_state_shardings(optimizer, {'bridge': abstract['bridge']},
-                                                 trained_shardings, mesh))
+  train_state_shardings = state_shardings(optimizer, {'bridge': abstract['bridge']},
+                                          trained_shardings, mesh)
   state = jax.jit(lambda key: init_train_state(calm_lib.init_bridge_params(CONFIG, key),
                                                optimizer),
-                  out_shardings=state_shardings)(jax.random.key(0))
+                  out_shardings=train_state_shardings)(jax.random.key(0))
   frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
-  step_fn = make_train_step(
-      apply_fn_for(Calm(CONFIG)), optimizer, mesh=mesh, rules=rules,
-      in_shardings=(state_shardings, frozen_shardings, partitioning.batch_sharding(mesh, rules),
-                    partitioning.replicated(mesh)),
-      out_shardings=(state_shardings, partitioning.replicated(mesh)))
+  step_fn = make_sharded_train_step(
+      Calm(CONFIG), optimizer, 0.0, mesh=mesh, rules=rules,
+      train_state_shardings=train_state_shardings, frozen_shardings=frozen_shardings)
   rows = BATCH // jax.process_count()
   mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
   all_batches = list(batches()) + list(batches())[:1]  # 4 steps.
@@ -83,8 +79,7 @@ def main():
       restorer.close()
       assert consumed == 2
     local = {k: v[mine] for k, v in batch.items()}
-    state, metrics = step_fn(state, frozen, partitioning.global_batch(local, mesh, rules),
-                             jax.random.key(0))
+    state, metrics = step_fn(state, frozen, partitioning.global_batch(local, mesh, rules))
     losses.append(float(np.asarray(metrics['loss'].addressable_data(0))))
   params = multihost_utils.process_allgather(state.params, tiled=True)
   flat = {jax.tree_util.keystr(k): np.asarray(v)

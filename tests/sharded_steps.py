@@ -20,7 +20,7 @@ from calm_jax.calm import Calm
 from calm_jax.configs import BridgeConfig, CalmConfig, TransformerConfig
 from calm_jax.random_init import random_like
 from calm_jax.train_step import (apply_fn_for, init_train_state, lower_composition_step,
-                                 make_train_step)
+                                 make_train_step, state_shardings)
 
 VOCAB = 64
 ANCHOR = TransformerConfig(vocab_size=VOCAB, embed_dim=32, num_layers=2, num_heads=4,
@@ -67,16 +67,13 @@ def run(mesh_shape=None, fsdp=False):
                                      'augments': shardings['augments']})
     trained = jax.device_put(trained, {'bridge': shardings['bridge']})
     # The optimizer state is created already sharded.
-    opt_shardings = partitioning.opt_state_shardings(
-        optimizer, {'bridge': abstract['bridge']}, {'bridge': shardings['bridge']}, mesh)
-    state = init_train_state(trained, optimizer)
-    state = jax.jit(lambda s: s, out_shardings=type(state)(
-        step=partitioning.replicated(mesh), params={'bridge': shardings['bridge']},
-        opt_state=opt_shardings))(state)
+    state = jax.jit(lambda s: s, out_shardings=state_shardings(
+        optimizer, {'bridge': abstract['bridge']}, {'bridge': shardings['bridge']}, mesh))(
+            init_train_state(trained, optimizer))
     put = lambda b: partitioning.global_batch(b, mesh, rules)  # pylint: disable=unnecessary-lambda-assignment
   losses, listing = [], None
   for batch in batches():
-    state, metrics = step_fn(state, frozen, put(batch), jax.random.key(0))
+    state, metrics = step_fn(state, frozen, put(batch))
     losses.append(float(metrics['loss']))
   if mesh_shape is not None:
     # The shardings the arrays actually have after the steps.

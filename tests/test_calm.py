@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from calm_jax import calm as calm_lib
-from calm_jax.attention import attention_mask
+from calm_jax.masks import attention_mask
 from calm_jax.calm import Calm
 from calm_jax.configs import (BridgeConfig, CalmConfig, TransformerConfig, paper_bridge,
                               paper_connections)
@@ -110,12 +110,12 @@ def test_causality_test_catches_a_non_causal_cross_mask(live, monkeypatch):
   """Control: the same check fails once the cross-attention mask loses its causal part."""
   config, params = live
 
-  def leaky_mask(self, segment_ids, prompt_mask):
-    del self, prompt_mask
+  def leaky_mask(segment_ids, prompt_mask=None):
+    del prompt_mask
     index = jnp.zeros_like(segment_ids)  # Every key 'at or before' every query.
     return attention_mask(index, index, segment_ids, segment_ids)
 
-  monkeypatch.setattr(calm_lib.Calm, 'cross_mask', leaky_mask)
+  monkeypatch.setattr(calm_lib.masks, 'cross_mask', leaky_mask)
   _jitted_apply.cache_clear()  # Retrace with the leaky mask, and afterwards without it.
   try:
     tokens = np.random.default_rng(1).integers(0, VOCAB, (2, 10))
@@ -180,7 +180,7 @@ def test_paper_rule_24_32_every_4():
 
 def test_paper_preset_has_no_norms():
   bridge = paper_bridge()
-  assert not bridge.query_norm and not bridge.kv_norm and bridge.zero_init_out
+  assert not bridge.use_query_norm and not bridge.use_kv_norm and bridge.zero_init_out
   config = CalmConfig(anchor=ANCHOR, augments={'kv': AUGMENT}, bridges={'kv': bridge})
   block = init(config)['bridge']['kv']['block_0']
   assert set(block) == {'proj', 'query', 'key', 'value', 'out'}

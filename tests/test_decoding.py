@@ -73,8 +73,8 @@ def full_logits(model, params, tokens, prompt_mask):
 
 @functools.lru_cache(maxsize=None)
 def _jitted_prefill_and_step(model):
-  prefill = jax.jit(lambda p, t, m: decoding._prefill(model, p, t, m, NEW))  # pylint: disable=protected-access
-  step = jax.jit(lambda p, t, pos, c: decoding._apply(model, p, t, pos, cache=c))  # pylint: disable=protected-access
+  prefill = jax.jit(lambda p, t, m: decoding.prefill(model, p, t, m, NEW))
+  step = jax.jit(lambda p, t, pos, c: decoding.extend(model, p, t, pos, c))
   return prefill, step
 
 
@@ -92,10 +92,9 @@ def cached_logits(model, params, tokens, prompt_mask):
   out = [np.asarray(logits)]
   for i in range(1, NEW):
     position = FIRST + i
-    result = step(params, jnp.asarray(tokens[rows, position])[:, None],
-                  jnp.asarray(position)[:, None], cache)
-    cache = result.cache
-    out.append(np.asarray(result.logits[:, 0]))
+    logits, cache = step(params, jnp.asarray(tokens[rows, position])[:, None],
+                         jnp.asarray(position)[:, None], cache)
+    out.append(np.asarray(logits))
   return out
 
 
@@ -286,13 +285,15 @@ def test_sampled_tokens_respect_the_filter(sampling):
 def test_decoding_compiles_once_per_shape(monkeypatch):
   model, params = composition(False)
   traces = []
-  original = Calm.__call__
 
-  def counting(self, *args, **kwargs):
-    traces.append('cache' in kwargs and kwargs['cache'] is not None)
-    return original(self, *args, **kwargs)
+  def counting(method, is_step):
+    def traced(self, *args, **kwargs):
+      traces.append(is_step)
+      return method(self, *args, **kwargs)
+    return traced
 
-  monkeypatch.setattr(Calm, '__call__', counting)
+  monkeypatch.setattr(Calm, 'prefill', counting(Calm.prefill, False))
+  monkeypatch.setattr(Calm, 'extend', counting(Calm.extend, True))
   fn = decoding.make_generate_fn(model, max_decode_len=NEW, eos_id=EOS)
   tokens, prompt_mask = decode_inputs()
   fn(params, tokens[:, :PROMPT], prompt_mask[:, :PROMPT], jax.random.key(0))

@@ -36,10 +36,31 @@ def test_bridge_files(name, repo_root):
   assert _macro(repo_root / GIN_ROOT / 'bridges' / f'{name}.gin', 'BRIDGE') == expected
 
 
+def test_model_files_are_the_presets(repo_root):
+  """One gin/models file per preset, named after it."""
+  files = {p.stem for p in (repo_root / GIN_ROOT / 'models').glob('*.gin')}
+  assert files == set(presets.PRESETS)
+
+
 @pytest.mark.parametrize('name', sorted(presets.PRESETS))
 def test_model_files(name, repo_root):
+  """models/<name>.gin parses and its MODEL_CONFIG is the preset function `name`'s config."""
   path = repo_root / GIN_ROOT / 'models' / f'{name}.gin'
-  assert _macro(path, 'MODEL_CONFIG') == presets.get_preset(name)
+  assert _macro(path, 'MODEL_CONFIG') == presets.PRESETS[name]()
+
+
+def test_model_file_field_override(repo_root):
+  """The override each model file documents: a binding after the file, as a flag would be."""
+  gin.clear_config()
+  try:
+    gin.parse_config_files_and_bindings(
+        [str(repo_root / GIN_ROOT / 'models' / 'gemma2_2b.gin')],
+        ["presets.get_preset.dtype = 'float32'"], finalize_config=False)
+    config = gin.query_parameter('%MODEL_CONFIG').scoped_configurable_fn()
+  finally:
+    gin.clear_config()
+  assert config == presets.get_preset('gemma2_2b', dtype='float32')
+  assert config.dtype == 'float32' and presets.gemma2_2b().dtype == 'bfloat16'
 
 
 def _all_gin_files():

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from calm_jax import composed, data, decoding
+from calm_jax import composed, data, decoding, runs
 from calm_jax import eval as eval_lib
 from calm_jax import export as export_lib
 from calm_jax import infer as infer_lib
@@ -28,8 +28,8 @@ def run(tmp_path_factory):
   root = tmp_path_factory.mktemp('runs')
   _train(root / 'lm')
   _train(root / 'calm', mode='compose', mixture_or_task_name='kv_arithmetic_held_in',
-         anchor_checkpoint=str(root / 'lm' / 'lm'), augment_checkpoint=str(root / 'lm' / 'lm'),
-         bridge=BridgeConfig(connections=((1, 1), (2, 2)), zero_init_out=False), train_steps=3)
+         anchor_checkpoint=str(root / 'lm' / 'lm'), augment_checkpoints={'augment': str(root / 'lm' / 'lm')},
+         bridges={'augment': BridgeConfig(connections=((1, 1), (2, 2)), zero_init_out=False)}, train_steps=3)
   return root / 'calm'
 
 
@@ -52,7 +52,7 @@ def test_infer_writes_t5x_style_jsonl_equal_to_the_reference_decoder(run, tmp_pa
   assert len(records) == EXAMPLES
   assert all({'inputs', 'targets', 'prediction', 'prediction_tokens'} <= set(r) for r in records)
   # Same tokens as the uncached argmax loop over full forward passes, example by example.
-  loaded = eval_lib.load_for_eval(str(run))
+  loaded = runs.load_checkpoint(str(run))
   features = _features(EXAMPLES)
   eos = kv_arithmetic.vocabulary(kv_arithmetic.kv_data.KVSpec()).eos_id
 
@@ -106,12 +106,12 @@ def test_export_refuses_an_lm_checkpoint(run, tmp_path):
     export_lib.export(checkpoint=str(run.parent / 'lm' / 'lm'), output_dir=str(tmp_path / 'x'),
                       log=lambda _: None)
   with pytest.raises(CheckpointError, match='does not exist'):
-    eval_lib.load_for_eval(str(tmp_path / 'nowhere'))
+    runs.load_checkpoint(str(tmp_path / 'nowhere'))
 
 
 def test_calm_infer_command_line(run, tmp_path, repo_root):
   result = subprocess.run(
-      [sys.executable, '-m', 'calm_jax.infer', '--gin_file=runs/infer.gin',
+      [sys.executable, '-m', 'calm_jax.cli.infer', '--gin_file=runs/infer.gin',
        '--gin_file=tasks/kv_arithmetic.gin', f'--gin.CHECKPOINT="{run}"',
        f'--gin.MIXTURE_OR_TASK_NAME="{TASK}"', f'--gin.TASK_FEATURE_LENGTHS={LENGTHS}',
        f'--gin.INFER_OUTPUT_DIR="{tmp_path}"', '--gin.BATCH_SIZE=4',

@@ -100,8 +100,8 @@ def test_multiprocess_is_added_to_training_commands_only_once(repo_root, monkeyp
   module = _launch_module(repo_root, monkeypatch)
   assert module.with_multiprocess(['calm-train', '--gin_file=a.gin']) == [
       'calm-train', '--multiprocess', '--gin_file=a.gin']
-  assert module.with_multiprocess(['python3', '-m', 'calm_jax.train', '--gin_file=a.gin']) == [
-      'python3', '-m', 'calm_jax.train', '--multiprocess', '--gin_file=a.gin']
+  assert module.with_multiprocess(['python3', '-m', 'calm_jax.cli.train', '--gin_file=a.gin']) == [
+      'python3', '-m', 'calm_jax.cli.train', '--multiprocess', '--gin_file=a.gin']
   for unchanged in (['calm-train', '--multiprocess', '--gin_file=a.gin'],
                     ['calm-train', '--coordinator_address=10.0.0.2:1234', '--num_processes=2'],
                     ['calm-eval', '--gin_file=runs/eval.gin'], ['nvidia-smi']):

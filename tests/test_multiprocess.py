@@ -77,7 +77,7 @@ def _calm_train(repo_root, model_dir, port, process_id, steps):
        'MODEL_CONFIG = @configs.TransformerConfig()'] +
       [f'configs.TransformerConfig.{k} = {vocab if k == "vocab_size" else v!r}'
        for k, v in TINY_MODEL.items()]))
-  return [sys.executable, '-m', 'calm_jax.train', f'--coordinator_address=127.0.0.1:{port}',
+  return [sys.executable, '-m', 'calm_jax.cli.train', f'--coordinator_address=127.0.0.1:{port}',
           '--num_processes=2', f'--process_id={process_id}', '--gin_file=runs/pretrain.gin',
           '--gin_file=meshes/fsdp.gin', '--gin.MESH_MODEL=2', '--gin_file=tasks/kv_arithmetic.gin',
           f'--gin_file={model_gin}', f'--gin.MODEL_DIR="{model_dir}"',

@@ -12,8 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from calm_jax import checkpoints, data, gin_cli, optim
+from calm_jax import checkpoints, data, optim, runs
 from calm_jax import train as train_lib
+from calm_jax.cli import gin_cli
 from calm_jax.configs import BridgeConfig, TransformerConfig
 from calm_tasks import kv_arithmetic
 
@@ -77,18 +78,18 @@ def test_compose_refuses_a_frozen_checkpoint_of_another_architecture(lm, tmp_pat
   other = TransformerConfig(**{**TINY.to_dict(), 'mlp_dim': 80})
   with pytest.raises(checkpoints.CheckpointError, match='mlp_dim'):
     _train(tmp_path / 'c', mode='compose', mixture_or_task_name='kv_arithmetic_held_in',
-           anchor_checkpoint=str(lm / 'lm'), augment_checkpoint=str(lm / 'lm'),
-           anchor_config=other, bridge=BridgeConfig(connections=((1, 1),)))
+           anchor_checkpoint=str(lm / 'lm'), augment_checkpoints={'augment': str(lm / 'lm')},
+           anchor_config=other, bridges={'augment': BridgeConfig(connections=((1, 1),))})
 
 
 def test_compose_trains_bridges_and_records_what_it_composes(lm, tmp_path):
   run = tmp_path / 'compose'
   _train(run, mode='compose', mixture_or_task_name='kv_arithmetic_held_in',
-         anchor_checkpoint=str(lm / 'lm'), augment_checkpoint=str(lm / 'lm'),
-         bridge=BridgeConfig(connections=((1, 1), (2, 2))), train_steps=3)
+         anchor_checkpoint=str(lm / 'lm'), augment_checkpoints={'augment': str(lm / 'lm')},
+         bridges={'augment': BridgeConfig(connections=((1, 1), (2, 2)))}, train_steps=3)
   params = _params(run)
   assert set(params) == {'bridge'}  # The checkpoint holds the bridges only.
-  config, frozen = train_lib.read_calm_run(run)
+  config, frozen = runs.read_calm_run(run)
   assert config.connections('augment') == ((1, 1), (2, 2))
   assert set(frozen) == {'anchor', 'augments'}
 
@@ -96,7 +97,7 @@ def test_compose_trains_bridges_and_records_what_it_composes(lm, tmp_path):
 def test_missing_checkpoint_is_named(tmp_path):
   with pytest.raises(checkpoints.CheckpointError, match='nowhere.*does not exist'):
     _train(tmp_path / 'c', mode='compose', anchor_checkpoint=str(tmp_path / 'nowhere'),
-           augment_checkpoint=str(tmp_path / 'nowhere'))
+           augment_checkpoints={'augment': str(tmp_path / 'nowhere')})
 
 
 def test_unknown_task_is_named(tmp_path):
@@ -140,7 +141,7 @@ def _cli(model_dir, steps):
           f'configs.TransformerConfig.{k} = {v!r}' for k, v in TINY.to_dict().items()
           if k in ('vocab_size', 'embed_dim', 'num_layers', 'num_heads', 'num_kv_heads',
                    'head_dim', 'mlp_dim')]))
-  return [sys.executable, '-m', 'calm_jax.train', '--gin_file=runs/pretrain.gin',
+  return [sys.executable, '-m', 'calm_jax.cli.train', '--gin_file=runs/pretrain.gin',
           '--gin_file=tasks/kv_arithmetic.gin', f'--gin_file={model_gin}',
           f'--gin.MODEL_DIR="{model_dir}"', "--gin.MIXTURE_OR_TASK_NAME='numeric_arithmetic'",
           f'--gin.TASK_FEATURE_LENGTHS={LENGTHS}', f'--gin.TRAIN_STEPS={steps}',

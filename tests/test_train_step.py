@@ -56,8 +56,8 @@ def run_steps(config, trained, frozen, batch, steps, **optimizer_kwargs):
   step = make_train_step(apply_fn_for(Calm(config)), optimizer)
   state = init_train_state(trained, optimizer)
   history = []
-  for i in range(steps):
-    state, metrics = step(state, frozen, batch, jax.random.key(i))
+  for _ in range(steps):
+    state, metrics = step(state, frozen, batch)
     history.append(float(metrics['loss']))
   return state, history
 

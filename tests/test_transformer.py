@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calm_jax.attention import attention_mask
+from calm_jax.masks import attention_mask
 from calm_jax.configs import RopeScaling, TransformerConfig
 from calm_jax.transformer import Transformer
 

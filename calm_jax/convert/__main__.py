@@ -1,5 +1,5 @@
 """`python -m calm_jax.convert` is `calm-convert`."""
 
-from calm_jax.convert.cli import main
+from calm_jax.cli.convert import main
 
 main()

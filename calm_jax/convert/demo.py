@@ -22,8 +22,6 @@ from calm_jax import checkpoints, logs
 from calm_jax.convert import huggingface, tiny_hf
 from calm_jax.transformer import Transformer
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Where to write checkpoints; default: a temp dir.')
-_FAMILIES = flags.DEFINE_list('families', list(tiny_hf.FAMILIES), 'Families to check.')
 
 
 def check_family(family: str, workdir: str) -> float:
@@ -43,13 +41,13 @@ def check_family(family: str, workdir: str) -> float:
   return float(np.abs(np.asarray(logits) - reference)[mask.astype(bool)].max())
 
 
-def _main(argv):
-  del argv
+def run(families: list[str], workdir: str | None = None) -> None:
+  """Converts and checks each family, printing one line per family; exits 1 past tolerance."""
   logs.setup_console_logging()
-  workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='calm_demo_')
+  workdir = workdir or tempfile.mkdtemp(prefix='calm_demo_')
   print(f'{"family":<12} {"max |logits - transformers|":>28} {"seconds":>8}')
   worst = 0.0
-  for family in _FAMILIES.value:
+  for family in families:
     start = time.perf_counter()
     diff = check_family(family, workdir)
     worst = max(worst, diff)
@@ -60,5 +58,12 @@ def _main(argv):
     raise SystemExit(1)
 
 
+def main():
+  """The command line (flags defined here, when the program starts)."""
+  workdir = flags.DEFINE_string('workdir', None, 'Where to write checkpoints; default: a temp dir.')
+  families = flags.DEFINE_list('families', list(tiny_hf.FAMILIES), 'Families to check.')
+  app.run(lambda argv: run(families.value, workdir.value))
+
+
 if __name__ == '__main__':
-  app.run(_main)
+  main()

@@ -80,9 +80,6 @@ class SafetensorsReader:
     """Names of all tensors, in sorted order."""
     return iter(sorted(self._entries))
 
-  def __contains__(self, name: str) -> bool:
-    return name in self._entries
-
   def shape(self, name: str) -> tuple[int, ...]:
     """Shape of tensor `name`, from the header only."""
     return tuple(self._entries[name][2]['shape'])

@@ -1,0 +1,81 @@
+"""Attention masks: causal, padding, segment and window, for self- and cross-attention.
+
+Every mask is boolean, True where a query may attend a key: [B, T, S] for a full forward pass
+(T queries over S = T keys of the same tokens) and [B, 1, L] for a decoding step (one new query
+per row over the L slots of a cache). The models build them once per forward pass here and pass
+them down; attention modules never build their own.
+
+Conventions (DESIGN.md): a query attends keys at or before it in its sequence (causal), of its
+own segment (packing), that are real tokens (segment id != 0); in a sliding-window layer only
+the last `window` of them. Cache slot s holds the token at sequence index s of its row, so a
+decoding step at index p reads slots s <= p. The composition's cross-attention uses the same
+rule between anchor and augment positions (the augment reads the same tokens); its encoder
+ablation restricts the keys to the prompt.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def attention_mask(q_index: Array, kv_index: Array, q_segment_ids: Array,
+                   kv_segment_ids: Array, window: int | None = None) -> Array:
+  """Boolean mask [B, T, S]: which key each query may attend.
+
+  Query i sees key j when j <= i (causal, by index in the sequence), both lie in the same
+  segment, the key is a real token (segment id != 0) and, with a window, i - j < window.
+
+  Args:
+    q_index: [B, T] index of each query in its sequence.
+    kv_index: [B, S] index of each key.
+    q_segment_ids: [B, T] segment of each query; 0 marks padding.
+    kv_segment_ids: [B, S] segment of each key; 0 marks padding.
+    window: sliding-window size, or None for unlimited.
+  """
+  q = q_index[:, :, None]
+  k = kv_index[:, None, :]
+  mask = (k <= q) & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
+  mask &= kv_segment_ids[:, None, :] != 0
+  if window is not None:
+    mask &= q - k < window
+  return mask
+
+
+def sequence_mask(segment_ids: Array, window: int | None = None) -> Array:
+  """[B, T, T] mask of a full forward pass over `segment_ids` [B, T] (0: padding)."""
+  index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+  return attention_mask(index, index, segment_ids, segment_ids, window)
+
+
+def cross_mask(segment_ids: Array, prompt_mask: Array | None = None) -> Array:
+  """[B, T, S] mask of the bridges' cross-attention in a full forward pass.
+
+  Args:
+    segment_ids: [B, T] segments of the tokens both models read (0: padding).
+    prompt_mask: [B, T] 1 on prompt tokens: the keys are then the prompt's only (the
+      `augment_as_encoder` ablation); None: every earlier augment position.
+  """
+  mask = sequence_mask(segment_ids)
+  if prompt_mask is not None:
+    mask &= prompt_mask[:, None, :].astype(bool)
+  return mask
+
+
+def cache_mask(positions: Array, cache_length: int, window: int | None = None) -> Array:
+  """[B, 1, L] mask of a decoding step: the new token at `positions` [B, 1] reads slots <= it.
+
+  With a window, only the last `window` slots up to and including its own.
+  """
+  slots = jnp.arange(cache_length)[None, None, :]
+  mask = slots <= positions[:, :, None]
+  if window is not None:
+    mask &= positions[:, :, None] - slots < window
+  return mask
+
+
+def prompt_cache_mask(prompt_length: Array, cache_length: int) -> Array:
+  """[B, 1, L] mask of the encoder ablation's decoding step: the first `prompt_length` [B] slots."""
+  return jnp.arange(cache_length)[None, None, :] < prompt_length[:, None, None]

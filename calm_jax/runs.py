@@ -1,0 +1,95 @@
+"""Run directories and "load whatever CHECKPOINT names".
+
+A composition run records in MODEL_DIR what it composes (`calm_run.json`: the frozen LM
+checkpoints and the bridges), so that evaluation, inference and export need MODEL_DIR alone; its
+checkpoints hold the bridges only. `load_checkpoint` accepts each kind of model directory the
+project writes:
+
+  an LM checkpoint           `config.json` + `params/` (a pretrain / finetune run's
+                             `MODEL_DIR/lm`, or `calm-convert` output)
+  a composition run          `calm_run.json`: its frozen models + the latest bridges
+  a composed checkpoint      `calm.json` (`calm-export`, `calm_jax.composed`)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping, NamedTuple
+
+from etils import epath
+
+from calm_jax import checkpoints, composed, trainable
+from calm_jax.calm import Calm
+from calm_jax.configs import BridgeConfig, CalmConfig
+from calm_jax.transformer import Transformer
+
+CALM_RUN_FILE = 'calm_run.json'
+
+
+def write_calm_run(model_dir: str | epath.Path, config: CalmConfig, anchor_checkpoint: str,
+                   augment_checkpoints: Mapping[str, str]) -> None:
+  """Records in MODEL_DIR what a composition run composes, so eval/export need MODEL_DIR only."""
+  document = {
+      'anchor_checkpoint': str(anchor_checkpoint),
+      'augment_checkpoints': {k: str(v) for k, v in augment_checkpoints.items()},
+      'bridges': {name: b.to_dict() for name, b in config.bridges},
+      'augment_as_encoder': config.augment_as_encoder,
+  }
+  (epath.Path(model_dir) / CALM_RUN_FILE).write_text(json.dumps(document, indent=2))
+
+
+def read_calm_run(model_dir: str | epath.Path) -> tuple[CalmConfig, dict[str, Any]]:
+  """(CalmConfig, the frozen parameters) of a composition run directory."""
+  document = json.loads((epath.Path(model_dir) / CALM_RUN_FILE).read_text())
+  anchor_config, anchor = checkpoints.load_lm(document['anchor_checkpoint'])
+  augments, augment_params = {}, {}
+  for name, path in document['augment_checkpoints'].items():
+    augments[name], augment_params[name] = checkpoints.load_lm(path)
+  config = CalmConfig(anchor=anchor_config, augments=augments,
+                      bridges={k: BridgeConfig.from_dict(v)
+                               for k, v in document['bridges'].items()},
+                      augment_as_encoder=document['augment_as_encoder'])
+  return config, {'anchor': anchor, 'augments': augment_params}
+
+
+class Loaded(NamedTuple):
+  """A model ready to decode.
+
+  Attributes:
+    model: the flax module (`Transformer` or `Calm`).
+    params: its parameters.
+    description: what was loaded, for logs.
+    step: the training step of the checkpoint (0 where unknown).
+    vocabulary: the exported vocabulary (composed checkpoints), else None.
+  """
+
+  model: Any
+  params: Any
+  description: str
+  step: int
+  vocabulary: Any = None
+
+
+def load_checkpoint(checkpoint: str | epath.Path) -> Loaded:
+  """Loads an LM checkpoint, a composition run directory or a composed checkpoint."""
+  path = epath.Path(checkpoint)
+  if (path / CALM_RUN_FILE).exists():
+    config, frozen = read_calm_run(path)
+    checkpointer = checkpoints.RunCheckpointer(path)
+    step = checkpointer.latest_step()
+    bridges = checkpointer.restore_params()
+    return Loaded(Calm(config), trainable.merge_params(bridges, frozen),
+                  f'composition {path} step {step}', int(step or 0))
+  if composed.is_composed(path):
+    loaded = composed.load_composed(path)
+    step = int(loaded.metadata.get('step', 0))
+    return Loaded(loaded.model, loaded.params, f'composed checkpoint {path}', step,
+                  loaded.vocabulary)
+  if (path / checkpoints.CONFIG_FILE).exists():
+    config, params = checkpoints.load_lm(path)
+    return Loaded(Transformer(config), params, f'LM {path}', 0)
+  if not path.exists():
+    raise checkpoints.CheckpointError(f'Checkpoint {path} does not exist.')
+  raise checkpoints.CheckpointError(
+      f'{path} is neither an LM checkpoint ({checkpoints.CONFIG_FILE}), a composition run '
+      f'({CALM_RUN_FILE}) nor a composed checkpoint ({composed.CONFIG_FILE}).')
