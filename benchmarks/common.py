@@ -6,6 +6,7 @@ first on `sys.path`; they also add it themselves when imported by path).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -58,6 +59,15 @@ def report_header(config: CalmConfig, frozen: Any, bridges: Any) -> dict[str, An
                          'bridges': count_params(bridges)},
           'machine': {'platform': platform.platform(), 'device': str(jax.devices()[0]),
                       'cpu_count': os.cpu_count(), 'jax': jax.__version__}}
+
+
+def parse_args(doc: str, sizes: list[str], name: str, argv=None) -> argparse.Namespace:
+  """`--size` (default 'toy') and `--output` of a benchmark's command line."""
+  parser = argparse.ArgumentParser(description=doc.split('\n')[0])
+  parser.add_argument('--size', choices=sizes, default='toy')
+  parser.add_argument('--output', default=None,
+                      help=f'JSON path; default benchmarks/results/{name}_<size>.json')
+  return parser.parse_args(argv)
 
 
 def write_report(report: dict[str, Any], output: str | None, name: str, size: str) -> str:

@@ -26,7 +26,6 @@ expectation that a composed decoding step costs about 1.35-1.5x the anchor's.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import functools
 import os
@@ -320,11 +319,7 @@ def table(report: dict) -> str:
 
 def main(argv=None) -> None:
   """Command line: runs one size, writes its JSON report and prints the table."""
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--size', choices=sorted(SIZES), default='toy')
-  parser.add_argument('--output', default=None,
-                      help='JSON path; default benchmarks/results/decode_<size>.json')
-  args = parser.parse_args(argv)
+  args = common.parse_args(__doc__, sorted(SIZES), 'decode', argv)
   start, load = time.perf_counter(), os.getloadavg()
   report = run(args.size, log=lambda line: print(line, file=sys.stderr, flush=True))
   report['total_s'] = time.perf_counter() - start

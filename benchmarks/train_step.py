@@ -12,7 +12,6 @@ plus the ratios step / anchor forward, step / full fine-tune and XLA / analytic.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -143,11 +142,7 @@ def run(size: str) -> dict:
 
 def main(argv=None) -> None:
   """Command line: runs one size and writes its JSON report."""
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--size', choices=sorted(SIZES), default='toy')
-  parser.add_argument('--output', default=None,
-                      help='JSON path; default benchmarks/results/train_step_<size>.json')
-  args = parser.parse_args(argv)
+  args = common.parse_args(__doc__, sorted(SIZES), 'train_step', argv)
   report = run(args.size)
   output = common.write_report(report, args.output, 'train_step', args.size)
   for name, row in report['programs'].items():

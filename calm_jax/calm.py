@@ -238,9 +238,10 @@ class Calm(nn.Module):
                  for j, (keys, values) in blocks.items()}
           for name, blocks in self._keys_values(augments, positions).items()}
       cross_mask = masks.cache_mask(positions, cache_length)
-    keys_values = {name: {int(block.split('_')[1]): (kv['keys'], kv['values'])
-                          for block, kv in blocks.items()}
-                   for name, blocks in bridge_cache.items()}
+    keys_values = {name: {j: (bridge_cache[name][f'block_{j}']['keys'],
+                              bridge_cache[name][f'block_{j}']['values'])
+                          for j in range(len(self.config.connections(name)))}
+                   for name, _ in self.config.augments}
     out = self._anchor(tokens, positions, self.anchor.cache_masks(positions, cache_length),
                        cache['anchor'], keys_values, cross_mask, return_hidden)
     return out._replace(cache={'anchor': out.cache, 'augments': augment_cache,
