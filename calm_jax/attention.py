@@ -13,6 +13,8 @@ padded prefill: the masks never let a step read them before the step that overwr
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -41,6 +43,11 @@ def pad_cache(keys: Array, values: Array, cache_length: int) -> dict[str, Array]
     raise ValueError(f'prefill length {keys.shape[1]} exceeds cache length {cache_length}.')
   pad = ((0, 0), (0, cache_length - keys.shape[1]), (0, 0), (0, 0))
   return {'keys': jnp.pad(keys, pad), 'values': jnp.pad(values, pad)}
+
+
+def pad_caches(layers: dict[str, dict[str, Array]], cache_length: int) -> dict[str, Any]:
+  """`pad_cache` of every layer's prefill keys/values {name: {'keys', 'values'}}."""
+  return {name: pad_cache(kv['keys'], kv['values'], cache_length) for name, kv in layers.items()}
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,

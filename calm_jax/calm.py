@@ -31,10 +31,10 @@ import jax
 import jax.numpy as jnp
 
 from calm_jax import masks
-from calm_jax.attention import pad_cache, write_cache
+from calm_jax.attention import pad_cache, pad_caches, write_cache
 from calm_jax.bridge import AugmentBridges, Bridge, bridge_kwargs, connected_layers
 from calm_jax.configs import CalmConfig, TransformerConfig
-from calm_jax.transformer import (Transformer, TransformerOutput,
+from calm_jax.transformer import (Transformer, TransformerOutput, check_return_hidden,
                                   default_positions_and_segments, last_prompt_index)
 
 Array = jax.Array
@@ -128,9 +128,7 @@ class Calm(nn.Module):
               ) -> TransformerOutput:
     """The anchor's pass: embedding, then at each depth its bridges and its next layer."""
     anchor = self.config.anchor
-    bad = [i for i in return_hidden if not 0 <= i <= anchor.num_layers]
-    if bad:
-      raise ValueError(f'return_hidden {bad} outside [0, {anchor.num_layers}].')
+    check_return_hidden(anchor, return_hidden)
     attached = attachments(self.config)
     x = self.anchor.embed(tokens)
     hidden, kv = {}, {}
@@ -146,9 +144,7 @@ class Calm(nn.Module):
       layer = f'layer_{i}'
       x, kv[layer] = self.anchor.layers[i](x, positions, layer_masks[anchor.layer_window(i)],
                                            None if cache is None else cache[layer])
-    if logits_index is not None:
-      x = x[jnp.arange(x.shape[0]), logits_index][:, None]
-    return TransformerOutput(self.anchor.logits(x), hidden, kv)
+    return TransformerOutput(self.anchor.logits(x, logits_index), hidden, kv)
 
   def __call__(self, tokens: Array, positions: Array | None = None,
                segment_ids: Array | None = None, prompt_mask: Array | None = None, *,
@@ -202,8 +198,7 @@ class Calm(nn.Module):
                        keys_values, cross_mask, return_hidden,
                        logits_index=last_prompt_index(prompt_mask))
     return out._replace(cache={
-        'anchor': {name: pad_cache(kv['keys'], kv['values'], cache_length)
-                   for name, kv in out.cache.items()},
+        'anchor': pad_caches(out.cache, cache_length),
         'augments': {name: augment.cache for name, augment in augments.items()},
         'bridge': {name: {f'block_{j}': pad_cache(keys, values, cache_length)
                           for j, (keys, values) in blocks.items()}

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from calm_jax import masks
-from calm_jax.attention import SelfAttention, pad_cache
+from calm_jax.attention import SelfAttention, pad_caches
 from calm_jax.configs import TransformerConfig
 from calm_jax.layers import MLP, Embedder, RMSNorm, rope_inverse_frequencies
 
@@ -161,8 +161,14 @@ class Transformer(nn.Module):
     """The residual stream before the first layer: embeddings [B, T, D] of `tokens` [B, T]."""
     return nn.with_logical_constraint(self.embedder.encode(tokens), ('batch', 'length', 'embed'))
 
-  def logits(self, x: Array) -> Array:
-    """Final norm, output projection and soft-cap of the residual stream: [B, T, V] float32."""
+  def logits(self, x: Array, index: Array | None = None) -> Array:
+    """Final norm, output projection and soft-cap of the residual stream: [B, T, V] float32.
+
+    With `index` [B], only one position per row: [B, 1, V] (a prefill needs each row's last
+    prompt token only).
+    """
+    if index is not None:
+      x = x[jnp.arange(x.shape[0]), index][:, None]
     logits = self.embedder.decode(self.final_norm(x))
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     cap = self.config.final_logit_softcap
@@ -183,9 +189,7 @@ class Transformer(nn.Module):
            compute_logits: bool, logits_index: Array | None = None) -> TransformerOutput:
     """The layer loop shared by the three entry points; `cache` is extended when given."""
     cfg = self.config
-    bad = [i for i in return_hidden if not 0 <= i <= cfg.num_layers]
-    if bad:
-      raise ValueError(f'return_hidden {bad} outside [0, {cfg.num_layers}].')
+    check_return_hidden(cfg, return_hidden)
     wanted = set(return_hidden)
     depth = cfg.num_layers if compute_logits else max(wanted, default=0)
     x = self.embed(tokens)
@@ -197,11 +201,7 @@ class Transformer(nn.Module):
                                    None if cache is None else cache[name])
       if i + 1 in wanted:
         hidden[i + 1] = x
-    logits = None
-    if compute_logits:
-      if logits_index is not None:
-        x = x[jnp.arange(x.shape[0]), logits_index][:, None]
-      logits = self.logits(x)
+    logits = self.logits(x, logits_index) if compute_logits else None
     return TransformerOutput(logits, hidden, kv)
 
   def __call__(self, tokens: Array, positions: Array | None = None,
@@ -244,8 +244,7 @@ class Transformer(nn.Module):
     positions, segment_ids = default_positions_and_segments(tokens)
     out = self._run(tokens, positions, self.sequence_masks(segment_ids), None, return_hidden,
                     compute_logits, logits_index=last_prompt_index(prompt_mask))
-    return out._replace(cache={name: pad_cache(kv['keys'], kv['values'], cache_length)
-                               for name, kv in out.cache.items()})
+    return out._replace(cache=pad_caches(out.cache, cache_length))
 
   def extend(self, tokens: Array, positions: Array, cache: dict[str, dict[str, Array]], *,
              return_hidden: Sequence[int] = (),
@@ -265,6 +264,13 @@ class Transformer(nn.Module):
     cache_length = next(iter(cache.values()))['keys'].shape[1]
     return self._run(tokens, positions, self.cache_masks(positions, cache_length), cache,
                      return_hidden, compute_logits)
+
+
+def check_return_hidden(config: TransformerConfig, return_hidden: Sequence[int]) -> None:
+  """Raises a ValueError for a requested layer count outside [0, num_layers]."""
+  bad = [i for i in return_hidden if not 0 <= i <= config.num_layers]
+  if bad:
+    raise ValueError(f'return_hidden {bad} outside [0, {config.num_layers}].')
 
 
 def default_positions_and_segments(tokens: Array, positions: Array | None = None,
