@@ -1,24 +1,33 @@
 """LM checkpoints: an orbax directory of parameters plus the `TransformerConfig` as JSON.
 
 Layout of an LM checkpoint directory (local or `gs://`):
-  config.json   {"format": "calm_jax.lm/1", "config": {...}, "metadata": {...}}
+  config.json   {"format": "calm_jax.lm/1", "config": {...}, "metadata": {...},
+                 "files": {path: {"size", "sha256"}} of params/ (`calm_jax.integrity`)}
   params/       orbax StandardCheckpointer tree of the (unboxed) parameters
 
 `config.json` is written last, so a directory without it is an incomplete checkpoint.
-Loading restores straight into device arrays of the requested shardings: there is no second
-full copy of the parameters in host memory.
+Loading verifies every file against `files` first (a flipped byte or a truncated file is one
+`CorruptCheckpointError` naming it), then restores straight into device arrays of the
+requested shardings: there is no second full copy of the parameters in host memory.
+
+`RunCheckpointer` keeps a training run's checkpoints, each sealed by a manifest once orbax has
+finished writing it; a resume takes the newest one that is intact and finite.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+from absl import logging
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from calm_jax import integrity
 from calm_jax.configs import TransformerConfig
 from calm_jax.transformer import abstract_params
 
@@ -29,6 +38,56 @@ PARAMS_DIR = 'params'
 
 class CheckpointError(ValueError):
   """A checkpoint is missing, malformed or does not match the expected model."""
+
+
+class CorruptCheckpointError(CheckpointError):
+  """A checkpoint's files differ from what was written, or it holds non-finite values."""
+
+
+def check_files(path: str | epath.Path, document: Mapping[str, Any], what: str,
+                verify: bool = True) -> None:
+  """Verifies the files of checkpoint `path` against its document's manifest (`"files"`).
+
+  A document written before manifests existed is loaded with a warning.
+
+  Raises:
+    CorruptCheckpointError: naming the checkpoint and the first file that does not match.
+  """
+  if not verify:
+    return
+  files = document.get('files')
+  if files is None:
+    logging.warning('%s %s has no file checksums (written by an older calm_jax); '
+                    'its files are not verified.', what, path)
+    return
+  found = integrity.problems(path, files)
+  if found:
+    more = f' (and {len(found) - 1} more)' if len(found) > 1 else ''
+    raise CorruptCheckpointError(f'{what} {path} is corrupt: {found[0]}{more}.')
+
+
+def nonfinite_leaves(tree: Any) -> list[str]:
+  """Key paths of the floating-point leaves of `tree` holding a NaN or an infinity.
+
+  One jitted reduction for the whole tree (sharded arrays stay where they are).
+  """
+  leaves = {jax.tree_util.keystr(k): v
+            for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if jnp.issubdtype(getattr(v, 'dtype', np.int32), jnp.inexact)}
+  if not leaves:
+    return []
+  flags = jax.device_get(jax.jit(
+      lambda t: {k: jnp.all(jnp.isfinite(v)) for k, v in t.items()})(leaves))
+  return sorted(k for k, ok in flags.items() if not ok)
+
+
+def check_finite(tree: Any, where: str) -> None:
+  """Raises a CorruptCheckpointError if `tree` holds a NaN or an infinity, naming the leaf."""
+  bad = nonfinite_leaves(tree)
+  if bad:
+    raise CorruptCheckpointError(f'{where} holds non-finite values (NaN or inf) in {bad[0]}'
+                                 f'{f" and {len(bad) - 1} more" if len(bad) > 1 else ""}; '
+                                 f'it cannot be used.')
 
 
 def save_lm(path: str | epath.Path, config: TransformerConfig, params: Any,
@@ -50,7 +109,8 @@ def save_lm(path: str | epath.Path, config: TransformerConfig, params: Any,
   checkpointer.save(orbax_path(path / PARAMS_DIR), nn.unbox(params))
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:  # Every process wrote its shards; one writes the config.
-    document = {'format': FORMAT, 'config': config.to_dict(), 'metadata': dict(metadata or {})}
+    document = {'format': FORMAT, 'config': config.to_dict(), 'metadata': dict(metadata or {}),
+                'files': integrity.manifest(path, parts=[PARAMS_DIR])}
     tmp = path / (CONFIG_FILE + '.tmp')
     tmp.write_text(json.dumps(document, indent=2, sort_keys=True))
     tmp.rename(path / CONFIG_FILE)
@@ -122,7 +182,12 @@ def read_document(path: str | epath.Path, file_name: str, fmt: str, what: str) -
   if not file.exists():
     if not path.exists():
       raise CheckpointError(f'{what} {path} does not exist.')
-    raise CheckpointError(f'{path} has no {file_name}: not a (complete) {what}.')
+    hint = ''
+    if (path / 'lm' / file_name).exists():
+      hint = f' It is a run directory: did you mean {path / "lm"}?'
+    elif (path / 'calm_run.json').exists():
+      hint = ' It is a composition run directory (MODEL_DIR of calm-train compose).'
+    raise CheckpointError(f'{path} has no {file_name}: not a (complete) {what}.{hint}')
   try:
     document = json.loads(file.read_text())
   except json.JSONDecodeError as e:
@@ -138,9 +203,15 @@ def load_lm_config(path: str | epath.Path) -> TransformerConfig:
   return TransformerConfig.from_dict(document['config'])
 
 
+def lm_fingerprint(path: str | epath.Path) -> str:
+  """SHA-256 of an LM checkpoint's `config.json`, which holds its files' checksums: a change
+  of architecture or weights changes it."""
+  return integrity.file_digest(epath.Path(path) / CONFIG_FILE)
+
+
 def load_lm(path: str | epath.Path, *, config: TransformerConfig | None = None,
-            shardings: Any = None) -> tuple[TransformerConfig, Any]:
-  """Restores an LM checkpoint straight into device arrays.
+            shardings: Any = None, verify: bool = True) -> tuple[TransformerConfig, Any]:
+  """Restores an LM checkpoint straight into device arrays, after verifying its files.
 
   Args:
     path: the LM checkpoint directory (local or `gs://`).
@@ -148,18 +219,25 @@ def load_lm(path: str | epath.Path, *, config: TransformerConfig | None = None,
     shardings: a `jax.sharding.Sharding` for every leaf, a tree of them matching the
       parameters, or a function of the stored config returning either; default: the first
       local device.
+    verify: check every file's size and SHA-256 first (reads the checkpoint once more).
 
   Returns:
     (config, params) with params a plain (unboxed) tree of `jax.Array`s.
+
+  Raises:
+    CorruptCheckpointError: a file differs from what was written.
+    CheckpointError: missing, malformed or of another architecture.
   """
   path = epath.Path(path)
-  stored = load_lm_config(path)
+  document = read_document(path, CONFIG_FILE, FORMAT, 'LM checkpoint')
+  stored = TransformerConfig.from_dict(document['config'])
   if config is not None and config != stored:
     raise CheckpointError(f'LM checkpoint {path} does not match the expected model: '
                           f'(stored, expected) = {stored.differences(config)}.')
   params_path = path / PARAMS_DIR
   if not params_path.exists():
     raise CheckpointError(f'{path} has no {PARAMS_DIR}/ directory.')
+  check_files(path, document, 'LM checkpoint', verify)
   abstract = nn.unbox(abstract_params(stored))
   check_tree(stored_tree(params_path), flat_paths(abstract), str(path))
   if callable(shardings):
@@ -189,8 +267,10 @@ class RunCheckpointer:
 
   Only what the run trains is saved (for a composition: the bridges and their optimizer state,
   never the frozen models). orbax writes each step into a temporary directory and renames it
-  when complete, so an interrupted save never hides the previous good checkpoint; resuming
-  takes the latest complete step.
+  when complete, so an interrupted save never hides the previous good checkpoint. Once a save
+  has finished, its step directory is sealed with a manifest of its files' sizes and SHA-256
+  (`calm_jax.integrity`); a restore verifies it first. `restore_latest` takes the newest step
+  that is sealed, intact and finite, moving corrupt ones aside to `model_dir/corrupt/`.
 
   Args:
     model_dir: the run's directory (local or `gs://`).
@@ -198,23 +278,59 @@ class RunCheckpointer:
   """
 
   def __init__(self, model_dir: str | epath.Path, max_to_keep: int = 3):
-    directory = orbax_path(epath.Path(model_dir) / 'checkpoints')
+    self._model_dir = epath.Path(model_dir)
+    directory = orbax_path(self._model_dir / 'checkpoints')
     self._manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
         item_names=('state', 'data'))
+    self._unsealed: list[int] = []
+
+  def step_dir(self, step: int) -> epath.Path:
+    """The directory of checkpoint `step`."""
+    return epath.Path(self._manager.directory) / str(step)
 
   def latest_step(self) -> int | None:
     """The latest complete checkpoint's step, or None."""
     return self._manager.latest_step()
 
+  def _seal(self, wait: bool) -> None:
+    """Writes the manifest of every finished save (process 0), waiting for them if `wait`."""
+    if not self._unsealed:
+      return
+    if wait:
+      self._manager.wait_until_finished()
+    elif self._manager.is_saving_in_progress():
+      return
+    if jax.process_index() == 0:
+      for step in self._unsealed:
+        if self.step_dir(step).exists():  # Not already rotated out by max_to_keep.
+          integrity.write_manifest(self.step_dir(step))
+    self._unsealed = []
+
+  def poll(self) -> None:
+    """Seals a save that finished in the background; cheap, call it every step."""
+    self._seal(wait=False)
+
   def save(self, step: int, state: Any, batches_consumed: int) -> None:
     """Saves (asynchronously) the state and the data position at `step`."""
+    self._seal(wait=True)
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave({'batches_consumed': int(batches_consumed)})))
+    self._unsealed.append(step)
+
+  def verify(self, step: int) -> None:
+    """Raises a CorruptCheckpointError if checkpoint `step` is unsealed or differs from its
+    manifest, naming the step directory and the file."""
+    found = integrity.verify_manifest(self.step_dir(step))
+    if found:
+      more = f' (and {len(found) - 1} more)' if len(found) > 1 else ''
+      raise CorruptCheckpointError(f'Checkpoint {self.step_dir(step)} is corrupt: '
+                                   f'{found[0]}{more}.')
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, int]:
     """(state, batches consumed) of checkpoint `step`, restored into `abstract_state`'s layout."""
+    self.verify(step)
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
         abstract_state)
@@ -224,25 +340,74 @@ class RunCheckpointer:
     except (ValueError, KeyError, TypeError) as e:
       raise CheckpointError(f'Checkpoint {step} in {self._manager.directory} does not match '
                             f'this run (different model or optimizer?): {e}') from e
+    check_finite(restored['state'], f'Checkpoint {self.step_dir(step)}')
     return restored['state'], int(restored['data']['batches_consumed'])
+
+  def _set_aside(self, step: int) -> epath.Path:
+    """Moves a corrupt checkpoint to `model_dir/corrupt/<step>` (kept for inspection)."""
+    target = self._model_dir / 'corrupt' / str(step)
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      if target.exists():
+        target.rmtree()
+      self.step_dir(step).rename(target)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f'calm_jax: checkpoint {step} set aside')
+    self._manager.reload()
+    return target
+
+  def restore_latest(self, abstract_state: Any,
+                     warn: Callable[[str], None] = logging.warning) -> tuple[Any, int, int] | None:
+    """(state, batches consumed, step) of the newest intact checkpoint, or None if none exist.
+
+    A checkpoint that is unsealed, differs from its manifest or holds non-finite values is
+    moved to `model_dir/corrupt/` with a warning naming it, and the next older one is tried.
+
+    Raises:
+      CorruptCheckpointError: checkpoints exist but none is intact.
+      CheckpointError: an intact checkpoint does not fit `abstract_state` (another run).
+    """
+    bad = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        state, consumed = self.restore(step, abstract_state)
+      except CorruptCheckpointError as e:
+        reason = str(e)
+      else:
+        return state, consumed, step
+      moved = self._set_aside(step)
+      warn(f'{reason} Moved it to {moved}; trying the previous checkpoint.')
+      bad.append(step)
+    if bad:
+      raise CorruptCheckpointError(
+          f'No intact checkpoint in {self._manager.directory}: steps {bad} were corrupt (moved '
+          f'to {self._model_dir / "corrupt"}). Remove MODEL_DIR/checkpoints to start again.')
+    return None
 
   def restore_params(self, step: int | None = None, sharding: Any = None) -> Any:
     """The trained parameters of checkpoint `step` (default latest), without the optimizer.
 
     Works on any topology: a checkpoint a pod slice wrote restores on one host. Every array
     lands in `sharding` (default: this process's first local device).
+
+    Raises:
+      CorruptCheckpointError: the checkpoint's files differ from its manifest, or it holds
+        non-finite values.
     """
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f'No checkpoint in {self._manager.directory}.')
-    metadata = stored_tree(epath.Path(self._manager.directory) / str(step) / 'state')
+    self.verify(step)
+    metadata = stored_tree(self.step_dir(step) / 'state')
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata,
                             is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
     target = restore_target(abstract, sharding)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    check_finite(restored['state'], f'Checkpoint {self.step_dir(step)}')
     return restored['state']['params']
 
   def close(self) -> None:
-    """Waits for pending saves and releases resources."""
+    """Waits for pending saves, seals them and releases resources."""
+    self._seal(wait=True)
     self._manager.close()

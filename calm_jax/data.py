@@ -50,6 +50,20 @@ def feature_converter(task: seqio.Task | seqio.Mixture, pack: bool) -> seqio.Fea
   return seqio.DecoderFeatureConverter(pack=pack)
 
 
+def task_feature_names(name: str) -> tuple[str, ...]:
+  """The features TASK_FEATURE_LENGTHS of `name` must give lengths for, sorted.
+
+  They are the task features of `name`'s feature converter (`feature_converter`), which seqio
+  requires to match the lengths' keys exactly: ('inputs', 'targets') for input/target tasks,
+  ('targets',) for target-only ones.
+
+  Args:
+    name: a registered task or mixture.
+  """
+  converter = feature_converter(get_task_or_mixture(name), pack=False)
+  return tuple(sorted(converter.TASK_FEATURES))
+
+
 def get_dataset(name: str, task_feature_lengths: Mapping[str, int], split: str,
                 batch_size: int, *, shuffle: bool = True, seed: int = 0, pack: bool = False,
                 num_epochs: int | None = None, skip_batches: int = 0) -> tf.data.Dataset:
@@ -65,11 +79,15 @@ def get_dataset(name: str, task_feature_lengths: Mapping[str, int], split: str,
     pack: pack several examples per row (segment ids and positions then come with it).
     num_epochs: None repeats forever.
     skip_batches: batches already consumed (resume).
+
+  Raises:
+    validation.ConfigError: `batch_size` does not divide among the processes.
   """
+  # validation imports this module: imported here, not at the top, to keep the import acyclic.
+  from calm_jax import validation  # pylint: disable=g-import-not-at-top
   task = get_task_or_mixture(name)
   processes = jax.process_count()
-  if batch_size % processes:
-    raise ValueError(f'BATCH_SIZE {batch_size} is not divisible by the {processes} processes.')
+  validation.check_batch_per_process(batch_size, processes)
   ds = seqio.get_dataset(
       name, task_feature_lengths=dict(task_feature_lengths), dataset_split=split,
       shuffle=shuffle, num_epochs=num_epochs, seed=seed, use_cached=False,

@@ -71,8 +71,21 @@ class Loaded(NamedTuple):
 
 
 def load_checkpoint(checkpoint: str | epath.Path) -> Loaded:
-  """Loads an LM checkpoint, a composition run directory or a composed checkpoint."""
-  path = epath.Path(checkpoint)
+  """Loads an LM checkpoint, a composition run directory or a composed checkpoint.
+
+  Every kind is verified against its manifest before it is restored, and refused if it holds
+  a NaN or an infinity: nothing is evaluated or exported from a corrupt state.
+
+  Raises:
+    checkpoints.CorruptCheckpointError: one line naming the checkpoint and the bad file.
+    checkpoints.CheckpointError: missing or not a checkpoint.
+  """
+  loaded = _load(epath.Path(checkpoint))
+  checkpoints.check_finite(loaded.params, loaded.description)
+  return loaded
+
+
+def _load(path: epath.Path) -> Loaded:
   if (path / CALM_RUN_FILE).exists():
     config, frozen = read_calm_run(path)
     checkpointer = checkpoints.RunCheckpointer(path)

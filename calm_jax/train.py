@@ -8,7 +8,16 @@ Modes:
 A run writes `MODEL_DIR/config.gin` (the resolved configuration), TensorBoard summaries under
 `MODEL_DIR/train`, checkpoints under `MODEL_DIR/checkpoints` (state + data position), and a
 console line per `log_every` steps with step, loss, tokens/s and ETA. It resumes from the
-latest checkpoint in `MODEL_DIR`; a resumed run ends bit-identical to an uninterrupted one.
+newest intact checkpoint in `MODEL_DIR` (corrupt ones are moved to `MODEL_DIR/corrupt/` with
+a warning); a resumed run ends bit-identical to an uninterrupted one.
+
+Nothing silent: `MODEL_DIR/run_definition.json` records what defines the run (models and
+their checkpoints' fingerprints, bridges, task, feature lengths, batch, optimizer) and a
+resume with another definition stops, naming the differences (`allow_definition_change`
+overrides). Every step's loss, gradient, parameters and optimizer state are checked for
+non-finite values on device; the flags are read at each log step and before every save, so
+a NaN state is never written and the run stops with `TrainingDivergedError`, keeping the last
+good checkpoint.
 `train` is a plain function (a notebook calls it directly); `calm_jax.cli.train` configures it
 with gin:
 
@@ -19,6 +28,8 @@ with gin:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -33,7 +44,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from calm_jax import calm as calm_lib
-from calm_jax import checkpoints, data, optim, partitioning, runs, trainable
+from calm_jax import checkpoints, data, optim, partitioning, runs, trainable, validation
 from calm_jax.configs import BridgeConfig, CalmConfig, TransformerConfig
 from calm_jax.train_step import (TrainState, init_train_state, make_sharded_train_step,
                                  state_shardings)
@@ -42,6 +53,15 @@ from calm_jax.transformer import abstract_params as lm_abstract_params
 
 MODES = ('pretrain', 'compose', 'finetune')
 CONFIG_FILE = 'config.gin'
+DEFINITION_FILE = 'run_definition.json'
+
+
+class TrainingDivergedError(FloatingPointError):
+  """The loss or the trained state became non-finite, or the parameters diverged."""
+
+
+class RunDefinitionError(ValueError):
+  """MODEL_DIR holds another run: resuming it with this configuration would mix two runs."""
 
 
 @dataclasses.dataclass
@@ -109,6 +129,105 @@ def build_setup(mode: str, *, seed: int, model_config: TransformerConfig | None,
                {'anchor': anchor, 'augments': augment_params})
 
 
+def run_definition(setup: Setup, optimizer: Any, *, mode: str,
+                   anchor_checkpoint: str | None, augment_checkpoints: Mapping[str, str] | None,
+                   trainable_patterns: Sequence[str] | None, mixture_or_task_name: str,
+                   task_feature_lengths: Mapping[str, int], batch_size: int, pack: bool,
+                   split: str, seed: int, z_loss: float) -> dict[str, Any]:
+  """What defines a run: resuming it with anything else would train another model.
+
+  Frozen checkpoints count by their fingerprint (`checkpoints.lm_fingerprint`), not their
+  path, so a copied checkpoint still matches; the optimizer by its state's structure.
+  The learning rate and TRAIN_STEPS may change on resume.
+  """
+  opt_state = jax.eval_shape(optimizer.init, setup.trained)
+  definition: dict[str, Any] = {
+      'mode': mode, 'mixture_or_task_name': mixture_or_task_name,
+      'task_feature_lengths': {k: int(v) for k, v in sorted(dict(task_feature_lengths).items())},
+      'batch_size': int(batch_size), 'pack': bool(pack), 'split': split, 'seed': int(seed),
+      'z_loss': float(z_loss),
+      'optimizer_state': hashlib.sha256(
+          str(jax.tree.structure(opt_state)).encode()).hexdigest()[:16],
+  }
+  if mode == 'pretrain':
+    definition['model'] = setup.lm_config.to_dict()
+  else:
+    definition['anchor'] = checkpoints.lm_fingerprint(anchor_checkpoint)
+  if mode == 'finetune':
+    definition['trainable_patterns'] = list(trainable_patterns or (r'.*',))
+  if mode == 'compose':
+    config = setup.model.config
+    definition['augments'] = {name: checkpoints.lm_fingerprint(path)
+                              for name, path in sorted(augment_checkpoints.items())}
+    definition['bridges'] = {name: b.to_dict() for name, b in config.bridges}
+    definition['augment_as_encoder'] = config.augment_as_encoder
+  return json.loads(json.dumps(definition))  # As it reads back from the file (tuples: lists).
+
+
+def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for key, value in tree.items():
+    out.update(_flatten(value, f'{prefix}.{key}' if prefix else key))
+  return out
+
+
+def definition_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  """'key: recorded X, now Y' for each entry of two run definitions that differs."""
+  old, new = _flatten(dict(stored)), _flatten(dict(current))
+  return [f'{key}: recorded {old.get(key, "(absent)")!r}, now {new.get(key, "(absent)")!r}'
+          for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
+def _check_definition(model_dir: epath.Path, definition: Mapping[str, Any],
+                      checkpoint_paths: Mapping[str, Any], allow_change: bool,
+                      warn: Callable[[str], None]) -> None:
+  """Stops a resume whose definition differs from MODEL_DIR's record (see `run_definition`)."""
+  file = model_dir / DEFINITION_FILE
+  if not file.exists():
+    warn(f'{model_dir} has checkpoints but no {DEFINITION_FILE} (an older run): resuming '
+         f'without checking that it is the same run.')
+    return
+  recorded = json.loads(file.read_text())
+  found = definition_differences(recorded['definition'], definition)
+  if not found:
+    return
+  paths = f' Recorded checkpoints: {recorded.get("checkpoints")}; now: {dict(checkpoint_paths)}.'
+  if allow_change:
+    warn(f'Resuming {model_dir} with a changed definition (allow_definition_change): '
+         f'{"; ".join(found)}.')
+    return
+  raise RunDefinitionError(
+      f'{model_dir} holds another run; resuming it would mix two runs. Differences: '
+      f'{"; ".join(found)}.{paths} Use a new MODEL_DIR, or set '
+      f'train_lib.train.allow_definition_change = True to resume anyway.')
+
+
+def _write_definition(model_dir: epath.Path, definition: Mapping[str, Any],
+                      checkpoint_paths: Mapping[str, Any]) -> None:
+  document = {'definition': dict(definition), 'checkpoints': dict(checkpoint_paths)}
+  (model_dir / DEFINITION_FILE).write_text(json.dumps(document, indent=2, sort_keys=True))
+
+
+def _vocab_sizes(mode: str, model_config: TransformerConfig | None,
+                 anchor_checkpoint: str | None, anchor_config: TransformerConfig | None,
+                 augment_checkpoints: Mapping[str, str] | None,
+                 augment_configs: Mapping[str, TransformerConfig] | None) -> dict[str, Any]:
+  """`validation.validate_run`'s vocabulary arguments, from configs alone (no weights read)."""
+  if mode == 'pretrain':
+    return {'model_vocab_size': model_config.vocab_size if model_config else None}
+  if not anchor_checkpoint:
+    return {'model_vocab_size': None}
+  sizes: dict[str, Any] = {'model_vocab_size': (
+      anchor_config or checkpoints.load_lm_config(anchor_checkpoint)).vocab_size}
+  if mode == 'compose':
+    sizes['augment_vocab_sizes'] = {
+        name: ((augment_configs or {}).get(name) or checkpoints.load_lm_config(path)).vocab_size
+        for name, path in (augment_checkpoints or {}).items()}
+  return sizes
+
+
 def _call_record(arguments: Mapping[str, Any]) -> str:
   """`config.gin` of a run started from Python: its arguments, one per line."""
   lines = ['# calm_jax.train.train, called from Python with:']
@@ -126,19 +245,48 @@ def _progress(step: int, total: int, metrics: Mapping[str, float], elapsed: floa
 
 
 def _initial_state(setup: Setup, optimizer: Any, mesh: jax.sharding.Mesh,
-                   checkpointer: checkpoints.RunCheckpointer,
-                   log: Callable[[str], None]) -> tuple[TrainState, TrainState, int]:
-  """(state, its shardings, batches consumed): step 0 in its sharding, or the latest checkpoint."""
+                   checkpointer: checkpoints.RunCheckpointer, log: Callable[[str], None],
+                   warn: Callable[[str], None]) -> tuple[TrainState, TrainState, int]:
+  """(state, its shardings, batches consumed): step 0 in its sharding, or the newest intact
+  checkpoint (`RunCheckpointer.restore_latest`)."""
   trained_shardings = jax.tree.map(lambda x: x.sharding, setup.trained)
   shardings = state_shardings(optimizer, setup.trained, trained_shardings, mesh)
   state = jax.jit(lambda p: init_train_state(p, optimizer),
                   out_shardings=shardings)(setup.trained)
   consumed = 0
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state, consumed = checkpointer.restore(latest, state)
-    log(f'resumed from step {latest} ({consumed} batches consumed)')
+  restored = checkpointer.restore_latest(state, warn=warn)
+  if restored is not None:
+    state, consumed, step = restored
+    log(f'resumed from step {step} ({consumed} batches consumed)')
   return state, shardings, consumed
+
+
+def _scalar(x: jax.Array) -> float:
+  """A replicated metric as a Python float (this process's copy: no cross-host transfer)."""
+  return float(np.asarray(x.addressable_data(0)))
+
+
+def _check_health(pending: list[tuple[int, dict[str, jax.Array]]], max_param_abs: float | None,
+                  checkpointer: checkpoints.RunCheckpointer) -> None:
+  """Raises TrainingDivergedError at the first step of `pending` whose state is not healthy.
+
+  `pending` holds (step, metrics) of the steps since the last check; their flags were
+  computed on device, so this is the only host transfer they cost.
+  """
+  for step, metrics in pending:
+    finite = _scalar(metrics['finite'])
+    largest = _scalar(metrics['param_max_abs'])
+    if finite and (max_param_abs is None or largest <= max_param_abs):
+      continue
+    what = (f'non-finite loss, gradient or state (loss {_scalar(metrics["loss"])})' if not finite
+            else f'parameters diverged (max |parameter| {largest:.3g} > max_param_abs '
+                 f'{max_param_abs:.3g})')
+    latest = checkpointer.latest_step()
+    kept = (f'the last good checkpoint, step {latest}, is kept' if latest is not None
+            else 'no checkpoint had been saved')
+    raise TrainingDivergedError(
+        f'Training stopped at step {step}: {what}. Nothing from step {step} on was saved; '
+        f'{kept}. Lower the learning rate or check the data.')
 
 
 def _train_loop(step_fn: Callable[..., Any], state: TrainState, frozen: Any,
@@ -146,32 +294,43 @@ def _train_loop(step_fn: Callable[..., Any], state: TrainState, frozen: Any,
                 consumed: int, schedule: Callable[[int], Any], mesh: jax.sharding.Mesh,
                 rules: partitioning.Rules, writer: Any,
                 checkpointer: checkpoints.RunCheckpointer, log_every: int, save_every: int,
+                max_param_abs: float | None,
                 log: Callable[[str], None]) -> tuple[TrainState, dict[str, float]]:
-  """Steps `first` -> `train_steps`: progress lines and summaries, checkpoints, NaN guard."""
+  """Steps `first` -> `train_steps`: progress lines and summaries, checkpoints, NaN guard.
+
+  The health flags of every step are read at each log step and before every save, so no
+  unhealthy state reaches a checkpoint.
+  """
   last: dict[str, float] = {}
   run_start = window_start = time.perf_counter()
   window_tokens = 0
+  pending: list[tuple[int, dict[str, jax.Array]]] = []
   for step in range(first, train_steps):
     batch = next(batches)  # This process's rows.
     state, metrics = step_fn(state, frozen, partitioning.global_batch(batch, mesh, rules))
     done = step + 1
+    pending.append((done, metrics))
+    checkpointer.poll()
+    is_log = done % log_every == 0 or done == train_steps
+    is_save = done % save_every == 0 or done == train_steps
+    if is_log or is_save:
+      _check_health(pending, max_param_abs, checkpointer)
+      pending = []
     if step == first:  # Throughput and ETA leave out the first step's compilation.
       jax.block_until_ready(state)
       run_start = window_start = time.perf_counter()
       log(f'compiled and ran step {done}')
     else:
       window_tokens += int(np.sum(batch['decoder_target_tokens'] != 0)) * jax.process_count()
-    if done % log_every == 0 or done == train_steps:
-      last = {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
-      if not np.isfinite(last['loss']):
-        raise FloatingPointError(f'Non-finite loss {last["loss"]} at step {done}.')
+    if is_log:
+      last = {k: _scalar(v) for k, v in metrics.items()}
       now = time.perf_counter()
       last['learning_rate'] = float(schedule(step))
       last['tokens_per_s'] = window_tokens / max(now - window_start, 1e-9)
       writer.write_scalars(done, last)
       log(_progress(done, train_steps, last, now - run_start, first + 1))
       window_start, window_tokens = now, 0
-    if done % save_every == 0 or done == train_steps:
+    if is_save:
       checkpointer.save(done, state, consumed + done - first)
   return state, last
 
@@ -201,8 +360,9 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
           seed: int = 0, pack: bool = False, split: str = 'train', log_every: int = 50,
           save_every: int = 500, keep_checkpoints: int = 3,
           mesh: partitioning.MeshConfig | None = None, remat: str = 'none',
-          config_text: str | None = None,
-          log: Callable[[str], None] = logging.info) -> dict[str, float]:
+          max_param_abs: float | None = 1e10, allow_definition_change: bool = False,
+          config_text: str | None = None, log: Callable[[str], None] = logging.info,
+          warn: Callable[[str], None] = logging.warning) -> dict[str, float]:
   """Trains per `mode` and returns the last logged metrics.
 
   Args:
@@ -236,9 +396,19 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
     remat: 'none', 'full' (recompute) or 'dots' (keep the weight matmuls): rematerialise the
       layers that are differentiated (compose: the anchor layers above the first bridge) to
       trade about one extra forward of them for their activation memory.
+    max_param_abs: the run stops (TrainingDivergedError) when a trained parameter's
+      magnitude exceeds this (a diverged run with a finite loss); None: never.
+    allow_definition_change: resume MODEL_DIR even if the run's definition (models,
+      bridges, task, feature lengths, batch, optimizer) differs from its record.
     config_text: the resolved configuration written to MODEL_DIR/config.gin (the command line
       passes gin's); default: a record of this call's arguments.
     log: console sink (process 0 only).
+    warn: sink for warnings (process 0 only): corrupt checkpoints set aside, changed runs.
+
+  Raises:
+    TrainingDivergedError: non-finite or diverged training (nothing unhealthy is saved).
+    RunDefinitionError: MODEL_DIR holds another run.
+    checkpoints.CorruptCheckpointError: MODEL_DIR has checkpoints, none of them intact.
   """
   if config_text is None:
     config_text = _call_record({k: v for k, v in locals().items() if k != 'config_text'})
@@ -246,15 +416,21 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   model_dir = epath.Path(model_dir)
   is_chief = jax.process_index() == 0
   if not is_chief:
-    log = lambda _: None  # pylint: disable=unnecessary-lambda-assignment
+    log = warn = lambda _: None  # pylint: disable=unnecessary-lambda-assignment
   mesh_config = mesh or partitioning.MeshConfig()
   device_mesh = partitioning.make_mesh(mesh_config)
   rules = mesh_config.rules()
   log(f'mesh {dict(device_mesh.shape)} over {jax.device_count()} devices, '
       f'{jax.process_count()} process(es); {"FSDP" if mesh_config.fsdp else "standard"} rules')
+  validation.validate_run(
+      mode=mode, mixture_or_task_name=mixture_or_task_name,
+      task_feature_lengths=task_feature_lengths, batch_size=batch_size, split=split,
+      mesh=device_mesh, rules=rules, log=warn, **_vocab_sizes(
+          mode, model_config, anchor_checkpoint, anchor_config, augment_checkpoints,
+          augment_configs))
   if is_chief:
     model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / CONFIG_FILE).write_text(config_text)
+  checkpointer = checkpoints.RunCheckpointer(model_dir, keep_checkpoints)
   setup = build_setup(
       mode, seed=seed, model_config=model_config, anchor_checkpoint=anchor_checkpoint,
       augment_checkpoints=augment_checkpoints,
@@ -262,16 +438,29 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
       augment_as_encoder=augment_as_encoder, trainable_patterns=trainable_patterns,
       anchor_config=anchor_config, augment_configs=augment_configs, mesh=device_mesh,
       rules=rules, remat=remat)
-  if mode == 'compose' and is_chief:
-    runs.write_calm_run(model_dir, setup.model.config, anchor_checkpoint, augment_checkpoints)
   optimizer, schedule = optimizer_fn(total_steps=train_steps)
-  checkpointer = checkpoints.RunCheckpointer(model_dir, keep_checkpoints)
+  definition = run_definition(
+      setup, optimizer, mode=mode, anchor_checkpoint=anchor_checkpoint,
+      augment_checkpoints=augment_checkpoints, trainable_patterns=trainable_patterns,
+      mixture_or_task_name=mixture_or_task_name, task_feature_lengths=task_feature_lengths,
+      batch_size=batch_size, pack=pack, split=split, seed=seed, z_loss=z_loss)
+  checkpoint_paths = {'anchor': anchor_checkpoint, 'augments': dict(augment_checkpoints or {})}
+  if checkpointer.latest_step() is not None:  # Resuming: it must be the same run.
+    _check_definition(model_dir, definition, checkpoint_paths, allow_definition_change, warn)
+  if is_chief:  # Written only once the run is known to be this one.
+    (model_dir / CONFIG_FILE).write_text(config_text)
+    _write_definition(model_dir, definition, checkpoint_paths)
+    if mode == 'compose':
+      runs.write_calm_run(model_dir, setup.model.config, anchor_checkpoint, augment_checkpoints)
   state, train_state_shardings, consumed = _initial_state(setup, optimizer, device_mesh,
-                                                          checkpointer, log)
+                                                          checkpointer, log, warn)
   first = int(np.asarray(state.step.addressable_data(0)))
   log(f'{mode}: {trainable.count_params(state.params):,} trained and '
       f'{trainable.count_params(setup.frozen):,} frozen parameters; '
       f'steps {first} -> {train_steps}')
+  if first >= train_steps:
+    log(f'nothing to train: the checkpoint is at step {first} and TRAIN_STEPS is '
+        f'{train_steps} (raise TRAIN_STEPS to train on)')
   dataset = data.get_dataset(mixture_or_task_name, task_feature_lengths, split, batch_size,
                              seed=seed, pack=pack, skip_batches=consumed)
   step_fn = make_sharded_train_step(
@@ -280,13 +469,15 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
       frozen_shardings=jax.tree.map(lambda x: x.sharding, setup.frozen))
   writer = (metric_writers.SummaryWriter(str(model_dir / 'train')) if is_chief
             else metric_writers.MultiWriter([]))
-  state, last = _train_loop(
-      step_fn, state, setup.frozen, data.as_numpy_batches(dataset), first=first,
-      train_steps=train_steps, consumed=consumed, schedule=schedule, mesh=device_mesh,
-      rules=rules, writer=writer, checkpointer=checkpointer, log_every=log_every,
-      save_every=save_every, log=log)
-  checkpointer.close()
-  writer.flush()
+  try:
+    state, last = _train_loop(
+        step_fn, state, setup.frozen, data.as_numpy_batches(dataset), first=first,
+        train_steps=train_steps, consumed=consumed, schedule=schedule, mesh=device_mesh,
+        rules=rules, writer=writer, checkpointer=checkpointer, log_every=log_every,
+        save_every=save_every, max_param_abs=max_param_abs, log=log)
+  finally:  # Seals the saves already made (each was checked healthy before it started).
+    checkpointer.close()
+    writer.flush()
   exported = (model_dir / 'lm' / checkpoints.CONFIG_FILE).exists()
   if mode in ('pretrain', 'finetune') and (first < train_steps or not exported):
     _export_lm(model_dir, setup, state, mode, train_steps, log)

@@ -65,6 +65,20 @@ def apply_fn_for(model: nn.Module) -> ApplyFn:
   return apply
 
 
+def tree_all_finite(tree: Any) -> Array:
+  """Whether every floating-point leaf of `tree` is finite (a scalar bool, on device)."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(flags).all() if flags else jnp.array(True)
+
+
+def tree_max_abs(tree: Any) -> Array:
+  """The largest absolute value of `tree`'s floating-point leaves (float32 scalar)."""
+  values = [jnp.max(jnp.abs(x)).astype(jnp.float32) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact) and x.size]
+  return jnp.max(jnp.stack(values)) if values else jnp.zeros((), jnp.float32)
+
+
 def train_step(state: TrainState, frozen: Any, batch: Batch, *, apply_fn: ApplyFn,
                optimizer: optax.GradientTransformation,
                z_loss: float = 0.0) -> tuple[TrainState, dict[str, Array]]:
@@ -79,7 +93,10 @@ def train_step(state: TrainState, frozen: Any, batch: Batch, *, apply_fn: ApplyF
     z_loss: z-loss coefficient.
 
   Returns:
-    (new state, metrics): loss, cross_entropy, z_loss, accuracy, target_tokens, grad_norm.
+    (new state, metrics): loss, cross_entropy, z_loss, accuracy, target_tokens, grad_norm,
+    param_max_abs (of the new trained tree) and finite (1 where the loss, the gradient, the new
+    parameters and the new optimizer state are all finite, else 0; `calm_jax.train` stops on
+    0 without a host round trip per step).
   """
   def loss_fn(trained):
     logits = apply_fn(merge_params(trained, frozen), batch)
@@ -90,9 +107,12 @@ def train_step(state: TrainState, frozen: Any, batch: Batch, *, apply_fn: ApplyF
   grads, out = jax.grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.tree.norm(grads)
   metrics = {'loss': out.loss, 'cross_entropy': out.cross_entropy, 'z_loss': out.z_loss,
              'accuracy': out.accuracy, 'target_tokens': out.weight_sum,
-             'grad_norm': optax.tree.norm(grads)}
+             'grad_norm': grad_norm, 'param_max_abs': tree_max_abs(params),
+             'finite': (jnp.isfinite(out.loss) & jnp.isfinite(grad_norm)
+                        & tree_all_finite((params, opt_state))).astype(jnp.int32)}
   return TrainState(state.step + 1, params, opt_state), metrics
 
 

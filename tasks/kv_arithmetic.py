@@ -46,16 +46,17 @@ def accuracy(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, fl
   return {'accuracy': kv_data.exact_match(list(predictions), list(targets))}
 
 
+@functools.lru_cache(maxsize=16)  # A run reads a split twice (start-up checks, training).
 def _examples(spec: kv_data.KVSpec, task: str, split: str, num_train: int,
-              num_eval: int) -> list[tuple[str, str]]:
+              num_eval: int) -> tuple[tuple[str, str], ...]:
   n = num_train if split == 'train' else num_eval
   seed = spec.seed * 100 + _SPLIT_SEEDS[split] * 10 + TASKS.index(task)
   if task == 'kv_substitution':
-    return kv_data.kv_substitution(spec, n, seed)
+    return tuple(kv_data.kv_substitution(spec, n, seed))
   if task == 'numeric_arithmetic':
-    return kv_data.numeric_arithmetic(spec, n, seed)
+    return tuple(kv_data.numeric_arithmetic(spec, n, seed))
   keys = 'held_in' if task == 'kv_arithmetic_held_in' else 'held_out'
-  return kv_data.kv_arithmetic(spec, n, seed, keys=keys)
+  return tuple(kv_data.kv_arithmetic(spec, n, seed, keys=keys))
 
 
 def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *, spec, task,
