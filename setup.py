@@ -58,7 +58,7 @@ setuptools.setup(
             'calm-eval = calm_jax.cli.eval:main',
             'calm-infer = calm_jax.cli.infer:main',
             'calm-export = calm_jax.cli.export:main',
-            'calm-kv-experiment = calm_tasks.kv_experiment:main',
+            'calm-kv-experiment = calm_jax.cli.kv_experiment:main',
         ],
     },
     license='Apache-2.0',

@@ -2,7 +2,8 @@
 
 Layout (local or `gs://`):
   calm.json    {"format": "calm_jax.composed/1", "config": CalmConfig, "vocabulary": reference,
-                "metadata": {...}}; written last, so a directory without it is incomplete
+                "metadata": {...}, "files": sizes and SHA-256 of params/ and vocabulary/};
+               written last, so a directory without it is incomplete; loading verifies files
   params/      orbax tree {'anchor': ..., 'augments': {name: ...}, 'bridge': {name: ...}}
   vocabulary/  a copy of the vocabulary's model file, where it has one (SentencePiece)
   serving/     optional: the generate function through `jax.export` (`generate.jax`, with
@@ -35,7 +36,7 @@ from etils import epath
 from calm_jax import calm as calm_lib
 from calm_jax import decoding
 from calm_jax import transformer as transformer_lib
-from calm_jax import checkpoints
+from calm_jax import checkpoints, integrity
 from calm_jax.checkpoints import CheckpointError
 from calm_jax.configs import CalmConfig
 
@@ -115,6 +116,7 @@ def save_composed(path: str | epath.Path, config: CalmConfig, params: Any, *,
   document = {'format': FORMAT, 'config': config.to_dict(),
               'vocabulary': vocabulary_reference(vocabulary, path),
               'metadata': dict(metadata or {})}
+  document['files'] = integrity.manifest(path, parts=[PARAMS_DIR, VOCABULARY_DIR])
   tmp = path / (CONFIG_FILE + '.tmp')
   tmp.write_text(json.dumps(document, indent=2, sort_keys=True))
   tmp.rename(path / CONFIG_FILE)
@@ -198,13 +200,49 @@ class Composed:
                                   jnp.asarray(prompt_mask, jnp.int32), jax.random.key(seed))
     return np.asarray(out)
 
-  def generate_text(self, prompts: Sequence[str], *, max_decode_len: int,
-                    **kwargs) -> list[str]:
-    """Encodes prompts with the vocabulary, generates, decodes up to EOS (see `generate`)."""
+  def generate_text(self, prompts: str | Sequence[str], *, max_decode_len: int,
+                    **kwargs) -> str | list[str]:
+    """Encodes prompts with the vocabulary, generates, decodes up to EOS (see `generate`).
+
+    Args:
+      prompts: one prompt, or a sequence of them.
+      max_decode_len: tokens to generate per prompt.
+      **kwargs: the other arguments of `generate`.
+
+    Returns:
+      The continuation of a single prompt, or one per prompt (an empty list for none).
+
+    Raises:
+      ValueError: no vocabulary was exported, or a prompt holds words (tokens) outside it: the
+        model would continue an unknown token, silently. Vocabularies with `unknown_words(text)`
+        (calm_tasks' WordVocabulary) name the words; others are checked for their `unk_id`.
+      TypeError: a prompt that is not a string.
+    """
     if self.vocabulary is None:
       raise ValueError('This composed checkpoint was exported without a vocabulary.')
-    input_tokens, prompt_mask = prompt_arrays(
-        [self.vocabulary.encode(p) for p in prompts])
+    if isinstance(prompts, str):
+      return self.generate_text([prompts], max_decode_len=max_decode_len, **kwargs)[0]
+    prompts = list(prompts)
+    if not all(isinstance(p, str) for p in prompts):
+      raise TypeError(f'generate_text takes a string or a sequence of strings, not {prompts!r}.')
+    if not prompts:
+      return []
+    encoded = [self.vocabulary.encode(p) for p in prompts]
+    if hasattr(self.vocabulary, 'unknown_words'):
+      unknown = [(p, self.vocabulary.unknown_words(p)) for p in prompts]
+      unknown = [f'{", ".join(words)} (in {p!r})' for p, words in unknown if words]
+      if unknown:
+        raise ValueError(f'Words outside the vocabulary: {"; ".join(unknown)}.')
+    else:
+      try:
+        unk_id = getattr(self.vocabulary, 'unk_id', None)
+      except NotImplementedError:  # seqio.Vocabulary's default.
+        unk_id = None
+      unknown = [p for p, ids in zip(prompts, encoded) if unk_id is not None and unk_id in ids]
+      if unknown:
+        raise ValueError(f'Prompts with text outside the vocabulary (encoded as its unknown '
+                         f'token, id {unk_id}): {unknown}.')
+    input_tokens, prompt_mask = prompt_arrays(encoded)
     out = self.generate(input_tokens, prompt_mask, max_decode_len=max_decode_len, **kwargs)
     return [self.vocabulary.decode(row.tolist()) for row in out]
 
@@ -212,9 +250,13 @@ class Composed:
 def prompt_arrays(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
   """T5X prefix-LM decoder inputs of token-id prompts: ([B, P] tokens, [B, P] prompt mask).
 
-  Each row is 0 followed by its prompt (the shifted-right layout), P = 1 + the longest prompt.
+  Each row is 0 followed by its prompt (the shifted-right layout), P = 1 + the longest prompt;
+  no prompts give [0, 1] arrays.
+
+  Args:
+    prompts: B sequences of token ids.
   """
-  width = 1 + max(len(p) for p in prompts)
+  width = 1 + max((len(p) for p in prompts), default=0)
   tokens = np.zeros((len(prompts), width), np.int32)
   mask = np.zeros((len(prompts), width), np.int32)
   for row, prompt in enumerate(prompts):
@@ -223,13 +265,18 @@ def prompt_arrays(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndar
   return tokens, mask
 
 
-def load_composed(path: str | epath.Path, *, shardings: Any = None) -> Composed:
+def load_composed(path: str | epath.Path, *, shardings: Any = None,
+                  verify: bool = True) -> Composed:
   """Loads a composed checkpoint in one call.
 
   Args:
     path: the directory written by `save_composed` / `calm-export` (local or `gs://`).
     shardings: a `jax.sharding.Sharding` for every leaf or a matching tree; default: the first
       local device. Parameters are restored straight into them.
+    verify: check every file's size and SHA-256 first (`calm_jax.integrity`).
+
+  Raises:
+    checkpoints.CorruptCheckpointError: a file differs from what was written.
   """
   path = epath.Path(path)
   document = read_document(path)
@@ -237,6 +284,7 @@ def load_composed(path: str | epath.Path, *, shardings: Any = None) -> Composed:
   params_path = path / PARAMS_DIR
   if not params_path.exists():
     raise CheckpointError(f'{path} has no {PARAMS_DIR}/ directory.')
+  checkpoints.check_files(path, document, 'composed checkpoint', verify)
   metadata = checkpoints.stored_tree(params_path)
   stored = _check_params(config, metadata, str(path))
   abstract = jax.tree_util.tree_map_with_path(

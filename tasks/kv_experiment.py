@@ -172,12 +172,9 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
 
 
 def main():
-  """Console-script entry point (`calm-kv-experiment`): `run_experiment` configured by gin."""
-  # pylint: disable=g-import-not-at-top
-  from calm_jax.cli import gin_cli
-  # The module's registered copy (not `__main__`'s under `python -m`): the one gin files bind.
-  from calm_tasks import kv_experiment
-  gin_cli.gin_main(kv_experiment.run_experiment)
+  """`python -m calm_tasks.kv_experiment`: `calm_jax.cli.kv_experiment.main`."""
+  from calm_jax.cli import kv_experiment as cli  # pylint: disable=g-import-not-at-top
+  cli.main()
 
 
 if __name__ == '__main__':

@@ -41,6 +41,11 @@ class WordVocabulary(seqio.Vocabulary):
     """Constructor arguments that rebuild this vocabulary (used by composed checkpoints)."""
     return {'words': self._words[len(SPECIALS):]}
 
+  def unknown_words(self, text: str) -> list[str]:
+    """The words of `text` that are not in the vocabulary, each once, in order (`encode` maps
+    them to `<unk>`)."""
+    return list(dict.fromkeys(w for w in text.split() if w not in self._ids))
+
   @property
   def words(self) -> list[str]:
     """All tokens in id order, specials first."""

@@ -13,7 +13,7 @@ def test_small_pipeline_end_to_end(tmp_path):
   out = tmp_path / 'kv'
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   result = subprocess.run(
-      [sys.executable, '-m', 'calm_tasks.kv_experiment',
+      [sys.executable, '-m', 'calm_jax.cli.kv_experiment',
        '--gin_file=experiments/kv_arithmetic_small.gin', f"--gin.EXPERIMENT_DIR='{out}'"],
       capture_output=True, text=True, timeout=1800, env=env, check=False)
   assert result.returncode == 0, result.stderr[-4000:]

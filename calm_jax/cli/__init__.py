@@ -7,4 +7,7 @@ or any library module, defines none.
   calm-infer    calm_jax.cli.infer    (`calm_jax.infer.infer`)
   calm-export   calm_jax.cli.export   (`calm_jax.export.export`)
   calm-convert  calm_jax.cli.convert  (`calm_jax.convert.huggingface.convert_hf_checkpoint`)
+
+`--help` is answered by `usage` (reading the run files with `gin_files`) before a program
+imports the library: these modules import JAX, TensorFlow and SeqIO only inside `main`.
 """

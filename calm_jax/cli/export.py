@@ -1,11 +1,29 @@
 """`calm-export` (`python -m calm_jax.cli.export`): `calm_jax.export.export` configured by gin."""
 
-from calm_jax import export as export_lib
+from calm_jax import logs
 from calm_jax.cli import gin_cli
+from calm_jax.cli import usage
+
+COMMAND = usage.Command(
+    name='calm-export', module='calm_jax.cli.export',
+    summary=('writes a composed checkpoint (anchor, augments, bridges, configuration and '
+             'vocabulary in one directory, EXPORT_DIR) from a composition run, and with '
+             'SERVING_PROMPT_LENGTH its generate function through jax.export (symbolic batch '
+             'size); --gin.export.saved_model=True adds a TF SavedModel.'),
+    run_files=('runs/export.gin',),
+    example="""\
+# The composition of the key-value experiment (calm-kv-experiment, EXPERIMENT_DIR=/tmp/calm_kv):
+calm-export --gin_file=runs/export.gin --gin_file=tasks/kv_arithmetic.gin \\
+  --gin.CHECKPOINT="'/tmp/calm_kv/calm'" --gin.EXPORT_DIR="'/tmp/calm_kv/export'" \\
+  --gin.MIXTURE_OR_TASK_NAME="'kv_arithmetic_held_out'" --gin.SERVING_PROMPT_LENGTH=12 \\
+  --gin.MAX_DECODE_LEN=6""")
 
 
 def main():
-  """Console-script entry point."""
+  """Console-script entry point: `--help` without importing the library, else the run."""
+  usage.exit_on_help(COMMAND, gin_cli.define_flags)
+  logs.quiet_startup()
+  from calm_jax import export as export_lib  # pylint: disable=g-import-not-at-top
   gin_cli.gin_main(export_lib.export, denylist=('log',))
 
 

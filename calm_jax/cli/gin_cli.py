@@ -10,16 +10,21 @@ functions here, as T5X's `train.py` does with `gin.configurable(train)` in `__ma
 `--gin_file` (repeatable) names gin files, found directly or under `--gin_search_paths`;
 `--gin.NAME=VALUE` binds NAME (a macro or `configurable.param`) like a line of gin;
 `--gin_bindings` takes whole binding lines. Multi-host runs add `--multiprocess` (Cloud TPU) or
-`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`. A file that does not parse, an unknown
-configurable, a `%gin.REQUIRED` macro left unset, an unknown task, a bad model configuration and
-a missing or mismatched checkpoint each stop the run with one message (ValueError and its
-subclasses; other errors keep their traceback).
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`. A file that does not parse,
+a binding that does not parse (named, with the quoted form of a string), a macro binding that no
+parsed file uses (with the closest macro they do use), an unknown configurable, a
+`%gin.REQUIRED` macro left unset, an unknown task, a bad model configuration and a missing or
+mismatched checkpoint each stop the run with one message (ValueError and its subclasses; other
+errors keep their traceback).
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
+import io
 import os
+import re
 import sys
 import tokenize
 from typing import Any, Callable, Sequence
@@ -29,9 +34,7 @@ from absl import flags
 import gin
 
 from calm_jax import logs
-
-DEFAULT_SEARCH_PATH = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'gin')
+from calm_jax.cli import gin_files
 
 
 class GinConfigError(ValueError):
@@ -52,22 +55,115 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
   return out
 
 
-def parse_gin(files: Sequence[str], bindings: Sequence[str],
-              search_paths: Sequence[str] = ()) -> None:
-  """Parses gin files and bindings with clear errors.
+def _as_flag(binding: str) -> str:
+  """`NAME = VALUE` as the flag that makes it, `--gin.NAME=VALUE`."""
+  name, _, value = binding.partition('=')
+  return f'--gin.{name.strip()}={value.strip()}'
+
+
+def _binding_at(bindings: Sequence[str], line: int) -> str | None:
+  """The binding on line `line` (from 1) of the bindings joined by newlines, as gin parses them."""
+  start = 1
+  for binding in bindings:
+    lines = binding.count('\n') + 1
+    if start <= line < start + lines:
+      return binding
+    start += lines
+  return None
+
+
+def _tokenizes(text: str) -> bool:
+  """Whether `text` is complete Python tokens (brackets and strings closed), as gin reads it."""
+  try:
+    list(tokenize.generate_tokens(io.StringIO(text).readline))
+  except (tokenize.TokenError, SyntaxError):
+    return False
+  return True
+
+
+def _binding_error(bindings: Sequence[str], error: Exception) -> str:
+  """The message of a binding gin cannot parse: the binding, and the quoted form of a string."""
+  binding = None
+  if isinstance(error, SyntaxError) and error.lineno:
+    binding = _binding_at(bindings, error.lineno)
+  elif isinstance(error, tokenize.TokenError):  # An unclosed bracket: gin reports the end.
+    binding = next((b for b in bindings if not _tokenizes(b)), None)
+  if binding is None:
+    return f'Malformed gin configuration: {error}'
+  value = binding.partition('=')[2].strip()
+  message = f'Malformed gin binding {_as_flag(binding)}: gin cannot parse the value {value}'
+  # A bare word or path (the shell ate its quotes) is the usual cause: gin values are literals.
+  if value and re.fullmatch(r'[^\'"\[\]{}()@%,=]+', value):
+    name = binding.partition('=')[0].strip()
+    return (f'{message}. A string needs quotes that reach gin through the shell: '
+            f'--gin.{name}="\'{value}\'"')
+  reason = error.msg if isinstance(error, SyntaxError) else error.args[0]
+  return f'{message} ({reason}).'
+
+
+def _macro_names() -> tuple[set[str], set[str]]:
+  """(defined, referenced): the macros the parsed configuration defines and uses (`%NAME`)."""
+  config = gin.config._CONFIG  # pylint: disable=protected-access
+  defined = {scope for scope, selector in config if selector == 'gin.macro'}
+  referenced = {reference.scoped_selector.rpartition('/')[0]
+                for reference in gin.config.iterate_references(config)
+                if reference.configurable.wrapped is gin.config.macro}
+  return defined, referenced
+
+
+def check_macro_bindings(bindings: Sequence[str]) -> None:
+  """Refuses bindings of macros (`NAME = value`, NAME upper case) that nothing parsed uses.
+
+  Such a binding changes nothing, silently: a misspelt `--gin.BATCH_SIZ=8` leaves the run at
+  its default batch size. Call after the files and `bindings` are parsed.
 
   Raises:
-    GinConfigError: a missing file, a parse error, an unknown configurable.
+    GinConfigError: naming each such binding and the closest macro the configuration has.
   """
-  for path in list(search_paths) + [DEFAULT_SEARCH_PATH]:
+  defined, referenced = _macro_names()
+  unused = [(name, binding) for binding in bindings
+            if (name := gin_files.macro_name(binding.split('\n')[0])) and name not in referenced]
+  if not unused:
+    return
+  known = sorted((defined | referenced) - {name for name, _ in unused})
+  problems = []
+  for name, binding in unused:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = (f'did you mean {close[0]}?' if close else
+            f'the parsed files use {", ".join(known) if known else "no macros"}.')
+    problems.append(f'{_as_flag(binding)} binds a macro no parsed gin file uses (%{name}), so it '
+                    f'would change nothing; {hint}')
+  raise GinConfigError(' '.join(problems))
+
+
+def parse_gin(files: Sequence[str], bindings: Sequence[str],
+              search_paths: Sequence[str] = ()) -> None:
+  """Parses gin files, then bindings, with clear errors.
+
+  Each file is found here (as given, then under `search_paths`, then gin/) and given to gin by
+  its absolute path, so gin opens it at once; gin finds included files in the same order.
+
+  Raises:
+    GinConfigError: a missing file, a file or binding that does not parse (the binding named),
+      an unknown configurable, a macro binding that nothing parsed uses.
+  """
+  directories = gin_files.search_path(search_paths)
+  for path in directories:
     gin.add_config_file_search_path(path)
+  found = [gin_files.find(name, search_paths) or name for name in files]
   try:
-    gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
+    gin.parse_config_files_and_bindings(found, None, finalize_config=False)
   except IOError as e:
-    raise GinConfigError(f'gin file not found: {e} (search paths: '
-                         f'{list(search_paths) + [DEFAULT_SEARCH_PATH]}).') from e
+    raise GinConfigError(f'gin file not found: {e} (search paths: {directories}).') from e
   except (SyntaxError, ValueError, tokenize.TokenError) as e:
     raise GinConfigError(f'Malformed gin configuration: {e}') from e
+  try:
+    gin.parse_config(list(bindings))
+  except IOError as e:
+    raise GinConfigError(f'gin file not found: {e} (search paths: {directories}).') from e
+  except (SyntaxError, ValueError, tokenize.TokenError) as e:
+    raise GinConfigError(_binding_error(bindings, e)) from e
+  check_macro_bindings(bindings)
 
 
 def configurable(fn: Callable[..., Any], denylist: Sequence[str] = ()) -> Callable[..., Any]:
@@ -138,8 +234,12 @@ def call_with_gin(fn: Callable[..., Any], **overrides: Any) -> Any:
     raise
 
 
-def _define_flags() -> dict[str, Any]:
-  """The flags of every gin command line, defined once per program (not on import)."""
+def define_flags() -> dict[str, Any]:
+  """The flags of every gin command line, defined once per program (not on import).
+
+  Returns:
+    Their flag holders by name.
+  """
   if 'gin_file' in flags.FLAGS:
     raise app.UsageError('gin command-line flags are already defined in this program.')
   return {
@@ -158,6 +258,12 @@ def _define_flags() -> dict[str, Any]:
   }
 
 
+def one_line(error: BaseException) -> str:
+  """The message of `error` without the lines gin appends to errors raised under a
+  configurable ("In call to configurable 'train' ...")."""
+  return str(error).split('\n  In call to configurable')[0]
+
+
 def gin_main(fn: Callable[..., Any], *, denylist: Sequence[str] = ()) -> None:
   """Runs the plain function `fn`, configured by the command line's gin, as an absl program.
 
@@ -166,7 +272,7 @@ def gin_main(fn: Callable[..., Any], *, denylist: Sequence[str] = ()) -> None:
       the parsed configuration (`gin.config_str()`) to record in its output directory.
     denylist: arguments gin may not bind (e.g. a logging callback).
   """
-  flag = _define_flags()
+  flag = define_flags()
   configurable(fn, denylist)
 
   def _main(argv):
@@ -187,6 +293,7 @@ def gin_main(fn: Callable[..., Any], *, denylist: Sequence[str] = ()) -> None:
       if 'config_text' in inspect.signature(fn).parameters:
         overrides['config_text'] = gin.config_str()
       call_with_gin(fn, **overrides)
-    except ValueError as e:  # Bad configuration, task, checkpoint: one message, no traceback.
-      sys.exit(f'{os.path.basename(sys.argv[0])}: {type(e).__name__}: {e}')
+    # Bad configuration, task, checkpoint, or a diverged run: one message, no traceback.
+    except (ValueError, FloatingPointError) as e:
+      sys.exit(f'{os.path.basename(sys.argv[0])}: {type(e).__name__}: {one_line(e)}')
   app.run(_main, argv=rewrite_gin_args(sys.argv))

@@ -1,11 +1,30 @@
 """`calm-train` (`python -m calm_jax.cli.train`): `calm_jax.train.train` configured by gin."""
 
-from calm_jax import train as train_lib
+from calm_jax import logs
 from calm_jax.cli import gin_cli
+from calm_jax.cli import usage
+
+COMMAND = usage.Command(
+    name='calm-train', module='calm_jax.cli.train',
+    summary=('trains a run in MODEL_DIR: pretrains an LM from scratch (runs/pretrain.gin), '
+             'composes frozen LMs by training bridges only (runs/compose.gin) or fine-tunes '
+             'the anchor (runs/finetune.gin). Writes config.gin, checkpoints (a rerun resumes) '
+             'and TensorBoard summaries; a pretraining run also writes MODEL_DIR/lm, an LM '
+             'checkpoint a composition loads.'),
+    run_files=('runs/pretrain.gin', 'runs/compose.gin', 'runs/finetune.gin'),
+    example="""\
+# Pretrain the key-value experiment's anchor m_B (4 layers of width 64) on Numeric-Arithmetic:
+calm-train --gin_file=runs/pretrain.gin --gin_file=tasks/kv_arithmetic.gin \\
+  --gin_file=experiments/kv_arithmetic.gin --gin.MODEL_CONFIG="@m_b/configs.TransformerConfig()" \\
+  --gin.MODEL_DIR="'/tmp/calm_pretrain/m_b'" --gin.MIXTURE_OR_TASK_NAME="'numeric_arithmetic'" \\
+  --gin.TASK_FEATURE_LENGTHS="{'inputs': 6, 'targets': 6}" --gin.TRAIN_STEPS=2000""")
 
 
 def main():
-  """Console-script entry point."""
+  """Console-script entry point: `--help` without importing the library, else the run."""
+  usage.exit_on_help(COMMAND, gin_cli.define_flags)
+  logs.quiet_startup()
+  from calm_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   gin_cli.gin_main(train_lib.train, denylist=('log',))
 
 
