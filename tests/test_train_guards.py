@@ -153,3 +153,10 @@ def test_definition_differences_name_every_changed_entry():
       'b.c: recorded [1, 2], now [1, 3]', "b.d: recorded 'x', now '(absent)'",
       "e: recorded '(absent)', now True"]
   assert not train_lib.definition_differences(stored, stored)
+
+
+def test_a_run_directory_as_anchor_suggests_its_lm_folder(two_lms, tmp_path):
+  a, b = two_lms
+  run_dir = a.rsplit('/', 1)[0]
+  with pytest.raises(checkpoints.CheckpointError, match=rf'did you mean {run_dir}/lm\?'):
+    _compose(tmp_path / 'compose', run_dir, b)
