@@ -11,6 +11,7 @@ change; truncation is only logged, since a run may truncate on purpose.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any, Callable, Mapping
@@ -200,13 +201,27 @@ def count_truncated(task_name: str, task_feature_lengths: Mapping[str, int], spl
   """
   counts = {feature: [0, 0] for feature in task_feature_lengths}
   for task in data.tasks_of(task_name):
-    ds = task.get_dataset(sequence_length=None, split=split, shuffle=False, num_epochs=1,
-                          use_cached=False, trim_output_features=False)
-    for example in ds.take(max_examples).as_numpy_iterator():
-      for feature, length in task_feature_lengths.items():
-        if feature in example:
-          counts[feature][1] += 1
-          counts[feature][0] += int(np.shape(example[feature])[0] > length)
+    found = _count_task(task, tuple(sorted(dict(task_feature_lengths).items())), split,
+                        max_examples)
+    for feature, (longer, checked) in found.items():
+      counts[feature][0] += longer
+      counts[feature][1] += checked
+  return {feature: (longer, checked) for feature, (longer, checked) in counts.items()}
+
+
+# Per task object (a re-registered task is a new one): a process that starts several runs of
+# one task (a notebook, the key-value experiment) reads its examples once.
+@functools.lru_cache(maxsize=64)
+def _count_task(task: seqio.Task, lengths: tuple[tuple[str, int], ...], split: str,
+                max_examples: int) -> dict[str, tuple[int, int]]:
+  counts = {feature: [0, 0] for feature, _ in lengths}
+  ds = task.get_dataset(sequence_length=None, split=split, shuffle=False, num_epochs=1,
+                        use_cached=False, trim_output_features=False)
+  for example in ds.take(max_examples).as_numpy_iterator():
+    for feature, length in lengths:
+      if feature in example:
+        counts[feature][1] += 1
+        counts[feature][0] += int(np.shape(example[feature])[0] > length)
   return {feature: (longer, checked) for feature, (longer, checked) in counts.items()}
 
 

@@ -49,6 +49,16 @@ def run(tmp_path_factory):
   return path
 
 
+@pytest.fixture(scope='module')
+def resumed_from_3(run, tmp_path_factory):
+  """The parameters of `run` resumed from step 3 to 9, as if step 6 had never been saved."""
+  reference = tmp_path_factory.mktemp('reference') / 'run'
+  shutil.copytree(run, reference)
+  shutil.rmtree(reference / 'checkpoints' / '6')
+  _train(reference, train_steps=9)
+  return jax.tree.map(np.asarray, checkpoints.RunCheckpointer(reference).restore_params())
+
+
 @pytest.fixture
 def copy(run, tmp_path):
   target = tmp_path / 'run'
@@ -102,7 +112,7 @@ def test_lm_checkpoint_without_checksums_loads_with_a_warning(copy, caplog):
 
 
 @pytest.mark.parametrize('kind', sorted(CORRUPTIONS))
-def test_training_falls_back_past_a_corrupt_checkpoint(run, copy, tmp_path, kind):
+def test_training_falls_back_past_a_corrupt_checkpoint(copy, resumed_from_3, kind):
   """Step 6 corrupt: the run resumes from 3 and ends exactly as if step 6 had never been saved."""
   corrupt, message = CORRUPTIONS[kind]
   corrupt(_data_file(copy / 'checkpoints' / '6'))
@@ -113,12 +123,7 @@ def test_training_falls_back_past_a_corrupt_checkpoint(run, copy, tmp_path, kind
   assert re.search(message, ' '.join(warnings))
   assert 'resumed from step 3 (3 batches consumed)' in lines
   assert (copy / 'corrupt' / '6').is_dir()  # Kept for inspection, out of orbax's way.
-  reference = tmp_path / 'reference'
-  shutil.copytree(run, reference)
-  shutil.rmtree(reference / 'checkpoints' / '6')
-  _train(reference, train_steps=9)
-  jax.tree.map(np.testing.assert_array_equal,
-               jax.tree.map(np.asarray, checkpoints.RunCheckpointer(reference).restore_params()),
+  jax.tree.map(np.testing.assert_array_equal, resumed_from_3,
                jax.tree.map(np.asarray, checkpoints.RunCheckpointer(copy).restore_params()))
 
 
