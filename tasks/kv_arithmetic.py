@@ -1,14 +1,23 @@
 """SeqIO tasks of the key-value arithmetic experiment (CALM section 4.1); importing registers them.
 
 Tasks (each with 'train' and 'validation' splits of (inputs, targets) pairs):
-  kv_substitution         'k3 + k7 - k2 =' -> '3 + 7 - 2', over all keys      (trains m_A)
-  numeric_arithmetic      '3 + 7 - 2 ='    -> '8'                               (trains m_B)
-  kv_arithmetic_held_in   'k3 + k7 - k2 =' -> '8', held-in keys only  (the composition set D_C)
-  kv_arithmetic_held_out  the same over held-out keys only (evaluation; its 'train' split
-                          exists for symmetry and is never used by the experiment)
+  kv_substitution          'k3 + k7 - k2 =' -> '3 + 7 - 2', over all keys     (trains m_A)
+  numeric_arithmetic       '3 + 7 - 2 ='    -> '8'                              (trains m_B)
+  kv_arithmetic_held_in    'k3 + k7 - k2 =' -> '8', held-in keys only (the key-only D_C)
+  kv_arithmetic_held_out   the same over held-out keys only (evaluation; its 'train' split
+                           exists for symmetry and is never used by the experiment)
+  kv_substitution_held_in  KV-Substitution over held-in keys only (part of the mixed D_C)
 
-Mixture kv_arithmetic_eval: the three evaluation tasks (KV-Substitution, Numeric-Arithmetic,
-KV-Arithmetic over held-out keys), for one calm-eval call per model.
+Mixtures:
+  kv_composition      the composition set D_C as CALM trains it: KV-Arithmetic over held-in
+                      keys, plus shares of the anchor's own skill (Numeric-Arithmetic) and of
+                      the augment's (KV-Substitution over held-in keys), so that the bridges
+                      learn the new skill without overriding the old ones. Rates:
+                      `composition_mixture(...)` (gin: `@kv_arithmetic.composition_mixture()`).
+  kv_arithmetic_eval  the three evaluation tasks (KV-Substitution, Numeric-Arithmetic,
+                      KV-Arithmetic over held-out keys), for one calm-eval call per model.
+
+No task of kv_composition holds a held-out key.
 
 Metric: exact match of the whole target, in percent ('accuracy'). `register(spec, ...)` makes
 another variant under a name prefix; `kv_data.py` documents the data and how it differs from
@@ -26,8 +35,13 @@ import tensorflow as tf
 from calm_tasks import kv_data
 from calm_tasks.vocabularies import WordVocabulary
 
+# Appended, never reordered: a task's index seeds its examples.
 TASKS = ('kv_substitution', 'numeric_arithmetic', 'kv_arithmetic_held_in',
-         'kv_arithmetic_held_out')
+         'kv_arithmetic_held_out', 'kv_substitution_held_in')
+COMPOSITION_MIXTURE = 'kv_composition'
+# Shares of the default composition mixture: the new skill, and a quarter each of the old ones.
+COMPOSITION_RATES = {'kv_arithmetic_held_in': 0.5, 'numeric_arithmetic': 0.25,
+                     'kv_substitution_held_in': 0.25}
 TRAIN_EXAMPLES = 100_000
 EVAL_EXAMPLES = 500
 # Seeds of the example streams, distinct per split so validation never repeats train's draws.
@@ -51,8 +65,9 @@ def _examples(spec: kv_data.KVSpec, task: str, split: str, num_train: int,
               num_eval: int) -> tuple[tuple[str, str], ...]:
   n = num_train if split == 'train' else num_eval
   seed = spec.seed * 100 + _SPLIT_SEEDS[split] * 10 + TASKS.index(task)
-  if task == 'kv_substitution':
-    return tuple(kv_data.kv_substitution(spec, n, seed))
+  if task in ('kv_substitution', 'kv_substitution_held_in'):
+    keys = 'held_in' if task == 'kv_substitution_held_in' else 'all'
+    return tuple(kv_data.kv_substitution(spec, n, seed, keys=keys))
   if task == 'numeric_arithmetic':
     return tuple(kv_data.numeric_arithmetic(spec, n, seed))
   keys = 'held_in' if task == 'kv_arithmetic_held_in' else 'held_out'
@@ -88,11 +103,41 @@ def register(spec: kv_data.KVSpec = kv_data.KVSpec(), prefix: str = '',
         output_features=features,
         metric_fns=[accuracy])
     names.append(name)
-  mixture = prefix + 'kv_arithmetic_eval'
-  if mixture in seqio.MixtureRegistry.names():
-    seqio.MixtureRegistry.remove(mixture)
-  seqio.MixtureRegistry.add(mixture, [names[0], names[1], names[3]], default_rate=1.0)
+  _add_mixture(prefix + 'kv_arithmetic_eval', [(names[0], 1.0), (names[1], 1.0),
+                                                (names[3], 1.0)])
+  composition_mixture(prefix=prefix)
   return names
+
+
+def _add_mixture(name: str, tasks: Sequence[tuple[str, float]]) -> None:
+  if name in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.remove(name)
+  seqio.MixtureRegistry.add(name, list(tasks))
+
+
+def composition_mixture(arithmetic: float = COMPOSITION_RATES['kv_arithmetic_held_in'],
+                        numeric: float = COMPOSITION_RATES['numeric_arithmetic'],
+                        substitution: float = COMPOSITION_RATES['kv_substitution_held_in'],
+                        prefix: str = '') -> str:
+  """(Re-)registers the composition mixture `prefix + 'kv_composition'` and returns its name.
+
+  Args:
+    arithmetic: rate of KV-Arithmetic over held-in keys (the new skill).
+    numeric: rate of Numeric-Arithmetic (the anchor's skill); 0 leaves it out.
+    substitution: rate of KV-Substitution over held-in keys (the augment's skill); 0 leaves
+      it out.
+    prefix: the task prefix of `register`.
+
+  Rates are relative (seqio normalises them). In gin: `MIXTURE_OR_TASK_NAME =
+  @kv_arithmetic.composition_mixture()` with `kv_arithmetic.composition_mixture.numeric = 0.1`.
+  """
+  rates = [(prefix + 'kv_arithmetic_held_in', arithmetic), (prefix + 'numeric_arithmetic', numeric),
+           (prefix + 'kv_substitution_held_in', substitution)]
+  if any(rate < 0 for _, rate in rates) or arithmetic <= 0:
+    raise ValueError(f'composition_mixture rates must be >= 0, arithmetic > 0; got {rates}.')
+  name = prefix + COMPOSITION_MIXTURE
+  _add_mixture(name, [(task, rate) for task, rate in rates if rate > 0])
+  return name
 
 
 register()

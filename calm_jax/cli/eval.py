@@ -1,6 +1,5 @@
 """`calm-eval` (`python -m calm_jax.cli.eval`): `calm_jax.eval.evaluate` configured by gin."""
 
-from calm_jax import logs
 from calm_jax.cli import gin_cli
 from calm_jax.cli import usage
 
@@ -20,10 +19,7 @@ calm-eval --gin_file=runs/eval.gin --gin_file=tasks/kv_arithmetic.gin \\
 
 def main():
   """Console-script entry point: `--help` without importing the library, else the run."""
-  usage.exit_on_help(COMMAND, gin_cli.define_flags)
-  logs.quiet_startup()
-  from calm_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
-  gin_cli.gin_main(eval_lib.evaluate)
+  gin_cli.command_main(COMMAND, 'calm_jax.eval:evaluate')
 
 
 if __name__ == '__main__':

@@ -1,6 +1,5 @@
 """`calm-export` (`python -m calm_jax.cli.export`): `calm_jax.export.export` configured by gin."""
 
-from calm_jax import logs
 from calm_jax.cli import gin_cli
 from calm_jax.cli import usage
 
@@ -21,10 +20,7 @@ calm-export --gin_file=runs/export.gin --gin_file=tasks/kv_arithmetic.gin \\
 
 def main():
   """Console-script entry point: `--help` without importing the library, else the run."""
-  usage.exit_on_help(COMMAND, gin_cli.define_flags)
-  logs.quiet_startup()
-  from calm_jax import export as export_lib  # pylint: disable=g-import-not-at-top
-  gin_cli.gin_main(export_lib.export, denylist=('log',))
+  gin_cli.command_main(COMMAND, 'calm_jax.export:export', denylist=('log',))
 
 
 if __name__ == '__main__':

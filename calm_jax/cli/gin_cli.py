@@ -21,6 +21,7 @@ errors keep their traceback).
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 import io
 import os
@@ -35,6 +36,7 @@ import gin
 
 from calm_jax import logs
 from calm_jax.cli import gin_files
+from calm_jax.cli import usage
 
 
 class GinConfigError(ValueError):
@@ -297,3 +299,12 @@ def gin_main(fn: Callable[..., Any], *, denylist: Sequence[str] = ()) -> None:
     except (ValueError, FloatingPointError) as e:
       sys.exit(f'{os.path.basename(sys.argv[0])}: {type(e).__name__}: {one_line(e)}')
   app.run(_main, argv=rewrite_gin_args(sys.argv))
+
+
+def command_main(command: usage.Command, target: str, *, denylist: Sequence[str] = ()) -> None:
+  """The `main` of a gin command: `--help` answered before anything heavy is imported, then
+  the plain function `target` ('module:function') imported and run by `gin_main`."""
+  usage.exit_on_help(command, define_flags)
+  logs.quiet_startup()
+  module, _, name = target.partition(':')
+  gin_main(getattr(importlib.import_module(module), name), denylist=denylist)

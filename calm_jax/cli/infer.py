@@ -1,6 +1,5 @@
 """`calm-infer` (`python -m calm_jax.cli.infer`): `calm_jax.infer.infer` configured by gin."""
 
-from calm_jax import logs
 from calm_jax.cli import gin_cli
 from calm_jax.cli import usage
 
@@ -21,10 +20,7 @@ calm-infer --gin_file=runs/infer.gin --gin_file=tasks/kv_arithmetic.gin \\
 
 def main():
   """Console-script entry point: `--help` without importing the library, else the run."""
-  usage.exit_on_help(COMMAND, gin_cli.define_flags)
-  logs.quiet_startup()
-  from calm_jax import infer as infer_lib  # pylint: disable=g-import-not-at-top
-  gin_cli.gin_main(infer_lib.infer, denylist=('log',))
+  gin_cli.command_main(COMMAND, 'calm_jax.infer:infer', denylist=('log',))
 
 
 if __name__ == '__main__':

@@ -4,7 +4,6 @@
 A module of its own so that `--help` answers before TensorFlow, JAX and the tasks are imported.
 """
 
-from calm_jax import logs
 from calm_jax.cli import gin_cli
 from calm_jax.cli import usage
 
@@ -22,10 +21,7 @@ COMMAND = usage.Command(
 
 def main():
   """Console-script entry point: `--help` without importing the library, else the experiment."""
-  usage.exit_on_help(COMMAND, gin_cli.define_flags)
-  logs.quiet_startup()
-  from calm_tasks import kv_experiment  # pylint: disable=g-import-not-at-top
-  gin_cli.gin_main(kv_experiment.run_experiment)
+  gin_cli.command_main(COMMAND, 'calm_tasks.kv_experiment:run_experiment')
 
 
 if __name__ == '__main__':

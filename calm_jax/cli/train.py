@@ -1,6 +1,5 @@
 """`calm-train` (`python -m calm_jax.cli.train`): `calm_jax.train.train` configured by gin."""
 
-from calm_jax import logs
 from calm_jax.cli import gin_cli
 from calm_jax.cli import usage
 
@@ -22,10 +21,7 @@ calm-train --gin_file=runs/pretrain.gin --gin_file=tasks/kv_arithmetic.gin \\
 
 def main():
   """Console-script entry point: `--help` without importing the library, else the run."""
-  usage.exit_on_help(COMMAND, gin_cli.define_flags)
-  logs.quiet_startup()
-  from calm_jax import train as train_lib  # pylint: disable=g-import-not-at-top
-  gin_cli.gin_main(train_lib.train, denylist=('log',))
+  gin_cli.command_main(COMMAND, 'calm_jax.train:train', denylist=('log', 'warn'))
 
 
 if __name__ == '__main__':
