@@ -1,10 +1,12 @@
 """The composition set D_C as a SeqIO mixture: rates reach the batches, held-out keys never do."""
 
+import gin
 import numpy as np
 import pytest
 import seqio
 
 from calm_jax import data
+from calm_jax.cli import gin_cli
 from calm_tasks import kv_arithmetic, kv_data
 
 SPEC = kv_data.KVSpec()
@@ -86,3 +88,27 @@ def test_mixture_rates_reach_the_batches(rates):
 def test_rates_are_checked():
   with pytest.raises(ValueError, match='rates must be'):
     kv_arithmetic.composition_mixture(0.0, 1.0, 1.0)
+
+
+def _probe(*, name):
+  return name
+
+
+def test_the_shares_are_set_from_gin(tmp_path):
+  run_file = tmp_path / 'mixture.gin'
+  run_file.write_text('\n'.join([
+      'from __gin__ import dynamic_registration', 'from calm_tasks import kv_arithmetic',
+      'MIXTURE_OR_TASK_NAME = @kv_arithmetic.composition_mixture()',
+      'kv_arithmetic.composition_mixture.numeric = 0.1',
+      'kv_arithmetic.composition_mixture.substitution = 0.0']))
+  gin.clear_config()
+  try:
+    gin_cli.configurable(_probe)
+    gin_cli.parse_gin([str(run_file)], ['_probe.name = %MIXTURE_OR_TASK_NAME'])
+    assert gin_cli.call_with_gin(_probe) == kv_arithmetic.COMPOSITION_MIXTURE
+    mixture = seqio.get_mixture_or_task(kv_arithmetic.COMPOSITION_MIXTURE)
+    assert {t.name: mixture.get_rate(t) for t in mixture.tasks} == {
+        'kv_arithmetic_held_in': 0.5, 'numeric_arithmetic': 0.1}
+  finally:
+    gin.clear_config()
+    kv_arithmetic.composition_mixture()
