@@ -13,7 +13,7 @@ bridges come from its latest checkpoint) or a composed checkpoint (`calm-export`
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from absl import logging
 from etils import epath
@@ -28,7 +28,13 @@ def make_predict_fn(model: Any, params: Any, batch_size: int, max_decode_len: in
   """seqio predict_fn: cached decoding (greedy by default) of a cached eval dataset."""
   generate_fn = decoding.make_generate_fn(model, max_decode_len=max_decode_len, eos_id=eos_id,
                                           sampling=sampling, num_beams=num_beams)
+  return predict_fn_of(generate_fn, lambda: params, batch_size, seed)
 
+
+def predict_fn_of(generate_fn: Callable[..., Any], params_fn: Callable[[], Any], batch_size: int,
+                  seed: int = 0):
+  """seqio predict_fn decoding with `generate_fn` (compiled once) at the parameters
+  `params_fn()` returns when it is called (evaluation during training passes each step's)."""
   def predict_fn(dataset, model_feature_shapes=None):
     del model_feature_shapes
     indices, batches = [], []
@@ -36,8 +42,8 @@ def make_predict_fn(model: Any, params: Any, batch_size: int, max_decode_len: in
       indices.append(index.tolist())
       batches.append(features)
     outputs = []
-    for index, (_, out) in zip(indices, decoding.decode_batches(generate_fn, params, batches,
-                                                                 batch_size, seed)):
+    for index, (_, out) in zip(indices, decoding.decode_batches(generate_fn, params_fn(),
+                                                                 batches, batch_size, seed)):
       outputs.extend(zip(index, out.tolist()))
     return outputs
 

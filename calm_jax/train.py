@@ -44,7 +44,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from calm_jax import calm as calm_lib
-from calm_jax import checkpoints, data, optim, partitioning, runs, trainable, validation
+from calm_jax import checkpoints, data, optim, partitioning, runs, train_eval, trainable
+from calm_jax import validation
 from calm_jax.configs import BridgeConfig, CalmConfig, TransformerConfig
 from calm_jax.train_step import (TrainState, init_train_state, make_sharded_train_step,
                                  state_shardings)
@@ -210,6 +211,35 @@ def _write_definition(model_dir: epath.Path, definition: Mapping[str, Any],
   (model_dir / DEFINITION_FILE).write_text(json.dumps(document, indent=2, sort_keys=True))
 
 
+def _periodic_eval(model_dir: epath.Path, setup: Setup, train_state_shardings: TrainState,
+                   mesh: jax.sharding.Mesh, rules: partitioning.Rules, *,
+                   train_eval_name: str | None, infer_eval_name: str | None, eval_period: int,
+                   eval_steps: int, batch_size: int, infer_examples: int | None, split: str,
+                   task_feature_lengths: Mapping[str, int], is_chief: bool,
+                   log: Callable[[str], None]) -> train_eval.PeriodicEval | None:
+  """The evaluations during training that the run asks for, or None."""
+  if not (train_eval_name or infer_eval_name):
+    return None
+  if eval_period <= 0:
+    raise validation.ConfigError(f'eval_period must be positive, got {eval_period}.')
+  trainer = inferer = None
+  if train_eval_name:
+    validation.check_feature_lengths(train_eval_name, task_feature_lengths)
+    validation.check_batch_size(batch_size, mesh, rules)
+    trainer = train_eval.TrainEvaluator(
+        setup.model, train_eval_name, task_feature_lengths, batch_size, eval_steps, split,
+        mesh, rules, train_state_shardings.params,
+        jax.tree.map(lambda x: x.sharding, setup.frozen))
+  if infer_eval_name:
+    validation.check_feature_lengths(infer_eval_name, task_feature_lengths)
+    inferer = train_eval.InferEvaluator(
+        setup.model, infer_eval_name, task_feature_lengths, batch_size, split, infer_examples,
+        model_dir / 'eval' / 'inference')
+  writer = (metric_writers.SummaryWriter(str(model_dir / 'eval')) if is_chief
+            else metric_writers.MultiWriter([]))
+  return train_eval.PeriodicEval(model_dir, trainer, inferer, eval_period, writer, log)
+
+
 def _vocab_sizes(mode: str, model_config: TransformerConfig | None,
                  anchor_checkpoint: str | None, anchor_config: TransformerConfig | None,
                  augment_checkpoints: Mapping[str, str] | None,
@@ -294,12 +324,13 @@ def _train_loop(step_fn: Callable[..., Any], state: TrainState, frozen: Any,
                 consumed: int, schedule: Callable[[int], Any], mesh: jax.sharding.Mesh,
                 rules: partitioning.Rules, writer: Any,
                 checkpointer: checkpoints.RunCheckpointer, log_every: int, save_every: int,
-                max_param_abs: float | None,
+                max_param_abs: float | None, periodic_eval: train_eval.PeriodicEval | None,
                 log: Callable[[str], None]) -> tuple[TrainState, dict[str, float]]:
-  """Steps `first` -> `train_steps`: progress lines and summaries, checkpoints, NaN guard.
+  """Steps `first` -> `train_steps`: progress lines and summaries, checkpoints, evaluations,
+  NaN guard.
 
-  The health flags of every step are read at each log step and before every save, so no
-  unhealthy state reaches a checkpoint.
+  The health flags of every step are read at each log step, before every evaluation and
+  before every save, so no unhealthy state is evaluated or reaches a checkpoint.
   """
   last: dict[str, float] = {}
   run_start = window_start = time.perf_counter()
@@ -313,9 +344,12 @@ def _train_loop(step_fn: Callable[..., Any], state: TrainState, frozen: Any,
     checkpointer.poll()
     is_log = done % log_every == 0 or done == train_steps
     is_save = done % save_every == 0 or done == train_steps
-    if is_log or is_save:
+    is_eval = periodic_eval is not None and (periodic_eval.due(done) or done == train_steps)
+    if is_log or is_save or is_eval:
       _check_health(pending, max_param_abs, checkpointer)
       pending = []
+    if is_eval:
+      periodic_eval(done, state.params, frozen)
     if step == first:  # Throughput and ETA leave out the first step's compilation.
       jax.block_until_ready(state)
       run_start = window_start = time.perf_counter()
@@ -361,6 +395,11 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
           save_every: int = 500, keep_checkpoints: int = 3,
           mesh: partitioning.MeshConfig | None = None, remat: str = 'none',
           max_param_abs: float | None = 1e10, allow_definition_change: bool = False,
+          train_eval_mixture_or_task_name: str | None = None,
+          infer_eval_mixture_or_task_name: str | None = None, eval_period: int | None = None,
+          eval_steps: int = 20, eval_batch_size: int | None = None,
+          infer_eval_examples: int | None = None, run_eval_before_training: bool = False,
+          eval_split: str = 'validation',
           config_text: str | None = None, log: Callable[[str], None] = logging.info,
           warn: Callable[[str], None] = logging.warning) -> dict[str, float]:
   """Trains per `mode` and returns the last logged metrics.
@@ -400,6 +439,17 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
       magnitude exceeds this (a diverged run with a finite loss); None: never.
     allow_definition_change: resume MODEL_DIR even if the run's definition (models,
       bridges, task, feature lengths, batch, optimizer) differs from its record.
+    train_eval_mixture_or_task_name: evaluate this task or mixture teacher-forced (loss and
+      token accuracy per task) during training (`calm_jax.train_eval`).
+    infer_eval_mixture_or_task_name: decode this task or mixture and score it with its seqio
+      metrics during training (one process only).
+    eval_period: steps between evaluations (default `save_every`); the last step is always
+      evaluated.
+    eval_steps: train_eval batches per task.
+    eval_batch_size: batch of both evaluations (default `batch_size`).
+    infer_eval_examples: infer_eval examples per task (default: the whole split).
+    run_eval_before_training: also evaluate before the first step (at the resumed step).
+    eval_split: the split both evaluations read.
     config_text: the resolved configuration written to MODEL_DIR/config.gin (the command line
       passes gin's); default: a record of this call's arguments.
     log: console sink (process 0 only).
@@ -469,12 +519,23 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
       frozen_shardings=jax.tree.map(lambda x: x.sharding, setup.frozen))
   writer = (metric_writers.SummaryWriter(str(model_dir / 'train')) if is_chief
             else metric_writers.MultiWriter([]))
+  periodic_eval = _periodic_eval(
+      model_dir, setup, train_state_shardings, device_mesh, rules,
+      train_eval_name=train_eval_mixture_or_task_name,
+      infer_eval_name=infer_eval_mixture_or_task_name,
+      eval_period=save_every if eval_period is None else eval_period,
+      eval_steps=eval_steps, batch_size=eval_batch_size or batch_size,
+      infer_examples=infer_eval_examples, split=eval_split,
+      task_feature_lengths=task_feature_lengths, is_chief=is_chief, log=log)
+  if periodic_eval is not None and run_eval_before_training and first < train_steps:
+    periodic_eval(first, state.params, setup.frozen)
   try:
     state, last = _train_loop(
         step_fn, state, setup.frozen, data.as_numpy_batches(dataset), first=first,
         train_steps=train_steps, consumed=consumed, schedule=schedule, mesh=device_mesh,
         rules=rules, writer=writer, checkpointer=checkpointer, log_every=log_every,
-        save_every=save_every, max_param_abs=max_param_abs, log=log)
+        save_every=save_every, max_param_abs=max_param_abs, periodic_eval=periodic_eval,
+        log=log)
   finally:  # Seals the saves already made (each was checked healthy before it started).
     checkpointer.close()
     writer.flush()
