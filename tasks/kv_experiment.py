@@ -97,6 +97,7 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
                    warmup_steps: int = 100,
                    eval_examples: int | None = None, eval_batch_size: int = 250,
                    seed: int = 0, log_every: int = 100,
+                   compose_mixture_or_task_name: str = 'kv_arithmetic_held_in',
                    config_text: str | None = None) -> dict[str, dict[str, float]]:
   """Runs every phase (see the module docstring) and returns {dataset: {model: accuracy %}}.
 
@@ -115,6 +116,8 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
     eval_batch_size: decoding batch.
     seed: seed of every phase.
     log_every: steps between progress lines.
+    compose_mixture_or_task_name: the composition set D_C: KV-Arithmetic over held-in keys
+      alone, or a mixture such as `kv_composition` that keeps shares of the models' own skills.
     config_text: the resolved configuration, written to EXPERIMENT_DIR/config.gin and each
       phase's MODEL_DIR (the command line passes gin's); default: each phase's arguments.
   """
@@ -142,7 +145,7 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
         model_config=m_a_config, train_steps=m_a_steps, learning_rate=m_a_learning_rate)
   phase('m_b', mode='pretrain', mixture_or_task_name='numeric_arithmetic',
         model_config=m_b_config, train_steps=m_b_steps, learning_rate=m_b_learning_rate)
-  compose = dict(mode='compose', mixture_or_task_name='kv_arithmetic_held_in',
+  compose = dict(mode='compose', mixture_or_task_name=compose_mixture_or_task_name,
                  anchor_checkpoint=str(root / 'm_b' / 'lm'), bridges={'augment': bridge},
                  train_steps=compose_steps, learning_rate=compose_learning_rate)
   phase('calm', augment_checkpoints={'augment': str(root / 'm_a' / 'lm')}, **compose)
