@@ -62,8 +62,7 @@ def check_files(path: str | epath.Path, document: Mapping[str, Any], what: str,
     return
   found = integrity.problems(path, files)
   if found:
-    more = f' (and {len(found) - 1} more)' if len(found) > 1 else ''
-    raise CorruptCheckpointError(f'{what} {path} is corrupt: {found[0]}{more}.')
+    raise CorruptCheckpointError(f'{what} {path} is corrupt: {integrity.summary(found)}.')
 
 
 def nonfinite_leaves(tree: Any) -> list[str]:
@@ -324,9 +323,8 @@ class RunCheckpointer:
     manifest, naming the step directory and the file."""
     found = integrity.verify_manifest(self.step_dir(step))
     if found:
-      more = f' (and {len(found) - 1} more)' if len(found) > 1 else ''
       raise CorruptCheckpointError(f'Checkpoint {self.step_dir(step)} is corrupt: '
-                                   f'{found[0]}{more}.')
+                                   f'{integrity.summary(found)}.')
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, int]:
     """(state, batches consumed) of checkpoint `step`, restored into `abstract_state`'s layout."""

@@ -13,7 +13,7 @@ bridges come from its latest checkpoint) or a composed checkpoint (`calm-export`
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
 from etils import epath
@@ -50,6 +50,37 @@ def predict_fn_of(generate_fn: Callable[..., Any], params_fn: Callable[[], Any],
   return predict_fn
 
 
+def make_evaluator(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+                   split: str, num_examples: int | None, log_dir: epath.Path,
+                   loggers: Sequence[type[seqio.Logger]] = (seqio.TensorBoardLogger,
+                                                             seqio.JSONLogger)
+                   ) -> tuple[seqio.Evaluator, int]:
+  """(seqio Evaluator of a task or mixture writing to `log_dir`, its EOS id).
+
+  Args:
+    mixture_or_task_name: the task or mixture.
+    task_feature_lengths: TASK_FEATURE_LENGTHS.
+    split: the eval split.
+    num_examples: examples per task (None: the whole split).
+    log_dir: created if absent (seqio's JSONLogger does not create it).
+    loggers: seqio logger classes.
+  """
+  task = data.get_task_or_mixture(mixture_or_task_name)
+  log_dir.mkdir(parents=True, exist_ok=True)
+  evaluator = seqio.Evaluator(
+      mixture_or_task_name=mixture_or_task_name,
+      feature_converter=data.feature_converter(task, pack=False), eval_split=split,
+      sequence_length=dict(task_feature_lengths), num_examples=num_examples,
+      logger_cls=list(loggers), log_dir=str(log_dir))
+  return evaluator, next(iter(task.output_features.values())).vocabulary.eos_id
+
+
+def metric_values(metrics: Any) -> dict[str, dict[str, float]]:
+  """{task: {metric: float}} of `seqio.Evaluator.evaluate`'s (future) metrics."""
+  return {name: {k: float(getattr(v, 'value', v)) for k, v in task_metrics.items()}
+          for name, task_metrics in metrics.result().items()}
+
+
 def evaluate(*, checkpoint: str, mixture_or_task_name: str,
              task_feature_lengths: Mapping[str, int], batch_size: int = 64,
              split: str = 'validation', eval_dir: str | None = None, step: int | None = None,
@@ -68,19 +99,12 @@ def evaluate(*, checkpoint: str, mixture_or_task_name: str,
   """
   model, params, description, checkpoint_step, _ = runs.load_checkpoint(checkpoint)
   step = checkpoint_step if step is None else step
-  task = data.get_task_or_mixture(mixture_or_task_name)
-  eval_dir = epath.Path(eval_dir or epath.Path(checkpoint) / 'eval')
-  eval_dir.mkdir(parents=True, exist_ok=True)  # seqio's JSONLogger does not create it.
-  evaluator = seqio.Evaluator(
-      mixture_or_task_name=mixture_or_task_name,
-      feature_converter=data.feature_converter(task, pack=False), eval_split=split,
-      sequence_length=dict(task_feature_lengths), num_examples=num_examples,
-      logger_cls=[seqio.TensorBoardLogger, seqio.JSONLogger], log_dir=str(eval_dir))
-  eos_id = next(iter(task.output_features.values())).vocabulary.eos_id
+  evaluator, eos_id = make_evaluator(
+      mixture_or_task_name, task_feature_lengths, split, num_examples,
+      epath.Path(eval_dir or epath.Path(checkpoint) / 'eval'))
   predict_fn = make_predict_fn(model, params, batch_size, task_feature_lengths['targets'],
                                eos_id)
   metrics, _ = evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict_fn)
-  results = {name: {k: float(getattr(v, 'value', v)) for k, v in task_metrics.items()}
-             for name, task_metrics in metrics.result().items()}
+  results = metric_values(metrics)
   logging.info('%s: %s', description, json.dumps(results))
   return results

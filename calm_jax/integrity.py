@@ -87,6 +87,11 @@ def problems(root: str | epath.Path, files: Mapping[str, Mapping[str, Any]]) -> 
   return found
 
 
+def summary(found: Sequence[str]) -> str:
+  """The first of `problems`' findings, and how many more there are."""
+  return found[0] + (f' (and {len(found) - 1} more)' if len(found) > 1 else '')
+
+
 def write_manifest(root: str | epath.Path) -> None:
   """Writes `root/manifest.json` covering every other file under `root` (written last)."""
   root = epath.Path(root)

@@ -301,11 +301,11 @@ def _check_health(pending: list[tuple[int, dict[str, jax.Array]]], max_param_abs
   """Raises TrainingDivergedError at the first step of `pending` whose state is not healthy.
 
   `pending` holds (step, metrics) of the steps since the last check; their flags were
-  computed on device, so this is the only host transfer they cost.
+  computed on device and come to the host here in one transfer.
   """
-  for step, metrics in pending:
-    finite = _scalar(metrics['finite'])
-    largest = _scalar(metrics['param_max_abs'])
+  flags = jax.device_get([(m['finite'].addressable_data(0),
+                           m['param_max_abs'].addressable_data(0)) for _, m in pending])
+  for (step, metrics), (finite, largest) in zip(pending, flags):
     if finite and (max_param_abs is None or largest <= max_param_abs):
       continue
     what = (f'non-finite loss, gradient or state (loss {_scalar(metrics["loss"])})' if not finite

@@ -22,7 +22,6 @@ from typing import Any, Callable, Mapping
 
 from etils import epath
 import jax
-import numpy as np
 import seqio
 
 from calm_jax import data, decoding, eval as eval_lib, partitioning
@@ -81,12 +80,10 @@ class TrainEvaluator:
     """{task: {'loss', 'accuracy'}} at the parameters `trained` (+ `frozen`)."""
     results = {}
     for name, batches in self._batches.items():
-      total = {'loss': 0.0, 'accuracy': 0.0, 'weight': 0.0}
-      for batch in batches:
-        out = self._sums(trained, frozen, partitioning.global_batch(batch, self._mesh,
-                                                                    self._rules))
-        for key, value in out.items():
-          total[key] += float(np.asarray(value.addressable_data(0)))
+      sums = [self._sums(trained, frozen, partitioning.global_batch(b, self._mesh, self._rules))
+              for b in batches]  # Dispatched back to back; one transfer at the end.
+      sums = jax.device_get([{k: v.addressable_data(0) for k, v in s.items()} for s in sums])
+      total = {key: sum(float(s[key]) for s in sums) for key in sums[0]}
       weight = max(total['weight'], 1.0)
       results[name] = {'loss': total['loss'] / weight, 'accuracy': total['accuracy'] / weight}
     return results
@@ -111,15 +108,9 @@ class InferEvaluator:
     if jax.process_count() > 1:
       raise ValueError('infer_eval during training runs in one process only; evaluate the '
                        'checkpoints with calm-eval instead.')
-    task = data.get_task_or_mixture(mixture_or_task_name)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    self._evaluator = seqio.Evaluator(
-        mixture_or_task_name=mixture_or_task_name,
-        feature_converter=data.feature_converter(task, pack=False), eval_split=split,
-        sequence_length=dict(task_feature_lengths), num_examples=num_examples,
-        logger_cls=[seqio.JSONLogger], log_dir=str(log_dir))
-    eos_id = next(iter(data.tasks_of(mixture_or_task_name)[0].output_features.values())
-                  ).vocabulary.eos_id
+    self._evaluator, eos_id = eval_lib.make_evaluator(
+        mixture_or_task_name, task_feature_lengths, split, num_examples, log_dir,
+        loggers=(seqio.JSONLogger,))
     # Compiled once; each evaluation decodes at the parameters of its step.
     generate_fn = decoding.make_generate_fn(
         model, max_decode_len=task_feature_lengths['targets'], eos_id=eos_id)
@@ -132,8 +123,7 @@ class InferEvaluator:
     try:
       metrics, _ = self._evaluator.evaluate(compute_metrics=True, step=step,
                                             predict_fn=self._predict_fn)
-      return {name: {k: float(getattr(v, 'value', v)) for k, v in task_metrics.items()}
-              for name, task_metrics in metrics.result().items()}
+      return eval_lib.metric_values(metrics)
     finally:
       self._params = None
 
