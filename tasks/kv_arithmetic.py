@@ -1,12 +1,15 @@
 """SeqIO tasks of the key-value arithmetic experiment (CALM section 4.1); importing registers them.
 
 Tasks (each with 'train' and 'validation' splits of (inputs, targets) pairs):
-  kv_substitution          'k3 + k7 - k2 =' -> '3 + 7 - 2', over all keys     (trains m_A)
-  numeric_arithmetic       '3 + 7 - 2 ='    -> '8'                              (trains m_B)
-  kv_arithmetic_held_in    'k3 + k7 - k2 =' -> '8', held-in keys only (the key-only D_C)
+  kv_substitution          'k3 + k7 - k2 ->' => '3 + 7 - 2', over all keys    (trains m_A)
+  numeric_arithmetic       '3 + 7 - 2 ='     => '8'                             (trains m_B)
+  kv_arithmetic_held_in    'k3 + k7 - k2 ='  => '8', held-in keys only (the key-only D_C)
   kv_arithmetic_held_out   the same over held-out keys only (evaluation; its 'train' split
                            exists for symmetry and is never used by the experiment)
   kv_substitution_held_in  KV-Substitution over held-in keys only (part of the mixed D_C)
+  kv_substitution_augment  KV-Substitution over all keys, asked with '->' or '=' (each half):
+                           m_A's training set, so that m_A reads KV-Arithmetic's questions
+                           ('k3 + k7 - k2 =') as its own, as in the paper
 
 Mixtures:
   kv_composition      the composition set D_C as CALM trains it: KV-Arithmetic over held-in
@@ -18,6 +21,10 @@ Mixtures:
                       KV-Arithmetic over held-out keys), for one calm-eval call per model.
 
 No task of kv_composition holds a held-out key.
+
+Other key repositories (the data seed, `KVSpec.seed`): `for_data_seed(name, seed)` registers
+the tasks of KVSpec(seed=seed) under the prefix 'kv_seed<seed>_' and returns the name of
+`name`'s counterpart there (a mixture keeps its rates).
 
 Metric: exact match of the whole target, in percent ('accuracy'). `register(spec, ...)` makes
 another variant under a name prefix; `kv_data.py` documents the data and how it differs from
@@ -37,11 +44,13 @@ from calm_tasks.vocabularies import WordVocabulary
 
 # Appended, never reordered: a task's index seeds its examples.
 TASKS = ('kv_substitution', 'numeric_arithmetic', 'kv_arithmetic_held_in',
-         'kv_arithmetic_held_out', 'kv_substitution_held_in')
+         'kv_arithmetic_held_out', 'kv_substitution_held_in', 'kv_substitution_augment')
 COMPOSITION_MIXTURE = 'kv_composition'
-# Shares of the default composition mixture: the new skill, and a quarter each of the old ones.
-COMPOSITION_RATES = {'kv_arithmetic_held_in': 0.5, 'numeric_arithmetic': 0.25,
-                     'kv_substitution_held_in': 0.25}
+# Shares of the default composition mixture: mostly the new skill, a tenth each of the old ones
+# (measured on the default experiment: 0.5 / 0.25 / 0.25 keeps both old skills too but learns
+# less of the new one in the same steps; see the README).
+COMPOSITION_RATES = {'kv_arithmetic_held_in': 0.8, 'numeric_arithmetic': 0.1,
+                     'kv_substitution_held_in': 0.1}
 TRAIN_EXAMPLES = 100_000
 EVAL_EXAMPLES = 500
 # Seeds of the example streams, distinct per split so validation never repeats train's draws.
@@ -65,6 +74,9 @@ def _examples(spec: kv_data.KVSpec, task: str, split: str, num_train: int,
               num_eval: int) -> tuple[tuple[str, str], ...]:
   n = num_train if split == 'train' else num_eval
   seed = spec.seed * 100 + _SPLIT_SEEDS[split] * 10 + TASKS.index(task)
+  if task == 'kv_substitution_augment':
+    return tuple(kv_data.kv_substitution(spec, n, seed, keys='all',
+                                         asked_with=(kv_data.SUBSTITUTE, kv_data.EQUALS)))
   if task in ('kv_substitution', 'kv_substitution_held_in'):
     keys = 'held_in' if task == 'kv_substitution_held_in' else 'all'
     return tuple(kv_data.kv_substitution(spec, n, seed, keys=keys))
@@ -138,6 +150,37 @@ def composition_mixture(arithmetic: float = COMPOSITION_RATES['kv_arithmetic_hel
   name = prefix + COMPOSITION_MIXTURE
   _add_mixture(name, [(task, rate) for task, rate in rates if rate > 0])
   return name
+
+
+def for_data_seed(name: str, data_seed: int) -> str:
+  """The name of task or mixture `name` over the key repository of KVSpec(seed=data_seed).
+
+  The default repository's names are returned as they are. For another seed, its tasks are
+  registered (once) under the prefix 'kv_seed<seed>_'; a mixture of the default tasks (such as
+  `kv_composition` with gin-set rates) is re-registered over that seed's tasks with the same
+  rates.
+
+  Raises:
+    ValueError: `name` is neither one of these tasks nor a mixture of them.
+  """
+  if data_seed == kv_data.KVSpec().seed:
+    return name
+  prefix = f'kv_seed{data_seed}_'
+  if prefix + TASKS[0] not in seqio.TaskRegistry.names():
+    register(kv_data.KVSpec(seed=data_seed), prefix)
+  if name in TASKS:
+    return prefix + name
+  try:
+    mixture = seqio.get_mixture_or_task(name)
+  except ValueError as e:
+    raise ValueError(f'Unknown task or mixture {name!r}.') from e
+  tasks = getattr(mixture, 'tasks', [mixture])
+  unknown = [t.name for t in tasks if t.name not in TASKS]
+  if not isinstance(mixture, seqio.Mixture) or unknown:
+    raise ValueError(f'{name!r} is not a key-value task or a mixture of them (only those '
+                     f'have other data seeds); not ours: {unknown or [name]}.')
+  _add_mixture(prefix + name, [(prefix + t.name, mixture.get_rate(t)) for t in tasks])
+  return prefix + name
 
 
 register()

@@ -3,9 +3,15 @@
 A repository of `num_keys` keys, each a single vocabulary token ('k0', 'k1', ...), maps to an
 integer value. Three datasets of (inputs, targets) strings, whitespace-tokenised:
 
-  KV-Substitution     'k3 + k7 - k2 ='  ->  '3 + 7 - 2'
-  Numeric-Arithmetic  '3 + 7 - 2 ='     ->  '8'
-  KV-Arithmetic       'k3 + k7 - k2 ='  ->  '8'
+  KV-Substitution     'k3 + k7 - k2 ->'  =>  '3 + 7 - 2'
+  Numeric-Arithmetic  '3 + 7 - 2 ='      =>  '8'
+  KV-Arithmetic       'k3 + k7 - k2 ='   =>  '8'
+
+KV-Substitution asks with '->' and the arithmetic tasks with '=': the composition set mixes
+KV-Substitution and KV-Arithmetic over the same keys, and one expression cannot have two
+answers (the paper's PaLM models are told the task in their prompts). m_A, which knows
+substitution only, is trained on questions asked both ways (the paper's KV-Substitution inputs
+are KV-Arithmetic's), so that it reads KV-Arithmetic's questions as it reads its own.
 
 Results are written digit by digit with a leading '-' for negatives ('- 1 2', '1 8'), so that a
 key, a value and a digit are each one token and the anchor sees the same input structure on
@@ -28,6 +34,9 @@ import numpy as np
 
 PAD, EOS, UNK = '<pad>', '<eos>', '<unk>'
 OPERATORS = ('+', '-')
+EQUALS = '='  # Ends an arithmetic question.
+SUBSTITUTE = '->'  # Ends a substitution question.
+MAX_VALUE = 99  # Values above 9 are tokens of their own ('13'), after the digits.
 KEY_SETS = ('all', 'held_in', 'held_out')
 
 
@@ -38,8 +47,8 @@ class KVSpec:
   Attributes:
     num_keys: N_KV, number of keys 'k0' ... 'k{N-1}', each one token.
     min_value: smallest value of a key (inclusive).
-    max_value: largest value of a key (inclusive); values are written as one token each, so
-      keep 0 <= min_value <= max_value <= 9.
+    max_value: largest value of a key (inclusive), at most MAX_VALUE. A value is one token
+      ('7', '13'); results are written digit by digit ('1 3').
     min_operands: fewest operands of an expression.
     max_operands: most operands of an expression (inclusive).
     operators: binary operators between operands, drawn uniformly.
@@ -57,8 +66,8 @@ class KVSpec:
   seed: int = 0
 
   def __post_init__(self):
-    if not 0 <= self.min_value <= self.max_value <= 9:
-      raise ValueError(f'Values must be single digits, got [{self.min_value}, '
+    if not 0 <= self.min_value <= self.max_value <= MAX_VALUE:
+      raise ValueError(f'Values must lie in [0, {MAX_VALUE}], got [{self.min_value}, '
                        f'{self.max_value}].')
     if not 1 <= self.min_operands <= self.max_operands:
       raise ValueError(f'Bad operand counts [{self.min_operands}, {self.max_operands}].')
@@ -77,8 +86,10 @@ class KVSpec:
 
 
 def vocabulary(spec: KVSpec) -> list[str]:
-  """The token list: pad (id 0), eos (id 1), unk, digits, operators, '=', then the keys."""
-  return ([PAD, EOS, UNK] + [str(d) for d in range(10)] + list(OPERATORS) + ['=']
+  """The token list: pad (id 0), eos (id 1), unk, digits, operators, '=', '->', the values
+  above 9 (if any), then the keys."""
+  return ([PAD, EOS, UNK] + [str(d) for d in range(10)] + list(OPERATORS)
+          + [EQUALS, SUBSTITUTE] + [str(v) for v in range(10, spec.max_value + 1)]
           + [f'k{i}' for i in range(spec.num_keys)])
 
 
@@ -175,13 +186,25 @@ def evaluate(values: Sequence[int], ops: Sequence[str]) -> int:
   return total
 
 
-def kv_substitution(spec: KVSpec, n: int, seed: int,
-                    keys: str = 'all') -> list[tuple[str, str]]:
-  """n KV-Substitution examples: ('k3 + k7 - k2 =', '3 + 7 - 2') over the `keys` set."""
+def kv_substitution(spec: KVSpec, n: int, seed: int, keys: str = 'all',
+                    asked_with: Sequence[str] = (SUBSTITUTE,)) -> list[tuple[str, str]]:
+  """n KV-Substitution examples: ('k3 + k7 - k2 ->', '3 + 7 - 2') over the `keys` set.
+
+  Args:
+    spec: the repository.
+    n: number of examples.
+    seed: seed of the expressions.
+    keys: one of KEY_SETS.
+    asked_with: the question marks, drawn uniformly per example: the default asks with '->';
+      (SUBSTITUTE, EQUALS) also asks half of them as the paper does, with KV-Arithmetic's
+      '=' (m_A's training set: m_A answers any question over keys with the substitution).
+  """
   repo = key_values(spec)
+  marks = np.random.default_rng(seed + 7919).integers(0, len(asked_with), n)
   out = []
-  for operands, ops in _expressions(spec, n, seed, keys_of(spec, keys)):
-    out.append((_join(operands, ops) + ' =', _join([repo[k] for k in operands], ops)))
+  for (operands, ops), mark in zip(_expressions(spec, n, seed, keys_of(spec, keys)), marks):
+    out.append((f'{_join(operands, ops)} {asked_with[mark]}',
+                _join([repo[k] for k in operands], ops)))
   return out
 
 
@@ -190,8 +213,8 @@ def numeric_arithmetic(spec: KVSpec, n: int, seed: int) -> list[tuple[str, str]]
   digits = [str(v) for v in range(spec.min_value, spec.max_value + 1)]
   out = []
   for operands, ops in _expressions(spec, n, seed, digits):
-    out.append((_join(operands, ops) + ' =', format_number(evaluate([int(d) for d in operands],
-                                                                    ops))))
+    result = evaluate([int(d) for d in operands], ops)
+    out.append((f'{_join(operands, ops)} {EQUALS}', format_number(result)))
   return out
 
 
@@ -205,7 +228,7 @@ def kv_arithmetic(spec: KVSpec, n: int, seed: int,
   repo = key_values(spec)
   out = []
   for operands, ops in _expressions(spec, n, seed, keys_of(spec, keys)):
-    out.append((_join(operands, ops) + ' =',
+    out.append((f'{_join(operands, ops)} {EQUALS}',
                 format_number(evaluate([repo[k] for k in operands], ops))))
   return out
 

@@ -4,13 +4,18 @@
 
 Phases, each a calm-train / calm-eval run under EXPERIMENT_DIR (a rerun resumes or skips
 finished phases):
-  m_a/             pretrain m_A (augment) on KV-Substitution over all keys
+  m_a/             pretrain m_A (augment) on KV-Substitution over all keys (asked with '->'
+                   or, as KV-Arithmetic asks, '=')
   m_b/             pretrain m_B (anchor) on Numeric-Arithmetic
-  calm/            compose m_B + m_A, bridges trained on KV-Arithmetic over held-in keys
+  calm/            compose m_B + m_A, bridges trained on the mixture kv_composition:
+                   KV-Arithmetic over held-in keys with shares of Numeric-Arithmetic and of
+                   KV-Substitution over held-in keys (the models' own skills)
   calm_random_m_a/ the ablation: the same composition with an untrained (random) m_A
 then every model is evaluated on KV-Substitution, Numeric-Arithmetic and KV-Arithmetic over
 held-out keys (never on held-in keys). Writes results.json (accuracy in percent),
-results.md (Table 1's layout with the paper's numbers beside ours) and results.png.
+results.md (Table 1's layout with the paper's numbers beside ours, and the wall time of each
+phase) and results.png. With `seeds` (`--seeds=0,1,2`) it runs once per seed under
+EXPERIMENT_DIR/seed_<n>/ and reports the mean and spread of every cell.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ import dataclasses
 import functools
 import json
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from absl import logging
 from etils import epath
 import jax
 import jax.numpy as jnp
+import numpy as np
+import seqio
 
 from calm_jax import checkpoints, optim
 from calm_jax import eval as eval_lib
@@ -54,20 +61,61 @@ def _random_lm(config: TransformerConfig, directory: epath.Path, seed: int) -> s
   return str(directory)
 
 
+def _statistics(per_seed: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, Any]:
+  """Mean, sample standard deviation, min and max over seeds of every {dataset: {model: %}}."""
+  out: dict[str, Any] = {stat: {key: {} for key in DATASETS}
+                         for stat in ('mean', 'std', 'min', 'max')}
+  for key in DATASETS:
+    for model in MODELS:
+      values = np.array([r[key][model] for r in per_seed], np.float64)
+      out['mean'][key][model] = float(values.mean())
+      out['std'][key][model] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+      out['min'][key][model] = float(values.min())
+      out['max'][key][model] = float(values.max())
+  return out
+
+
+def _seconds_line(seconds: Mapping[str, float]) -> str:
+  return 'Wall time per phase: ' + ', '.join(
+      f'{name} {value:.0f} s' for name, value in seconds.items()) + '.'
+
+
 def write_results(results: Mapping[str, Mapping[str, float]], out_dir: epath.Path,
-                  settings: Mapping[str, Any]) -> None:
-  """results.json, results.md (with the paper's numbers) and results.png."""
-  (out_dir / 'results.json').write_text(json.dumps(
-      {'accuracy': results, 'settings': settings, 'paper': PAPER}, indent=2))
+                  settings: Mapping[str, Any], *,
+                  spread: Mapping[str, Any] | None = None) -> None:
+  """results.json, results.md (with the paper's numbers) and results.png.
+
+  Args:
+    results: {dataset: {model: accuracy %}}, the mean where there are several seeds.
+    out_dir: where to write.
+    settings: recorded in results.json; its 'seconds' ({phase: s}) go into results.md.
+    spread: for several seeds, `_statistics`' output plus 'seeds' and 'per_seed'; cells then
+      read 'mean ± std (min-max)' and the chart has min-max error bars.
+  """
+  record = {'accuracy': results, 'settings': settings, 'paper': PAPER}
+  if spread is not None:
+    record.update(spread)
+  (out_dir / 'results.json').write_text(json.dumps(record, indent=2))
+
+  def cell(key, model):
+    if spread is None:
+      return f'{results[key][model]:.1f}'
+    return (f'{results[key][model]:.1f} ± {spread["std"][key][model]:.1f} '
+            f'({spread["min"][key][model]:.1f}-{spread["max"][key][model]:.1f})')
+
   lines = ['| accuracy % | m_A (ours / paper) | m_B (ours / paper) | CALM (ours / paper) '
            '| CALM with random m_A |', '|---|---|---|---|---|']
   for key, label in DATASETS.items():
-    row = results[key]
-    cells = [f'{row[m]:.1f} / {PAPER[key][m]:.1f}' for m in ('m_A', 'm_B', 'calm')]
-    lines.append(f'| {label} | ' + ' | '.join(cells) + f' | {row["calm_random_m_A"]:.1f} |')
-  note = ('KV-Arithmetic is evaluated on expressions over held-out keys only; the composition '
-          'was trained on held-in keys.')
-  (out_dir / 'results.md').write_text('\n'.join(lines) + f'\n\n{note}\n')
+    cells = [f'{cell(key, m)} / {PAPER[key][m]:.1f}' for m in ('m_A', 'm_B', 'calm')]
+    lines.append(f'| {label} | ' + ' | '.join(cells) + f' | {cell(key, "calm_random_m_A")} |')
+  notes = ['KV-Arithmetic is evaluated on expressions over held-out keys only; the composition '
+           'was trained on held-in keys.']
+  if spread is not None:
+    notes.append(f'Seeds {list(spread["seeds"])} (training seed and key repository): mean ± '
+                 'sample standard deviation (min-max).')
+  if settings.get('seconds'):
+    notes.append(_seconds_line(settings['seconds']))
+  (out_dir / 'results.md').write_text('\n'.join(lines) + '\n\n' + '\n\n'.join(notes) + '\n')
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -75,13 +123,20 @@ def write_results(results: Mapping[str, Mapping[str, float]], out_dir: epath.Pat
   width = 0.2
   for i, model in enumerate(MODELS):
     values = [results[k][model] for k in DATASETS]
+    errors = None
+    if spread is not None:
+      errors = [[v - spread['min'][k][model] for k, v in zip(DATASETS, values)],
+                [spread['max'][k][model] - v for k, v in zip(DATASETS, values)]]
     bars = ax.bar([j + (i - 1.5) * width for j in range(len(DATASETS))], values, width,
-                  label=model)
+                  yerr=errors, capsize=2, label=model)
     ax.bar_label(bars, fmt='%.0f', fontsize=7)
   ax.set_xticks(range(len(DATASETS)), list(DATASETS.values()))
   ax.set_ylabel('exact-match accuracy (%)')
   ax.set_ylim(0, 105)
-  ax.set_title('Key-value arithmetic (KV-Arithmetic on held-out keys)')
+  title = 'Key-value arithmetic (KV-Arithmetic on held-out keys)'
+  if spread is not None:
+    title += f', {len(spread["seeds"])} seeds'
+  ax.set_title(title)
   ax.legend(fontsize=8, loc='upper right')
   fig.tight_layout()
   fig.savefig(str(out_dir / 'results.png'), dpi=120)
@@ -96,8 +151,9 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
                    compose_learning_rate: float = 1e-3, weight_decay: float = 0.0,
                    warmup_steps: int = 100,
                    eval_examples: int | None = None, eval_batch_size: int = 250,
-                   seed: int = 0, log_every: int = 100,
-                   compose_mixture_or_task_name: str = 'kv_arithmetic_held_in',
+                   seed: int = 0, data_seed: int = 0, seeds: Sequence[int] | None = None,
+                   log_every: int = 100,
+                   compose_mixture_or_task_name: str = kv_arithmetic.COMPOSITION_MIXTURE,
                    config_text: str | None = None) -> dict[str, dict[str, float]]:
   """Runs every phase (see the module docstring) and returns {dataset: {model: accuracy %}}.
 
@@ -114,10 +170,17 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
     warmup_steps: linear warmup of every phase.
     eval_examples: evaluate this many examples per task (default: the whole split).
     eval_batch_size: decoding batch.
-    seed: seed of every phase.
+    seed: seed of every phase (initialisation and data order).
+    data_seed: seed of the key repository: the keys' values and the held-in / held-out split
+      (`KVSpec.seed`; 0 is the registered default tasks).
+    seeds: run the whole experiment once per seed n (training seed n and data seed n) under
+      EXPERIMENT_DIR/seed_<n>/, and report the mean, standard deviation, min and max of every
+      cell in EXPERIMENT_DIR/results.*; `seed` and `data_seed` are then ignored. Returns the
+      means.
     log_every: steps between progress lines.
-    compose_mixture_or_task_name: the composition set D_C: KV-Arithmetic over held-in keys
-      alone, or a mixture such as `kv_composition` that keeps shares of the models' own skills.
+    compose_mixture_or_task_name: the composition set D_C: the mixture `kv_composition`
+      (KV-Arithmetic over held-in keys with shares of the models' own skills; its rates are
+      set with `kv_arithmetic.composition_mixture`), or `kv_arithmetic_held_in` alone.
     config_text: the resolved configuration, written to EXPERIMENT_DIR/config.gin and each
       phase's MODEL_DIR (the command line passes gin's); default: each phase's arguments.
   """
@@ -125,6 +188,57 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
   root.mkdir(parents=True, exist_ok=True)
   if config_text is not None:
     (root / train_lib.CONFIG_FILE).write_text(config_text)
+  settings = dict(
+      m_a_config=m_a_config, m_b_config=m_b_config, bridge=bridge,
+      task_feature_lengths=task_feature_lengths, m_a_steps=m_a_steps, m_b_steps=m_b_steps,
+      compose_steps=compose_steps, batch_size=batch_size, m_a_learning_rate=m_a_learning_rate,
+      m_b_learning_rate=m_b_learning_rate, compose_learning_rate=compose_learning_rate,
+      weight_decay=weight_decay, warmup_steps=warmup_steps, eval_examples=eval_examples,
+      eval_batch_size=eval_batch_size, log_every=log_every,
+      compose_mixture_or_task_name=compose_mixture_or_task_name, config_text=config_text)
+  if not seeds:
+    return _run_one(root, seed=seed, data_seed=data_seed, **settings)
+  seeds = [int(n) for n in seeds]
+  if len(set(seeds)) != len(seeds):
+    raise ValueError(f'seeds must be distinct, got {seeds}.')
+  start = time.perf_counter()
+  per_seed = []
+  for n in seeds:
+    logging.info('=== seed %d of %s ===', n, seeds)
+    per_seed.append(_run_one(root / f'seed_{n}', seed=n, data_seed=n, **settings))
+  stats = _statistics(per_seed)
+  seconds = {f'seed_{n}': json.loads((root / f'seed_{n}' / 'results.json').read_text())[
+      'settings']['seconds']['total'] for n in seeds}
+  seconds['total'] = time.perf_counter() - start
+  spread = dict(seeds=seeds, per_seed={str(n): r for n, r in zip(seeds, per_seed)}, **stats)
+  write_results(stats['mean'], root, {'seeds': seeds, 'seconds': seconds,
+                                      **_settings_record(compose_mixture_or_task_name)},
+                spread=spread)
+  logging.info('results over seeds %s in %s: %s', seeds, root, json.dumps(stats['mean']))
+  return stats['mean']
+
+
+def _settings_record(compose_name: str) -> dict[str, Any]:
+  mixture = seqio.get_mixture_or_task(compose_name)
+  if isinstance(mixture, seqio.Mixture):
+    rates = {t.name: mixture.get_rate(t) for t in mixture.tasks}
+  else:
+    rates = {compose_name: 1.0}
+  return {'composition_set': compose_name, 'composition_rates': rates}
+
+
+def _run_one(root: epath.Path, *, seed: int, data_seed: int, m_a_config: TransformerConfig,
+             m_b_config: TransformerConfig, bridge: BridgeConfig,
+             task_feature_lengths: Mapping[str, int], m_a_steps: int, m_b_steps: int,
+             compose_steps: int, batch_size: int, m_a_learning_rate: float,
+             m_b_learning_rate: float, compose_learning_rate: float, weight_decay: float,
+             warmup_steps: int, eval_examples: int | None, eval_batch_size: int,
+             log_every: int, compose_mixture_or_task_name: str,
+             config_text: str | None) -> dict[str, dict[str, float]]:
+  """One seed of `run_experiment`, under `root`."""
+  root.mkdir(parents=True, exist_ok=True)
+  task = functools.partial(kv_arithmetic.for_data_seed, data_seed=data_seed)
+  compose_name = task(compose_mixture_or_task_name)
   start = time.perf_counter()
   timings = {}
 
@@ -141,11 +255,11 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
         config_text=config_text, **kwargs)
     timings[name] = time.perf_counter() - tick
 
-  phase('m_a', mode='pretrain', mixture_or_task_name='kv_substitution',
+  phase('m_a', mode='pretrain', mixture_or_task_name=task('kv_substitution_augment'),
         model_config=m_a_config, train_steps=m_a_steps, learning_rate=m_a_learning_rate)
-  phase('m_b', mode='pretrain', mixture_or_task_name='numeric_arithmetic',
+  phase('m_b', mode='pretrain', mixture_or_task_name=task('numeric_arithmetic'),
         model_config=m_b_config, train_steps=m_b_steps, learning_rate=m_b_learning_rate)
-  compose = dict(mode='compose', mixture_or_task_name=compose_mixture_or_task_name,
+  compose = dict(mode='compose', mixture_or_task_name=compose_name,
                  anchor_checkpoint=str(root / 'm_b' / 'lm'), bridges={'augment': bridge},
                  train_steps=compose_steps, learning_rate=compose_learning_rate)
   phase('calm', augment_checkpoints={'augment': str(root / 'm_a' / 'lm')}, **compose)
@@ -158,17 +272,20 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
   tick = time.perf_counter()
   for model, path in checkpoints_by_model.items():
     metrics = eval_lib.evaluate(
-        checkpoint=str(path), mixture_or_task_name='kv_arithmetic_eval',
+        checkpoint=str(path), mixture_or_task_name=task('kv_arithmetic_eval'),
         task_feature_lengths=task_feature_lengths, batch_size=eval_batch_size,
         eval_dir=str(root / 'eval' / model), num_examples=eval_examples)
-    for key, task in EVAL_TASKS.items():
-      results[key][model] = metrics[task]['accuracy']
-      logging.info('%s on %s: %.1f %%', model, task, results[key][model])
+    for key, name in EVAL_TASKS.items():
+      results[key][model] = metrics[task(name)]['accuracy']
+      logging.info('%s on %s: %.1f %%', model, task(name), results[key][model])
   timings['eval'] = time.perf_counter() - tick
   timings['total'] = time.perf_counter() - start
-  settings = {'kv_spec': dataclasses.asdict(kv_arithmetic.kv_data.KVSpec()), 'seconds': timings,
+  settings = {
+      'kv_spec': dataclasses.asdict(kv_arithmetic.kv_data.KVSpec(seed=data_seed)),
+      'seed': seed, 'data_seed': data_seed, 'seconds': timings,
       'steps': {'m_a': m_a_steps, 'm_b': m_b_steps, 'compose': compose_steps},
-      'batch_size': batch_size, 'connections': bridge.connections or f'every {bridge.every}'}
+      'batch_size': batch_size, 'connections': bridge.connections or f'every {bridge.every}',
+      **_settings_record(compose_name)}
   write_results(results, root, settings)
   logging.info('results in %s (%.0f s): %s', root, timings['total'], json.dumps(results))
   return results

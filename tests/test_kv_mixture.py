@@ -55,8 +55,9 @@ def test_substitution_held_in_is_the_held_in_keys_only():
 
 def test_existing_tasks_keep_their_examples():
   """Adding a task must not reseed the others (their index in TASKS seeds their streams)."""
-  assert kv_arithmetic.TASKS[:4] == ('kv_substitution', 'numeric_arithmetic',
-                                     'kv_arithmetic_held_in', 'kv_arithmetic_held_out')
+  assert kv_arithmetic.TASKS[:5] == ('kv_substitution', 'numeric_arithmetic',
+                                     'kv_arithmetic_held_in', 'kv_arithmetic_held_out',
+                                     'kv_substitution_held_in')
 
 
 @pytest.mark.parametrize('rates', [(0.5, 0.25, 0.25), (0.8, 0.2, 0.0)])
@@ -99,7 +100,7 @@ def test_the_shares_are_set_from_gin(tmp_path):
   run_file.write_text('\n'.join([
       'from __gin__ import dynamic_registration', 'from calm_tasks import kv_arithmetic',
       'MIXTURE_OR_TASK_NAME = @kv_arithmetic.composition_mixture()',
-      'kv_arithmetic.composition_mixture.numeric = 0.1',
+      'kv_arithmetic.composition_mixture.numeric = 0.3',
       'kv_arithmetic.composition_mixture.substitution = 0.0']))
   gin.clear_config()
   try:
@@ -108,7 +109,24 @@ def test_the_shares_are_set_from_gin(tmp_path):
     assert gin_cli.call_with_gin(_probe) == kv_arithmetic.COMPOSITION_MIXTURE
     mixture = seqio.get_mixture_or_task(kv_arithmetic.COMPOSITION_MIXTURE)
     assert {t.name: mixture.get_rate(t) for t in mixture.tasks} == {
-        'kv_arithmetic_held_in': 0.5, 'numeric_arithmetic': 0.1}
+        'kv_arithmetic_held_in': kv_arithmetic.COMPOSITION_RATES['kv_arithmetic_held_in'],
+        'numeric_arithmetic': 0.3}
   finally:
     gin.clear_config()
     kv_arithmetic.composition_mixture()
+
+
+def test_every_question_of_the_mixture_has_one_answer():
+  """KV-Substitution and KV-Arithmetic share keys; their questions must still differ (a
+  mixture where one input has two targets teaches the bridges to guess between them)."""
+  answers = {}
+  for task in seqio.get_mixture_or_task(kv_arithmetic.COMPOSITION_MIXTURE).tasks:
+    for example in task.source.get_dataset(split='train', shuffle=False).take(5000):
+      inputs, targets = example['inputs'].numpy(), example['targets'].numpy()
+      assert answers.setdefault(inputs, targets) == targets, (task.name, inputs, targets,
+                                                              answers[inputs])
+  assert len(answers) > 10_000
+  # The control: without the substitution marker the same keys' questions collide.
+  sub = kv_data.kv_substitution(SPEC, 3000, seed=7, keys='held_in')
+  arith = {i for i, _ in kv_data.kv_arithmetic(SPEC, 3000, seed=8, keys='held_in')}
+  assert {i.replace(kv_data.SUBSTITUTE, kv_data.EQUALS) for i, _ in sub} & arith

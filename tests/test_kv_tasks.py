@@ -40,6 +40,7 @@ def test_kv_arithmetic_uses_only_its_key_set(keys):
 def test_substitution_and_numeric_targets():
   repo = kv_data.key_values(SPEC)
   for inputs, targets in kv_data.kv_substitution(SPEC, 100, seed=1):
+    assert inputs.endswith(' ->'), inputs
     expected = ' '.join(str(repo[w]) if w in repo else w for w in inputs.split()[:-1])
     assert targets == expected
   for inputs, targets in kv_data.numeric_arithmetic(SPEC, 100, seed=1):
@@ -94,3 +95,42 @@ def test_greedy_decode_equals_the_argmax_loop_of_full_forwards():
       logits = model.apply({'params': params}, jnp.asarray([sequence])).logits
       sequence.append(int(jnp.argmax(logits[0, -1])))
     assert out[row].tolist() == sequence[len(prompt) + 1:]
+
+
+def test_values_above_nine_are_single_tokens_and_results_are_digits():
+  spec = kv_data.KVSpec(max_value=19)
+  words = kv_data.vocabulary(spec)
+  assert words.index('19') == words.index(kv_data.SUBSTITUTE) + 10
+  assert words[-1] == 'k199' and len(words) == len(set(words))
+  repo = kv_data.key_values(spec)
+  assert set(repo.values()) == set(range(20))
+  index = {w: i for i, w in enumerate(words)}
+  seen_large = False
+  for inputs, targets in kv_data.numeric_arithmetic(spec, 300, seed=4):
+    operands = inputs.split()[0:-1:2]
+    seen_large |= any(int(x) > 9 for x in operands)
+    assert kv_data.UNK not in [words[i] for i in kv_data.encode(inputs, index)]
+    assert all(len(w) == 1 for w in targets.split()), targets  # '- 1 3': digits and sign.
+    assert int(targets.replace(' ', '')) == eval(inputs[:-1])  # pylint: disable=eval-used
+  assert seen_large
+  for inputs, targets in kv_data.kv_substitution(spec, 50, seed=4):
+    assert targets == ' '.join(str(repo[w]) if w in repo else w for w in inputs.split()[:-1])
+  with pytest.raises(ValueError, match='Values must lie in'):
+    kv_data.KVSpec(max_value=kv_data.MAX_VALUE + 1)
+
+
+def test_the_augments_training_set_asks_both_ways_and_answers_the_substitution():
+  repo = kv_data.key_values(SPEC)
+  pairs = kv_arithmetic._examples(SPEC, 'kv_substitution_augment', 'train', 4000, 10)
+  marks = [inputs.split()[-1] for inputs, _ in pairs]
+  assert set(marks) == {kv_data.SUBSTITUTE, kv_data.EQUALS}
+  assert abs(marks.count(kv_data.EQUALS) / len(marks) - 0.5) < 0.05
+  keys = set()
+  for inputs, targets in pairs:
+    words = inputs.split()
+    keys |= set(words[0:-1:2])
+    assert targets == ' '.join(str(repo[w]) if w in repo else w for w in words[:-1])
+  assert len(keys) == SPEC.num_keys  # All keys, held-out ones too: m_A knows every key.
+  # The evaluation set of KV-Substitution asks with '->' only.
+  assert {i.split()[-1] for i, _ in kv_arithmetic._examples(
+      SPEC, 'kv_substitution', 'validation', 10, 500)} == {kv_data.SUBSTITUTE}
