@@ -75,8 +75,8 @@ def _statistics(per_seed: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[s
   return out
 
 
-def _seconds_line(seconds: Mapping[str, float]) -> str:
-  return 'Wall time per phase: ' + ', '.join(
+def _seconds_line(seconds: Mapping[str, float], unit: str = 'phase') -> str:
+  return f'Wall time per {unit}: ' + ', '.join(
       f'{name} {value:.0f} s' for name, value in seconds.items()) + '.'
 
 
@@ -114,7 +114,7 @@ def write_results(results: Mapping[str, Mapping[str, float]], out_dir: epath.Pat
     notes.append(f'Seeds {list(spread["seeds"])} (training seed and key repository): mean ± '
                  'sample standard deviation (min-max).')
   if settings.get('seconds'):
-    notes.append(_seconds_line(settings['seconds']))
+    notes.append(_seconds_line(settings['seconds'], 'phase' if spread is None else 'seed'))
   (out_dir / 'results.md').write_text('\n'.join(lines) + '\n\n' + '\n\n'.join(notes) + '\n')
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
