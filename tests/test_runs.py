@@ -164,14 +164,25 @@ def test_sigkill_and_restart_is_bit_identical(tmp_path):
   while time.time() < deadline and process.poll() is None:
     done = [p for p in (broken / 'checkpoints').glob('*') if p.name.isdigit()] if (
         broken / 'checkpoints').exists() else []
-    if any(int(p.name) >= 4 for p in done):
-      break
+    if any(int(p.name) >= 4 and (p / 'manifest.json').exists() for p in done):
+      break  # A sealed checkpoint (its manifest written) to resume from.
     time.sleep(0.05)
   assert process.poll() is None, 'the run ended before it could be killed'
   process.send_signal(signal.SIGKILL)
   process.wait()
-  killed_at = checkpoints.RunCheckpointer(broken).latest_step()
-  assert killed_at is not None and killed_at < steps
+  # The newest sealed checkpoint: a save orbax finished but the run had no time to seal before
+  # the kill is not trusted, and the restart must set it aside and resume from this one.
+  ckpt = checkpoints.RunCheckpointer(broken)
+  sealed = []
+  for p in (broken / 'checkpoints').glob('*'):
+    if p.name.isdigit():
+      try:
+        ckpt.verify(int(p.name))
+      except checkpoints.CorruptCheckpointError:
+        continue
+      sealed.append(int(p.name))
+  killed_at = max(sealed, default=None)
+  assert killed_at is not None and 4 <= killed_at < steps, sealed
   resumed = subprocess.run(_cli(broken, steps), capture_output=True, text=True, timeout=600,
                            env=env, check=False)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
