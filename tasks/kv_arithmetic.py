@@ -179,8 +179,16 @@ def for_data_seed(name: str, data_seed: int) -> str:
   if not isinstance(mixture, seqio.Mixture) or unknown:
     raise ValueError(f'{name!r} is not a key-value task or a mixture of them (only those '
                      f'have other data seeds); not ours: {unknown or [name]}.')
-  _add_mixture(prefix + name, [(prefix + t.name, mixture.get_rate(t)) for t in tasks])
+  _add_mixture(prefix + name, [(prefix + t, rate) for t, rate in rates(name).items()])
   return prefix + name
+
+
+def rates(name: str) -> dict[str, float]:
+  """{task: rate} of mixture `name`; a task alone is {name: 1.0}."""
+  mixture = seqio.get_mixture_or_task(name)
+  if not isinstance(mixture, seqio.Mixture):
+    return {name: 1.0}
+  return {t.name: mixture.get_rate(t) for t in mixture.tasks}
 
 
 register()

@@ -31,7 +31,6 @@ from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
-import seqio
 
 from calm_jax import checkpoints, optim
 from calm_jax import eval as eval_lib
@@ -219,12 +218,8 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
 
 
 def _settings_record(compose_name: str) -> dict[str, Any]:
-  mixture = seqio.get_mixture_or_task(compose_name)
-  if isinstance(mixture, seqio.Mixture):
-    rates = {t.name: mixture.get_rate(t) for t in mixture.tasks}
-  else:
-    rates = {compose_name: 1.0}
-  return {'composition_set': compose_name, 'composition_rates': rates}
+  return {'composition_set': compose_name,
+          'composition_rates': kv_arithmetic.rates(compose_name)}
 
 
 def _run_one(root: epath.Path, *, seed: int, data_seed: int, m_a_config: TransformerConfig,
