@@ -53,7 +53,7 @@ _LAYER_NAMES = {
 }
 
 
-def _to_ours(path: tuple[str, ...], shape: tuple[int, ...]):
+def to_ours(path: tuple[str, ...], shape: tuple[int, ...]):
   """Returns (Hugging Face shape, function HF array -> our array) for parameter `path`."""
   leaf = path[-1]
   if leaf in ('query', 'key', 'value'):  # [N*H, D] -> [D, N, H]
@@ -137,7 +137,7 @@ def load_hf_params(hf_dir: str, config: TransformerConfig,
     if name not in available:
       raise CheckpointError(
           f'Tensor {name} (for {"/".join(path)}) is missing from {hf_dir}.')
-    hf_shape, transform = _to_ours(path, tuple(spec.shape))
+    hf_shape, transform = to_ours(path, tuple(spec.shape))
     source = available[name]
     if reader.shape(source) != tuple(hf_shape):
       raise CheckpointError(

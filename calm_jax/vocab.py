@@ -1,0 +1,111 @@
+"""Tokenizers of imported models as SeqIO vocabularies.
+
+An LM checkpoint may carry its tokenizer as `vocab.model` (a SentencePiece model) beside
+`config.json`; `calm-convert --gguf_file=...` writes it from the GGUF's pieces, scores and types.
+`load_vocabulary(checkpoint)` returns it as a `seqio.SentencePieceVocabulary`, which tasks,
+`calm-infer`, `calm-generate` and `calm-export` use.
+
+A GGUF SentencePiece tokenizer (`tokenizer.ggml.model = 'llama'`, as Llama 2 and Gemma ship)
+becomes a BPE SentencePiece model with the file's pieces in id order, their scores and types
+(NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE share GGUF's numbering), byte fallback
+when the file has byte pieces, and an identity normaliser that escapes spaces as U+2581 and adds
+a dummy prefix only if the file says so (`tokenizer.ggml.add_space_prefix`). llama.cpp writes
+Gemma's pieces of two or more spaces with real spaces; they are spelled with U+2581 again, as
+SentencePiece matches them after escaping. GPT-2-style byte-level BPE files
+(`tokenizer.ggml.model = 'gpt2'`, Qwen and Llama 3) have no SentencePiece form and are refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from etils import epath
+
+from calm_jax.checkpoints import CheckpointError
+
+VOCAB_FILE = 'vocab.model'
+_SPACE = '\u2581'
+
+
+def _sp_pb2():
+  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+  return sentencepiece_model_pb2
+
+
+def sentencepiece_model_from_gguf(f: Any) -> Any:
+  """The SentencePiece `ModelProto` of the tokenizer inside GGUF file `f` (a `GGUFFile`).
+
+  Raises:
+    CheckpointError: the file holds no tokenizer, or an incomplete one.
+    UnsupportedModelError: a tokenizer model other than SentencePiece ('llama').
+  """
+  from calm_jax.convert.hf_config import UnsupportedModelError  # pylint: disable=g-import-not-at-top
+  kind = f.get('tokenizer.ggml.model')
+  tokens = f.get('tokenizer.ggml.tokens')
+  if kind is None or tokens is None:
+    raise CheckpointError(f'{f.path} holds no tokenizer (no tokenizer.ggml.model / '
+                          'tokenizer.ggml.tokens); pass --skip_tokenizer to convert the weights '
+                          'alone.')
+  if kind != 'llama':
+    raise UnsupportedModelError(
+        f'{f.path} has a {kind!r} tokenizer; only SentencePiece tokenizers (\'llama\') convert '
+        'to a vocabulary; pass --skip_tokenizer to convert the weights alone.')
+  scores = f.get('tokenizer.ggml.scores')
+  types = f.get('tokenizer.ggml.token_type')
+  if scores is None or types is None or not len(scores) == len(types) == len(tokens):
+    raise CheckpointError(f'{f.path} has an incomplete tokenizer: {len(tokens)} tokens but '
+                          f'{None if scores is None else len(scores)} scores and '
+                          f'{None if types is None else len(types)} types.')
+  pb2 = _sp_pb2()
+  model = pb2.ModelProto()
+  trainer = model.trainer_spec
+  trainer.model_type = pb2.TrainerSpec.BPE
+  trainer.vocab_size = len(tokens)
+  trainer.byte_fallback = any(int(t) == pb2.ModelProto.SentencePiece.BYTE for t in types)
+  for field, key in (('unk_id', 'unknown_token_id'), ('bos_id', 'bos_token_id'),
+                     ('eos_id', 'eos_token_id'), ('pad_id', 'padding_token_id')):
+    value = f.get(f'tokenizer.ggml.{key}')
+    setattr(trainer, field, -1 if value is None else int(value))
+  normalizer = model.normalizer_spec
+  normalizer.name = 'identity'
+  normalizer.add_dummy_prefix = bool(f.get('tokenizer.ggml.add_space_prefix', True))
+  normalizer.remove_extra_whitespaces = False
+  normalizer.escape_whitespaces = True
+  seen = set()
+  for i, (token, score, kind_id) in enumerate(zip(tokens, scores, types)):
+    if token and not token.strip(' '):
+      token = _SPACE * len(token)
+    if token in seen:
+      raise CheckpointError(f'{f.path}: tokenizer piece {token!r} (id {i}) occurs twice.')
+    seen.add(token)
+    piece = model.pieces.add()
+    piece.piece, piece.score, piece.type = token, float(score), int(kind_id)
+  return model
+
+
+def save_vocabulary(directory: str | epath.Path, model: Any) -> epath.Path:
+  """Writes SentencePiece `ModelProto` `model` as `directory/vocab.model`."""
+  path = epath.Path(directory) / VOCAB_FILE
+  tmp = path.parent / (path.name + '.tmp')
+  tmp.write_bytes(model.SerializeToString())
+  tmp.rename(path)
+  return path
+
+
+def has_vocabulary(checkpoint: str | epath.Path) -> bool:
+  """Whether the LM checkpoint directory carries `vocab.model`."""
+  return (epath.Path(checkpoint) / VOCAB_FILE).exists()
+
+
+def load_vocabulary(checkpoint: str | epath.Path) -> Any:
+  """The `seqio.SentencePieceVocabulary` saved in LM checkpoint `checkpoint`.
+
+  Raises:
+    CheckpointError: the checkpoint has no `vocab.model`.
+  """
+  import seqio  # pylint: disable=g-import-not-at-top
+  path = epath.Path(checkpoint) / VOCAB_FILE
+  if not path.exists():
+    raise CheckpointError(f'{checkpoint} carries no tokenizer ({VOCAB_FILE}); give a task '
+                          'vocabulary instead.')
+  return seqio.SentencePieceVocabulary(str(path))
