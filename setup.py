@@ -58,6 +58,7 @@ setuptools.setup(
             'calm-eval = calm_jax.cli.eval:main',
             'calm-infer = calm_jax.cli.infer:main',
             'calm-export = calm_jax.cli.export:main',
+            'calm-generate = calm_jax.cli.generate:main',
             'calm-kv-experiment = calm_jax.cli.kv_experiment:main',
         ],
     },

@@ -18,7 +18,7 @@ from typing import Any, Mapping, NamedTuple
 
 from etils import epath
 
-from calm_jax import checkpoints, composed, trainable
+from calm_jax import checkpoints, composed, trainable, vocab
 from calm_jax.calm import Calm
 from calm_jax.configs import BridgeConfig, CalmConfig
 from calm_jax.transformer import Transformer
@@ -60,7 +60,9 @@ class Loaded(NamedTuple):
     params: its parameters.
     description: what was loaded, for logs.
     step: the training step of the checkpoint (0 where unknown).
-    vocabulary: the exported vocabulary (composed checkpoints), else None.
+    vocabulary: the model's own vocabulary where it carries one: the exported vocabulary of a
+      composed checkpoint, the `vocab.model` of an LM checkpoint (GGUF imports) or of a
+      composition's anchor; else None.
   """
 
   model: Any
@@ -91,8 +93,9 @@ def _load(path: epath.Path) -> Loaded:
     checkpointer = checkpoints.RunCheckpointer(path)
     step = checkpointer.latest_step()
     bridges = checkpointer.restore_params()
+    anchor = json.loads((path / CALM_RUN_FILE).read_text())['anchor_checkpoint']
     return Loaded(Calm(config), trainable.merge_params(bridges, frozen),
-                  f'composition {path} step {step}', int(step or 0))
+                  f'composition {path} step {step}', int(step or 0), _lm_vocabulary(anchor))
   if composed.is_composed(path):
     loaded = composed.load_composed(path)
     step = int(loaded.metadata.get('step', 0))
@@ -100,9 +103,13 @@ def _load(path: epath.Path) -> Loaded:
                   loaded.vocabulary)
   if (path / checkpoints.CONFIG_FILE).exists():
     config, params = checkpoints.load_lm(path)
-    return Loaded(Transformer(config), params, f'LM {path}', 0)
+    return Loaded(Transformer(config), params, f'LM {path}', 0, _lm_vocabulary(path))
   if not path.exists():
     raise checkpoints.CheckpointError(f'Checkpoint {path} does not exist.')
   raise checkpoints.CheckpointError(
       f'{path} is neither an LM checkpoint ({checkpoints.CONFIG_FILE}), a composition run '
       f'({CALM_RUN_FILE}) nor a composed checkpoint ({composed.CONFIG_FILE}).')
+
+
+def _lm_vocabulary(path: str | epath.Path) -> Any:
+  return vocab.load_vocabulary(path) if vocab.has_vocabulary(path) else None

@@ -62,10 +62,17 @@ def sentencepiece_model_from_gguf(f: Any) -> Any:
   trainer.model_type = pb2.TrainerSpec.BPE
   trainer.vocab_size = len(tokens)
   trainer.byte_fallback = any(int(t) == pb2.ModelProto.SentencePiece.BYTE for t in types)
-  for field, key in (('unk_id', 'unknown_token_id'), ('bos_id', 'bos_token_id'),
-                     ('eos_id', 'eos_token_id'), ('pad_id', 'padding_token_id')):
+  # SentencePiece finds its special tokens by piece (`bos_piece`), not by id: both are set.
+  special = {}
+  for field, key in (('unk', 'unknown_token_id'), ('bos', 'bos_token_id'),
+                     ('eos', 'eos_token_id'), ('pad', 'padding_token_id')):
     value = f.get(f'tokenizer.ggml.{key}')
-    setattr(trainer, field, -1 if value is None else int(value))
+    if value is not None and not 0 <= int(value) < len(tokens):
+      raise CheckpointError(f'{f.path}: tokenizer.ggml.{key} = {value} is not a token id.')
+    special[field] = -1 if value is None else int(value)
+    setattr(trainer, f'{field}_id', special[field])
+    if value is not None:
+      setattr(trainer, f'{field}_piece', tokens[int(value)])
   normalizer = model.normalizer_spec
   normalizer.name = 'identity'
   normalizer.add_dummy_prefix = bool(f.get('tokenizer.ggml.add_space_prefix', True))
@@ -79,6 +86,9 @@ def sentencepiece_model_from_gguf(f: Any) -> Any:
       raise CheckpointError(f'{f.path}: tokenizer piece {token!r} (id {i}) occurs twice.')
     seen.add(token)
     piece = model.pieces.add()
+    # The unknown token is SentencePiece's UNKNOWN piece (llama.cpp may type it CONTROL).
+    if i == special['unk']:
+      kind_id = pb2.ModelProto.SentencePiece.UNKNOWN
     piece.piece, piece.score, piece.type = token, float(score), int(kind_id)
   return model
 

@@ -1,7 +1,9 @@
-"""`calm-convert` (`python -m calm_jax.convert`): a Hugging Face checkpoint as an LM checkpoint.
+"""`calm-convert` (`python -m calm_jax.convert`): a Hugging Face checkpoint or a GGUF file as an
+LM checkpoint.
 
   calm-convert --hf_dir=/ckpt/Llama-3.2-1B --output_dir=gs://bucket/lm/llama3_2_1b \
       [--dtype=bfloat16] [--expect_preset=llama3_2_1b]
+  calm-convert --gguf_file=/models/gemma-3-270m-q4_k_m.gguf --output_dir=/tmp/lm/gemma3_270m
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ from calm_jax.cli import usage
 COMMAND = usage.Command(
     name='calm-convert', module='calm_jax.convert',
     summary=('converts a local Hugging Face checkpoint directory (config.json and safetensors; '
-             'Llama, Mistral, Qwen2/2.5/3, Gemma 1/2/3) into a calm_jax LM checkpoint (orbax '
-             'parameters and the architecture as JSON) that runs load as anchor or augment.'),
+             'Llama, Mistral, Qwen2/2.5/3, Gemma 1/2/3) or a GGUF file (llama, qwen2, qwen3, '
+             'gemma2, gemma3; quantised tensors are dequantised, its SentencePiece tokenizer '
+             'is written beside the weights as vocab.model) into a calm_jax LM checkpoint '
+             '(orbax parameters and the architecture as JSON) that runs load as anchor or '
+             'augment.'),
     example="""\
 calm-convert --hf_dir=/ckpt/Llama-3.2-1B --output_dir=/tmp/lm/llama3_2_1b \\
-  --expect_preset=llama3_2_1b      # optional: refuse any other architecture""")
+  --expect_preset=llama3_2_1b      # optional: refuse any other architecture
+calm-convert --gguf_file=/models/gemma-3-270m-q4_k_m.gguf --output_dir=/tmp/lm/gemma3_270m""")
 
 
 def _define_flags() -> dict[str, Any]:
@@ -31,16 +37,21 @@ def _define_flags() -> dict[str, Any]:
   holders = {
       'hf_dir': flags.DEFINE_string(
           'hf_dir', None, 'Local Hugging Face checkpoint directory (config.json + safetensors).'),
+      'gguf_file': flags.DEFINE_string(
+          'gguf_file', None, 'Local GGUF file (instead of --hf_dir).'),
+      'skip_tokenizer': flags.DEFINE_bool(
+          'skip_tokenizer', False, 'GGUF: convert the weights only, not the tokenizer.'),
       'output_dir': flags.DEFINE_string(
           'output_dir', None, 'LM checkpoint directory to create (local path or gs://).'),
       'dtype': flags.DEFINE_enum(
           'dtype', None, ['float32', 'bfloat16', 'float16'],
-          'Parameter dtype to store; default: the checkpoint\'s own.'),
+          'Parameter dtype to store; default: the checkpoint\'s own (float32 for GGUF).'),
       'expect_preset': flags.DEFINE_enum(
           'expect_preset', None, sorted(presets.PRESETS),
           'Fail unless the checkpoint has exactly this preset\'s architecture (dtype aside).'),
   }
-  flags.mark_flags_as_required(['hf_dir', 'output_dir'])
+  flags.mark_flags_as_required(['output_dir'])
+  flags.mark_flags_as_mutual_exclusive(['hf_dir', 'gguf_file'], required=True)
   return holders
 
 
@@ -51,6 +62,7 @@ def main():
   logs.quiet_startup()
   # pylint: disable=g-import-not-at-top
   from calm_jax.checkpoints import CheckpointError
+  from calm_jax.convert.gguf_file import convert_gguf_file
   from calm_jax.convert.huggingface import convert_hf_checkpoint
 
   def _main(argv):
@@ -60,8 +72,13 @@ def main():
     name = flag['expect_preset'].value
     expected = presets.get_preset(name) if name else None
     try:
-      convert_hf_checkpoint(flag['hf_dir'].value, flag['output_dir'].value,
-                            dtype=flag['dtype'].value, expected=expected, log=logging.info)
+      if flag['gguf_file'].value:
+        convert_gguf_file(flag['gguf_file'].value, flag['output_dir'].value,
+                          dtype=flag['dtype'].value, expected=expected,
+                          tokenizer=not flag['skip_tokenizer'].value, log=logging.info)
+      else:
+        convert_hf_checkpoint(flag['hf_dir'].value, flag['output_dir'].value,
+                              dtype=flag['dtype'].value, expected=expected, log=logging.info)
     except CheckpointError as e:
       sys.exit(f'calm-convert: {e}')
     logging.info('wrote %s', flag['output_dir'].value)

@@ -10,7 +10,7 @@ A GGUF file holds the architecture as metadata (`gemma3.block_count`, ...), the 
   undoing llama.cpp's conventions on the way: the llama family's q/k rows are permuted for
   llama.cpp's interleaved RoPE (we use the halves layout of Hugging Face), and Gemma's norm weights
   are stored as `1 + w` (llama.cpp's RMSNorm multiplies by the weight; Gemma's by `1 + w`);
-- the tokenizer becomes a SentencePiece model (`sentencepiece_model`), which
+- the tokenizer becomes a SentencePiece model (`vocab.sentencepiece_model_from_gguf`), which
   `calm_jax.vocab` saves beside the checkpoint as a SeqIO vocabulary.
 
 The file is memory-mapped: the only full copy of the weights in host memory is the converted tree.
@@ -285,7 +285,7 @@ def load_gguf_params(f: GGUFFile, config: TransformerConfig,
 
 
 def convert_gguf_file(gguf_file: str, output_dir: str, dtype: str | None = None,
-                      expected: TransformerConfig | None = None,
+                      expected: TransformerConfig | None = None, tokenizer: bool = True,
                       log: Callable[[str], None] = print) -> TransformerConfig:
   """Converts a GGUF file into a calm_jax LM checkpoint with its tokenizer as a vocabulary.
 
@@ -296,6 +296,7 @@ def convert_gguf_file(gguf_file: str, output_dir: str, dtype: str | None = None,
       values are exact in float32).
     expected: if given, the architecture the file must hold (dtypes aside); checked before any
       tensor is read.
+    tokenizer: also write the file's tokenizer as `vocab.model` (an error if it has none).
     log: progress sink.
 
   Returns:
@@ -310,7 +311,8 @@ def convert_gguf_file(gguf_file: str, output_dir: str, dtype: str | None = None,
     if config != expected:
       raise CheckpointError(f'{gguf_file} is not the expected architecture: (file, expected) = '
                             f'{config.differences(expected)}.')
-  model = vocab.sentencepiece_model_from_gguf(f)  # Before the weights: fail early.
+  # The tokenizer before the weights: a file without one fails before anything is written.
+  model = vocab.sentencepiece_model_from_gguf(f) if tokenizer else None
   kinds: dict[str, int] = {}
   for name in f.tensors:
     kinds[f.tensor_type(name)] = kinds.get(f.tensor_type(name), 0) + 1
@@ -326,9 +328,10 @@ def convert_gguf_file(gguf_file: str, output_dir: str, dtype: str | None = None,
                                 'name': f.get('general.name'),
                                 'gguf_file': os.path.abspath(gguf_file)})
   del params
-  vocab.save_vocabulary(output_dir, model)
-  log(f'wrote the tokenizer ({len(model.pieces):,} pieces) to '
-      f'{os.path.join(str(output_dir), vocab.VOCAB_FILE)}')
+  if model is not None:
+    vocab.save_vocabulary(output_dir, model)
+    log(f'wrote the tokenizer ({len(model.pieces):,} pieces) to '
+        f'{os.path.join(str(output_dir), vocab.VOCAB_FILE)}')
   return config
 
 
