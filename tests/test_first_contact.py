@@ -52,7 +52,7 @@ HELP = {
                                             r'MAX_DECODE_LEN\s+default 32']),
     'calm_jax.convert': ('calm-convert', ['--hf_dir', '--expect_preset', 'llama3_2_1b']),
     'calm_jax.cli.kv_experiment': ('calm-kv-experiment', [r'EXPERIMENT_DIR\s+REQUIRED',
-                                                          r'VOCAB_SIZE\s+default 217',
+                                                          r'VOCAB_SIZE\s+default 517',
                                                           'kv_arithmetic_small.gin']),
 }
 

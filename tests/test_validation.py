@@ -23,7 +23,7 @@ from calm_tasks import kv_arithmetic, kv_data
 TASK = 'kv_substitution'  # 500 validation examples: inputs and targets of 4 or 6 tokens.
 MIXTURE = 'kv_arithmetic_eval'  # Three tasks.
 TARGETS_ONLY = 'validation_test_targets_only'
-VOCAB = 217  # The key-value tasks' vocabulary size.
+VOCAB = 517  # The key-value tasks' vocabulary size.
 LENGTHS = {'inputs': 8, 'targets': 8}
 
 
@@ -177,7 +177,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     report['validate_run'] = error(
         validation.validate_run, mode='compose', mixture_or_task_name='kv_substitution',
         task_feature_lengths={'inputs': 8, 'targets': 8}, batch_size=7, split='validation',
-        mesh=mesh, rules=rules, model_vocab_size=217, log=print, max_examples=10)
+        mesh=mesh, rules=rules, model_vocab_size=517, log=print, max_examples=10)
     print(json.dumps(report))
 """)
 
