@@ -78,8 +78,8 @@ def _gguf():
   try:
     import gguf  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise CheckpointError('Reading GGUF files needs the `gguf` package: pip install '
-                          '"calm_jax[gguf]" (or pip install gguf).') from e
+    raise CheckpointError('Reading GGUF files needs the `gguf` package (a dependency of '
+                          'calm_jax): pip install gguf.') from e
   return gguf
 
 
@@ -185,8 +185,9 @@ def hf_config_of(f: GGUFFile) -> dict[str, Any]:
       raise UnsupportedModelError(f'Unsupported RoPE scaling {scaling!r} in {f.path}.')
     hf['rope_scaling'] = {'rope_type': 'linear',
                           'factor': float(key('rope.scaling.factor'))}
-  if arch == 'qwen2':
-    hf['attention_bias'] = 'blk.0.attn_q.bias' in f.tensors
+  # Qwen2's q/k/v biases come with the family; `attention_bias` means every projection has one.
+  if 'blk.0.attn_output.bias' in f.tensors:
+    hf['attention_bias'] = True
   if arch in ('gemma2', 'gemma3'):
     hf['sliding_window'] = int(key('attention.sliding_window'))
     hf['query_pre_attn_scalar'] = (hidden // heads if layers == _GEMMA_27B_LAYERS[arch]
