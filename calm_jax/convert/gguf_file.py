@@ -18,10 +18,9 @@ The file is memory-mapped: the only full copy of the weights in host memory is t
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -307,11 +306,7 @@ def convert_gguf_file(gguf_file: str, output_dir: str, dtype: str | None = None,
   f = GGUFFile(gguf_file)
   checkpoints.check_new_lm_dir(output_dir)
   config = config_from_gguf(f, dtype=dtype)
-  if expected is not None:
-    expected = dataclasses.replace(expected, dtype=config.dtype, param_dtype=config.param_dtype)
-    if config != expected:
-      raise CheckpointError(f'{gguf_file} is not the expected architecture: (file, expected) = '
-                            f'{config.differences(expected)}.')
+  huggingface.check_expected(config, expected, gguf_file)
   # The tokenizer before the weights: a file without one fails before anything is written.
   model = vocab.sentencepiece_model_from_gguf(f) if tokenizer else None
   kinds: dict[str, int] = {}
@@ -335,8 +330,3 @@ def convert_gguf_file(gguf_file: str, output_dir: str, dtype: str | None = None,
         f'{os.path.join(str(output_dir), vocab.VOCAB_FILE)}')
   return config
 
-
-def metadata_summary(f: GGUFFile) -> Mapping[str, Any]:
-  """A few identifying metadata values of `f` (architecture, name, file type)."""
-  return {'architecture': f.architecture, 'name': f.get('general.name'),
-          'file_type': f.get('general.file_type'), 'tensors': len(f.tensors)}

@@ -95,6 +95,17 @@ def _canonical(name: str) -> str:
   return name
 
 
+def check_expected(config: TransformerConfig, expected: TransformerConfig | None,
+                   source: str) -> None:
+  """Raises a CheckpointError unless `config` is `expected` (dtypes aside; None: anything)."""
+  if expected is None:
+    return
+  expected = dataclasses.replace(expected, dtype=config.dtype, param_dtype=config.param_dtype)
+  if config != expected:
+    raise CheckpointError(f'{source} is not the expected architecture: (checkpoint, expected) '
+                          f'= {config.differences(expected)}.')
+
+
 def read_hf_config(hf_dir: str) -> dict[str, Any]:
   """Parses `hf_dir/config.json`, with a clear error if it is missing or malformed."""
   path = os.path.join(hf_dir, 'config.json')
@@ -177,11 +188,7 @@ def convert_hf_checkpoint(hf_dir: str, output_dir: str, dtype: str | None = None
   hf = read_hf_config(hf_dir)
   checkpoints.check_new_lm_dir(output_dir)
   config = config_from_hf(hf, dtype=dtype)
-  if expected is not None:
-    expected = dataclasses.replace(expected, dtype=config.dtype, param_dtype=config.param_dtype)
-    if config != expected:
-      raise CheckpointError(f'{hf_dir} is not the expected architecture: (checkpoint, expected) '
-                            f'= {config.differences(expected)}.')
+  check_expected(config, expected, hf_dir)
   log(f'{hf.get("model_type")}: {config.num_layers} layers, width {config.embed_dim}, '
       f'{config.num_heads}/{config.num_kv_heads} heads, vocab {config.vocab_size}, '
       f'{config.param_dtype}')
