@@ -50,7 +50,10 @@ HELP = {
     'calm_jax.cli.infer': ('calm-infer', [r'INFER_OUTPUT_DIR\s+REQUIRED']),
     'calm_jax.cli.export': ('calm-export', [r'EXPORT_DIR\s+REQUIRED',
                                             r'MAX_DECODE_LEN\s+default 32']),
-    'calm_jax.convert': ('calm-convert', ['--hf_dir', '--expect_preset', 'llama3_2_1b']),
+    'calm_jax.convert': ('calm-convert', ['--hf_dir', '--gguf_file', 'skip_tokenizer',
+                                          '--expect_preset', 'llama3_2_1b']),
+    'calm_jax.cli.generate': ('calm-generate', ['--checkpoint', '--prompt_file',
+                                                '--output_file', '--max_decode_len']),
     'calm_jax.cli.kv_experiment': ('calm-kv-experiment', [r'EXPERIMENT_DIR\s+REQUIRED',
                                                           r'VOCAB_SIZE\s+default 517',
                                                           'kv_arithmetic_small.gin']),
@@ -68,7 +71,7 @@ def test_help_says_what_a_command_does_and_exits_0(module):
     assert re.search(pattern, text), (pattern, text)
   example = text.split('Example:\n', 1)[1]
   assert re.search(rf'^\s+{name} --', example, re.MULTILINE), example
-  if name != 'calm-convert':
+  if name not in ('calm-convert', 'calm-generate'):  # Flags only, no gin.
     assert '--gin_file' in text and '--gin.NAME=VALUE' in text
 
 
@@ -83,7 +86,8 @@ def test_short_and_full_help_exit_0():
 
 @pytest.mark.parametrize('module', ['calm_jax.cli.train', 'calm_jax.cli.eval',
                                     'calm_jax.cli.infer', 'calm_jax.cli.export',
-                                    'calm_jax.cli.convert', 'calm_jax.cli.kv_experiment'])
+                                    'calm_jax.cli.convert', 'calm_jax.cli.kv_experiment',
+                                    'calm_jax.cli.generate'])
 def test_command_modules_import_no_heavy_library(module):
   """--help is answered before JAX, TensorFlow or SeqIO are imported (seconds each)."""
   result = _python('-c', f'import sys, {module}; '
