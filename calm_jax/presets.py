@@ -126,6 +126,12 @@ def gemma2_9b() -> TransformerConfig:
   return _gemma2(42, embed_dim=3584, num_heads=16, num_kv_heads=8, mlp_dim=14_336)
 
 
+def gemma3_270m() -> TransformerConfig:
+  """Gemma-3-270M (also on the package index as GGUF: the `[real]` extra)."""
+  return _gemma3(18, vocab_size=262_144, embed_dim=640, num_heads=4, num_kv_heads=1,
+                 mlp_dim=2048, sliding_window=512)
+
+
 def gemma3_1b() -> TransformerConfig:
   """Gemma-3-1B (text only)."""
   return _gemma3(26, vocab_size=262_144, embed_dim=1152, num_heads=4, num_kv_heads=1,
@@ -141,8 +147,8 @@ def gemma3_4b() -> TransformerConfig:
 PRESETS: dict[str, Callable[[], TransformerConfig]] = {
     f.__name__: f for f in (
         llama3_2_1b, llama3_2_3b, llama3_1_8b, mistral_7b_v0_1, qwen2_5_0_5b, qwen2_5_1_5b,
-        qwen2_5_7b, qwen3_0_6b, qwen3_1_7b, gemma_2b, gemma2_2b, gemma2_9b, gemma3_1b,
-        gemma3_4b)
+        qwen2_5_7b, qwen3_0_6b, qwen3_1_7b, gemma_2b, gemma2_2b, gemma2_9b, gemma3_270m,
+        gemma3_1b, gemma3_4b)
 }
 
 

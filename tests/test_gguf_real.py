@@ -19,7 +19,7 @@ pytest.importorskip('accelerate')
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from calm_jax import checkpoints, generate, vocab  # pylint: disable=wrong-import-position
+from calm_jax import checkpoints, generate, presets, vocab  # pylint: disable=wrong-import-position
 from calm_jax.convert import gguf_file  # pylint: disable=wrong-import-position
 from calm_jax.transformer import Transformer  # pylint: disable=wrong-import-position
 
@@ -40,8 +40,11 @@ def gguf_path(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def ours(gguf_path, tmp_path_factory):
+  """The file converted with `expected=` the published preset: any other architecture read
+  from the metadata is refused before a tensor is read."""
   out = tmp_path_factory.mktemp('lm') / 'gemma3_270m'
-  gguf_file.convert_gguf_file(gguf_path, str(out), log=lambda _: None)
+  gguf_file.convert_gguf_file(gguf_path, str(out), expected=presets.gemma3_270m(),
+                              log=lambda _: None)
   return str(out)
 
 

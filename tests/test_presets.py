@@ -66,6 +66,11 @@ PUBLISHED = {
         vocab_size=256_000, hidden_size=3584, intermediate_size=14_336, num_hidden_layers=42,
         num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
         sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    'gemma3_270m': ('gemma3_text', dict(
+        vocab_size=262_144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+        sliding_window=512, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+        sliding_window_pattern=6)),
     'gemma3_1b': ('gemma3_text', dict(
         vocab_size=262_144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
         num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
@@ -82,7 +87,8 @@ PUBLISHED = {
 QUOTED_BILLIONS = {'llama3_2_1b': 1.24, 'llama3_2_3b': 3.21, 'llama3_1_8b': 8.03,
                    'mistral_7b_v0_1': 7.24, 'qwen2_5_0_5b': 0.49, 'qwen2_5_1_5b': 1.54,
                    'qwen2_5_7b': 7.62, 'qwen3_0_6b': 0.60, 'qwen3_1_7b': 1.72,
-                   'gemma_2b': 2.51, 'gemma2_2b': 2.61, 'gemma2_9b': 9.24, 'gemma3_1b': 1.00,
+                   'gemma_2b': 2.51, 'gemma2_2b': 2.61, 'gemma2_9b': 9.24, 'gemma3_270m': 0.27,
+                   'gemma3_1b': 1.00,
                    'gemma3_4b': 3.88}
 
 

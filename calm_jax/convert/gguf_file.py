@@ -139,6 +139,12 @@ class GGUFFile:
     return _gguf().quants.dequantize(t.data, t.tensor_type)
 
 
+def _decimal(value: Any) -> float | None:
+  """A float32 metadata value as the decimal it was written from: the shortest decimal that
+  rounds to the same float32 (1e-6 is stored as 9.99999997e-07; it reads back as 1e-6)."""
+  return None if value is None else float(str(np.float32(value)))
+
+
 def hf_config_of(f: GGUFFile) -> dict[str, Any]:
   """The Hugging Face `config.json` of the model in `f`, built from its metadata.
 
@@ -172,8 +178,8 @@ def hf_config_of(f: GGUFFile) -> dict[str, Any]:
       'num_key_value_heads': int(f.get(f'{arch}.attention.head_count_kv') or heads),
       'head_dim': head_dim,
       'intermediate_size': int(key('feed_forward_length')),
-      'rms_norm_eps': float(key('attention.layer_norm_rms_epsilon')),
-      'rope_theta': float(f.get(f'{arch}.rope.freq_base', 10_000.0)),
+      'rms_norm_eps': _decimal(key('attention.layer_norm_rms_epsilon')),
+      'rope_theta': _decimal(f.get(f'{arch}.rope.freq_base', 10_000.0)),
       'max_position_embeddings': int(f.get(f'{arch}.context_length', 2048)),
       'tie_word_embeddings': 'output.weight' not in f.tensors,
       'dtype': 'float32',
@@ -183,7 +189,7 @@ def hf_config_of(f: GGUFFile) -> dict[str, Any]:
     if scaling != 'linear':
       raise UnsupportedModelError(f'Unsupported RoPE scaling {scaling!r} in {f.path}.')
     hf['rope_scaling'] = {'rope_type': 'linear',
-                          'factor': float(key('rope.scaling.factor'))}
+                          'factor': _decimal(key('rope.scaling.factor'))}
   # Qwen2's q/k/v biases come with the family; `attention_bias` means every projection has one.
   if 'blk.0.attn_output.bias' in f.tensors:
     hf['attention_bias'] = True
@@ -192,13 +198,13 @@ def hf_config_of(f: GGUFFile) -> dict[str, Any]:
     hf['query_pre_attn_scalar'] = (hidden // heads if layers == _GEMMA_27B_LAYERS[arch]
                                    else head_dim)
   if arch == 'gemma2':
-    hf['attn_logit_softcapping'] = f.get('gemma2.attn_logit_softcapping')
-    hf['final_logit_softcapping'] = f.get('gemma2.final_logit_softcapping')
+    hf['attn_logit_softcapping'] = _decimal(f.get('gemma2.attn_logit_softcapping'))
+    hf['final_logit_softcapping'] = _decimal(f.get('gemma2.final_logit_softcapping'))
   if arch == 'gemma3':
     hf['sliding_window_pattern'] = int(f.get('gemma3.attention.sliding_window_pattern',
                                              _GEMMA3_PATTERN))
     hf['rope_local_base_freq'] = _GEMMA3_LOCAL_ROPE_BASE
-    hf['final_logit_softcapping'] = f.get('gemma3.final_logit_softcapping')
+    hf['final_logit_softcapping'] = _decimal(f.get('gemma3.final_logit_softcapping'))
   return hf
 
 
