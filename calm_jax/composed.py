@@ -53,7 +53,7 @@ SAVED_MODEL_DIR = 'saved_model'
 def vocabulary_reference(vocabulary: Any, directory: epath.Path) -> dict[str, Any] | None:
   """A JSON description of a seqio vocabulary, copying its model file into `directory`.
 
-  Supported: SentencePiece (file copied), byte vocabularies, and any vocabulary class with a
+  Supported: SentencePiece and byte-level BPE (file copied), byte vocabularies, and any vocabulary class with a
   `reference_kwargs()` method (rebuilt as `Class(**kwargs)`, e.g. calm_tasks' WordVocabulary).
   Anything else is an error: an export must be usable without the code that trained it.
   """
@@ -68,6 +68,13 @@ def vocabulary_reference(vocabulary: Any, directory: epath.Path) -> dict[str, An
             'extra_ids': vocabulary.extra_ids}
   if isinstance(vocabulary, seqio.ByteVocabulary):
     return {'type': 'byte', 'extra_ids': vocabulary.extra_ids}
+  from calm_jax import bpe  # pylint: disable=g-import-not-at-top
+  if isinstance(vocabulary, bpe.ByteLevelBPEVocabulary):
+    (directory / VOCABULARY_DIR).mkdir(parents=True, exist_ok=True)
+    target = directory / VOCABULARY_DIR / 'vocab.bpe.json'
+    target.write_bytes(vocabulary.path.read_bytes())
+    return {'type': 'byte_level_bpe', 'file': f'{VOCABULARY_DIR}/vocab.bpe.json',
+            'extra_ids': vocabulary.extra_ids}
   if hasattr(vocabulary, 'reference_kwargs'):
     cls = type(vocabulary)
     return {'type': 'python', 'class': f'{cls.__module__}.{cls.__qualname__}',
@@ -87,6 +94,10 @@ def load_vocabulary(reference: Mapping[str, Any] | None, directory: epath.Path) 
                                          extra_ids=reference['extra_ids'])
   if kind == 'byte':
     return seqio.ByteVocabulary(extra_ids=reference['extra_ids'])
+  if kind == 'byte_level_bpe':
+    from calm_jax import bpe  # pylint: disable=g-import-not-at-top
+    return bpe.ByteLevelBPEVocabulary(directory / reference['file'],
+                                      extra_ids=reference['extra_ids'])
   if kind == 'python':
     module, _, name = reference['class'].rpartition('.')
     return getattr(importlib.import_module(module), name)(**reference['kwargs'])

@@ -3,8 +3,8 @@
 CHECKPOINT is anything `calm_jax.runs.load_checkpoint` accepts that carries a vocabulary: an LM
 checkpoint with `vocab.model` (`calm-convert --gguf_file`), a composition run whose anchor has
 one, or a composed checkpoint exported with a vocabulary. Prompts are encoded with it, start with
-its BOS token where the vocabulary defines one (as the model was trained; `add_bos=False` to
-omit), and are continued with the KV-cached decoder: one compiled prefill, then one compiled
+its BOS token where the vocabulary defines one and the model was trained so (a byte-level BPE
+vocabulary says whether; `add_bos=False` to omit), and are continued with the KV-cached decoder: one compiled prefill, then one compiled
 step per token, so that text can be shown as it is generated.
 
   calm-generate --checkpoint=/tmp/lm/gemma3_270m --prompt="The capital of France is" \
@@ -46,12 +46,11 @@ class Completion:
 
 
 def _bos_id(vocabulary: Any) -> int | None:
-  model = getattr(vocabulary, 'sp_model', None)
-  if model is None:
+  try:
+    bos = vocabulary.bos_id
+  except NotImplementedError:  # seqio's default for vocabularies without one.
     return None
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-  bos = spm.SentencePieceProcessor(model_proto=model).bos_id()
-  return bos if bos >= 0 else None
+  return bos if bos is not None and bos >= 0 else None
 
 
 class TextGenerator:
@@ -61,7 +60,8 @@ class TextGenerator:
     checkpoint: LM checkpoint, composition run or composed checkpoint with a vocabulary.
     max_decode_len: tokens to generate per prompt.
     sampling: greedy by default.
-    add_bos: start prompts with the vocabulary's BOS; default: when it has one.
+    add_bos: start prompts with the vocabulary's BOS; default: when it has one (and, for a
+      byte-level BPE vocabulary, its file says the model reads one).
     seed: PRNG seed of sampling.
 
   Raises:
@@ -81,7 +81,9 @@ class TextGenerator:
     self.max_decode_len = max_decode_len
     self.sampling = sampling
     bos = _bos_id(self.vocabulary)
-    self.bos_id = bos if add_bos or (add_bos is None and bos is not None) else None
+    # A byte-level BPE vocabulary says whether its model reads BOS first (Qwen's does not).
+    by_default = bos is not None and getattr(self.vocabulary, 'add_bos', True)
+    self.bos_id = bos if add_bos or (add_bos is None and by_default) else None
     if add_bos and bos is None:
       raise ValueError(f'The vocabulary of {checkpoint} has no BOS token.')
     self.eos_id = self.vocabulary.eos_id
@@ -102,7 +104,7 @@ class TextGenerator:
     return ([self.bos_id] if self.bos_id is not None else []) + ids
 
   def stream(self, prompts: Sequence[str]) -> Iterator[np.ndarray]:
-    """Yields the next token of every prompt ([B] ids; 0 for rows already at EOS), step by
+    """Yields the next token of every prompt ([B] ids; -1 for rows already at EOS), step by
     step, until all rows have emitted EOS or `max_decode_len` tokens."""
     encoded = [self.encode(p) for p in prompts]
     if any(not ids for ids in encoded):
@@ -117,7 +119,7 @@ class TextGenerator:
     token = decoding.sample_tokens(jax.random.fold_in(self.rng, 0), logits, self.sampling)
     done = np.zeros(len(encoded), bool)
     for i in range(self.max_decode_len):
-      host = np.where(done, 0, np.asarray(token))
+      host = np.where(done, -1, np.asarray(token))
       yield host
       done |= host == self.eos_id
       if done.all() or i + 1 == self.max_decode_len:
@@ -129,7 +131,7 @@ class TextGenerator:
     ids = [int(t) for t in tokens]
     if self.eos_id in ids:
       ids = ids[:ids.index(self.eos_id)]
-    return self.vocabulary.decode([t for t in ids if t != 0])
+    return self.vocabulary.decode(ids)
 
   def generate(self, prompts: Sequence[str],
                on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
@@ -143,7 +145,7 @@ class TextGenerator:
     shown = [''] * len(prompts)
     for step_tokens in self.stream(prompts):
       for row, token in enumerate(step_tokens.tolist()):
-        if token == 0 or (out[row] and out[row][-1] == self.eos_id):
+        if token < 0:
           continue
         out[row].append(token)
         if on_text is not None:

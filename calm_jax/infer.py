@@ -26,7 +26,8 @@ def _text(vocabulary, ids) -> str:
   ids = [int(i) for i in ids]
   if vocabulary.eos_id in ids:
     ids = ids[:ids.index(vocabulary.eos_id)]
-  return vocabulary.decode([i for i in ids if i != 0])
+  # Padding is the vocabulary's (0 in T5X's; a byte-level BPE vocabulary's id 0 is a token).
+  return vocabulary.decode([i for i in ids if i != vocabulary.pad_id])
 
 
 def infer(*, checkpoint: str, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],

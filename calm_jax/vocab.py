@@ -1,9 +1,9 @@
 """Tokenizers of imported models as SeqIO vocabularies.
 
-An LM checkpoint may carry its tokenizer as `vocab.model` (a SentencePiece model) beside
-`config.json`; `calm-convert --gguf_file=...` writes it from the GGUF's pieces, scores and types.
-`load_vocabulary(checkpoint)` returns it as a `seqio.SentencePieceVocabulary`, which tasks,
-`calm-infer`, `calm-generate` and `calm-export` use.
+An LM checkpoint may carry its tokenizer beside `config.json`: `vocab.model` (a SentencePiece
+model) or `vocab.bpe.json` (a byte-level BPE tokenizer); `calm-convert --gguf_file=...` writes
+the one the GGUF's tokenizer is. `load_vocabulary(checkpoint)` returns it as a SeqIO vocabulary,
+which tasks, `calm-infer`, `calm-generate` and `calm-export` use.
 
 A GGUF SentencePiece tokenizer (`tokenizer.ggml.model = 'llama'`, as Llama 2 and Gemma ship)
 becomes a BPE SentencePiece model with the file's pieces in id order, their scores and types
@@ -11,19 +11,23 @@ becomes a BPE SentencePiece model with the file's pieces in id order, their scor
 when the file has byte pieces, and an identity normaliser that escapes spaces as U+2581 and adds
 a dummy prefix only if the file says so (`tokenizer.ggml.add_space_prefix`). llama.cpp writes
 Gemma's pieces of two or more spaces with real spaces; they are spelled with U+2581 again, as
-SentencePiece matches them after escaping. GPT-2-style byte-level BPE files
-(`tokenizer.ggml.model = 'gpt2'`, Qwen and Llama 3) have no SentencePiece form and are refused.
+SentencePiece matches them after escaping.
+
+A GPT-2-style byte-level BPE tokenizer (`tokenizer.ggml.model = 'gpt2'`, as Qwen and Llama 3
+ship) has no SentencePiece form: it is saved as `vocab.bpe.json` and loads as a
+`calm_jax.bpe.ByteLevelBPEVocabulary` (see there).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from etils import epath
 
 from calm_jax.checkpoints import CheckpointError
 
 VOCAB_FILE = 'vocab.model'
+BPE_FILE = 'vocab.bpe.json'
 _SPACE = '\u2581'
 
 
@@ -48,8 +52,7 @@ def sentencepiece_model_from_gguf(f: Any) -> Any:
                           'alone.')
   if kind != 'llama':
     raise UnsupportedModelError(
-        f'{f.path} has a {kind!r} tokenizer; only SentencePiece tokenizers (\'llama\') convert '
-        'to a vocabulary; pass --skip_tokenizer to convert the weights alone.')
+        f'{f.path} has a {kind!r} tokenizer, not a SentencePiece one (\'llama\').')
   scores = f.get('tokenizer.ggml.scores')
   types = f.get('tokenizer.ggml.token_type')
   if scores is None or types is None or not len(scores) == len(types) == len(tokens):
@@ -93,29 +96,73 @@ def sentencepiece_model_from_gguf(f: Any) -> Any:
   return model
 
 
-def save_vocabulary(directory: str | epath.Path, model: Any) -> epath.Path:
-  """Writes SentencePiece `ModelProto` `model` as `directory/vocab.model`."""
-  path = epath.Path(directory) / VOCAB_FILE
+class GGUFTokenizer(NamedTuple):
+  """A GGUF file's tokenizer, ready to be saved beside the LM checkpoint.
+
+  Attributes:
+    file: VOCAB_FILE (SentencePiece) or BPE_FILE (byte-level BPE).
+    data: the file's bytes.
+    size: the number of tokens.
+  """
+
+  file: str
+  data: bytes
+  size: int
+
+
+def tokenizer_from_gguf(f: Any) -> GGUFTokenizer:
+  """The tokenizer inside GGUF file `f` (a `GGUFFile`): SentencePiece ('llama') or byte-level
+  BPE ('gpt2').
+
+  Raises:
+    CheckpointError: the file holds no tokenizer, or an incomplete one.
+    UnsupportedModelError: another tokenizer model.
+  """
+  from calm_jax.convert.hf_config import UnsupportedModelError  # pylint: disable=g-import-not-at-top
+  kind = f.get('tokenizer.ggml.model')
+  if kind == 'gpt2' and f.get('tokenizer.ggml.tokens') is not None:
+    import json  # pylint: disable=g-import-not-at-top
+    from calm_jax import bpe  # pylint: disable=g-import-not-at-top
+    document = bpe.tokenizer_from_gguf(f, error=CheckpointError)
+    return GGUFTokenizer(BPE_FILE, json.dumps(document, ensure_ascii=False).encode('utf-8'),
+                         document['vocab_size'])
+  if kind not in (None, 'llama'):
+    raise UnsupportedModelError(
+        f'{f.path} has a {kind!r} tokenizer; SentencePiece (\'llama\') and byte-level BPE '
+        '(\'gpt2\') tokenizers convert to a vocabulary; pass --skip_tokenizer to convert the '
+        'weights alone.')
+  model = sentencepiece_model_from_gguf(f)
+  return GGUFTokenizer(VOCAB_FILE, model.SerializeToString(), len(model.pieces))
+
+
+def save_vocabulary(directory: str | epath.Path, tokenizer: GGUFTokenizer) -> epath.Path:
+  """Writes `tokenizer` into LM checkpoint `directory`, atomically; returns its path."""
+  path = epath.Path(directory) / tokenizer.file
   tmp = path.parent / (path.name + '.tmp')
-  tmp.write_bytes(model.SerializeToString())
+  tmp.write_bytes(tokenizer.data)
   tmp.rename(path)
   return path
 
 
 def has_vocabulary(checkpoint: str | epath.Path) -> bool:
-  """Whether the LM checkpoint directory carries `vocab.model`."""
-  return (epath.Path(checkpoint) / VOCAB_FILE).exists()
+  """Whether the LM checkpoint directory carries a tokenizer (VOCAB_FILE or BPE_FILE)."""
+  return any((epath.Path(checkpoint) / name).exists() for name in (VOCAB_FILE, BPE_FILE))
 
 
 def load_vocabulary(checkpoint: str | epath.Path) -> Any:
-  """The `seqio.SentencePieceVocabulary` saved in LM checkpoint `checkpoint`.
+  """The SeqIO vocabulary saved in LM checkpoint `checkpoint`: a
+  `seqio.SentencePieceVocabulary` (VOCAB_FILE) or a `bpe.ByteLevelBPEVocabulary` (BPE_FILE).
 
   Raises:
-    CheckpointError: the checkpoint has no `vocab.model`.
+    CheckpointError: the checkpoint carries neither.
   """
+  directory = epath.Path(checkpoint)
+  if (directory / BPE_FILE).exists():
+    from calm_jax import bpe  # pylint: disable=g-import-not-at-top
+    return bpe.ByteLevelBPEVocabulary(directory / BPE_FILE)
   import seqio  # pylint: disable=g-import-not-at-top
-  path = epath.Path(checkpoint) / VOCAB_FILE
+  path = directory / VOCAB_FILE
   if not path.exists():
-    raise CheckpointError(f'{checkpoint} carries no tokenizer ({VOCAB_FILE}); give a task '
-                          'vocabulary instead.')
+    raise CheckpointError(f'{checkpoint} carries no tokenizer ({VOCAB_FILE} or {BPE_FILE}); '
+                          'give a task vocabulary instead.')
   return seqio.SentencePieceVocabulary(str(path))

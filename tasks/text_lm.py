@@ -1,8 +1,8 @@
 """Language modelling over text files with a checkpoint's own tokenizer.
 
 `register_text_lm` registers a SeqIO task whose examples are the lines of text files (local or
-`gs://` patterns), tokenized with the SentencePiece vocabulary an LM checkpoint carries
-(`vocab.model`, written by `calm-convert --gguf_file`) or with a `.model` file. It is the task a
+`gs://` patterns), tokenized with the vocabulary an LM checkpoint carries (`vocab.model` or
+`vocab.bpe.json`, written by `calm-convert --gguf_file`) or with a SentencePiece `.model` file. It is the task a
 run over a real pretrained model's own tokens needs: pretraining a small augment with the
 anchor's vocabulary, or composing them.
 
@@ -23,19 +23,20 @@ import tensorflow as tf
 from calm_jax import vocab as vocab_lib
 
 
-def vocabulary(vocabulary: str) -> seqio.SentencePieceVocabulary:
-  """The SentencePiece vocabulary of an LM checkpoint directory or of a `.model` file.
+def vocabulary(vocabulary: str) -> seqio.Vocabulary:
+  """The vocabulary of an LM checkpoint directory, or of a SentencePiece `.model` file.
 
   Raises:
-    FileNotFoundError: neither a checkpoint with `vocab.model` nor a file.
+    FileNotFoundError: neither a checkpoint with a vocabulary nor a file.
   """
   path = epath.Path(vocabulary)
-  if (path / vocab_lib.VOCAB_FILE).exists():
+  if vocab_lib.has_vocabulary(path):
     return vocab_lib.load_vocabulary(path)
   if path.is_file():
     return seqio.SentencePieceVocabulary(str(path))
   raise FileNotFoundError(f'{vocabulary} is neither an LM checkpoint with '
-                          f'{vocab_lib.VOCAB_FILE} nor a SentencePiece model file.')
+                          f'{vocab_lib.VOCAB_FILE} or {vocab_lib.BPE_FILE} nor a SentencePiece '
+                          'model file.')
 
 
 def lines_to_targets(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -52,7 +53,7 @@ def register_text_lm(name: str = 'text_lm', *, file_pattern: str | Sequence[str]
   Args:
     name: the task's name (MIXTURE_OR_TASK_NAME).
     file_pattern: glob pattern(s) of the training text files, one example per non-blank line.
-    vocabulary_path: an LM checkpoint carrying `vocab.model`, or a SentencePiece model file.
+    vocabulary_path: an LM checkpoint carrying its vocabulary, or a SentencePiece model file.
     validation_pattern: pattern(s) of the validation split; default: the training files.
 
   Raises:

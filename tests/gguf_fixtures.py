@@ -1,11 +1,15 @@
 """Tiny random GGUF files written the way llama.cpp's convert_hf_to_gguf.py writes them.
 
 `write_gguf(path, family)` writes a 64-wide model of one of the families calm_jax imports from
-GGUF, with a small SentencePiece tokenizer, reproducing llama.cpp's conventions:
+GGUF, with a small tokenizer (SentencePiece for Llama 2 and Gemma, GPT-2-style byte-level BPE
+for Qwen, and for Llama 3 with `bpe='llama-bpe'`), reproducing llama.cpp's conventions:
 
 - tensors under llama.cpp's names, each projection as its PyTorch [out, in] array;
 - the llama family's q/k rows permuted for llama.cpp's interleaved RoPE (`permute_qk`);
 - Gemma's norm weights (every tensor named `*norm.weight`) stored as `1 + w`;
+- byte-level BPE tokens in GPT-2's byte-to-unicode spelling, with merges, control tokens
+  (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`), a user-defined `<think>` and unused
+  `[PAD<n>]` tokens up to the embedding size, as llama.cpp writes Qwen's;
 - every quantisation type the tests cover (F32, Q8_0, Q5_0, Q4_K, Q6_K) across the families.
   The `gguf` package quantises Q8_0 and Q5_0; it implements no quantiser for the K-quants, so
   those tensors are random valid blocks (random bits, small finite fp16 scales), whose meaning is
@@ -53,6 +57,8 @@ class Family:
   # {tensor kind (llama.cpp's name without blk.N. and .weight): GGML type}; unnamed kinds F32.
   types: Mapping[str, Q] = dataclasses.field(default_factory=dict)
   extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # A byte-level BPE tokenizer with this `tokenizer.ggml.pre`; None: SentencePiece.
+  bpe: str | None = None
 
   @property
   def gemma(self) -> bool:
@@ -64,11 +70,11 @@ FAMILIES = {
     'llama': Family('llama', tied=False, types={
         'token_embd': Q.Q8_0, 'output': Q.Q8_0, 'attn_q': Q.Q5_0, 'attn_k': Q.Q5_0,
         'attn_v': Q.Q8_0, 'ffn_gate': Q.Q8_0, 'ffn_up': Q.Q5_0, 'ffn_down': Q.Q4_K}),
-    'qwen2': Family('qwen2', rope_base=1_000_000.0, types={
+    'qwen2': Family('qwen2', rope_base=1_000_000.0, bpe='qwen2', types={
         'token_embd': Q.Q5_0, 'attn_q': Q.Q8_0, 'attn_k': Q.Q8_0, 'attn_v': Q.Q5_0,
         'attn_output': Q.Q5_0, 'ffn_gate': Q.Q5_0, 'ffn_up': Q.Q8_0, 'ffn_down': Q.Q6_K}),
     'qwen3': Family('qwen3', heads=2, kv_heads=1, head_dim=128, rope_base=1_000_000.0,
-                    tied=False, types={
+                    tied=False, bpe='qwen2', types={
         'token_embd': Q.Q8_0, 'output': Q.Q5_0, 'attn_q': Q.Q5_0, 'attn_k': Q.Q8_0,
         'attn_v': Q.Q8_0, 'attn_output': Q.Q4_K, 'ffn_gate': Q.Q8_0, 'ffn_up': Q.Q8_0,
         'ffn_down': Q.Q6_K}),
@@ -108,6 +114,58 @@ def tokenizer_pieces() -> tuple[list[str], list[float], list[int]]:
 
 
 VOCAB = len(tokenizer_pieces()[0])
+BPE_VOCAB = 400  # The byte-level BPE families' embedding rows (their tokens, padded).
+BPE_CONTROL = ('<|endoftext|>', '<|im_start|>', '<|im_end|>')
+BPE_USER_DEFINED = ('<think>',)
+# Byte-level BPE words (merged left to right, with and without GPT-2's space `Ġ`), then
+# word-internal pieces and digit runs; a word's merges outrank the pieces', so that applying
+# merges and taking a whole word first agree on every word of the list.
+BPE_WORDS = WORDS + ("it's", 'naïve')
+BPE_PIECES = SUFFIXES + ('12', '123', '456', '  ', '\n\n')
+
+
+def byte_spelling() -> dict[int, str]:
+  """GPT-2's byte-to-unicode spelling: printable Latin-1 bytes as themselves, the others as
+  code points from 256 on, in byte order."""
+  printable = [*range(ord('!'), ord('~') + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+  spelling, extra = {}, 0
+  for b in range(256):
+    if b in printable:
+      spelling[b] = chr(b)
+    else:
+      spelling[b] = chr(256 + extra)
+      extra += 1
+  return spelling
+
+
+def bpe_tokenizer() -> tuple[list[str], list[str], list[int]]:
+  """(tokens, merges, types) of a small byte-level BPE vocabulary of BPE_VOCAB tokens, in id order.
+
+  The 256 byte tokens ordered by their spelling (so id 0 is '!', as in Qwen and Llama 3), merged
+  tokens, the control and user-defined tokens, then unused `[PAD<n>]` tokens.
+  """
+  spell = byte_spelling()
+
+  def spelled(text):
+    return ''.join(spell[b] for b in text.encode('utf-8'))
+  tokens = sorted(spell.values())
+  merges = []
+  for text in [' ' + w for w in BPE_WORDS] + list(BPE_WORDS) + list(BPE_PIECES):
+    chars = spelled(text)
+    # GPT-2's merges are between tokens: here the first n characters and the next one.
+    for n in range(1, len(chars)):
+      merged = chars[:n + 1]
+      if merged not in tokens:
+        merges.append(f'{chars[:n]} {chars[n]}')
+        tokens.append(merged)
+  types = [1] * len(tokens)
+  tokens += list(BPE_CONTROL) + list(BPE_USER_DEFINED)
+  types += [3] * len(BPE_CONTROL) + [4] * len(BPE_USER_DEFINED)
+  assert len(tokens) <= BPE_VOCAB, (len(tokens), BPE_VOCAB)
+  pad = BPE_VOCAB - len(tokens)
+  tokens += [f'[PAD{len(tokens) + i}]' for i in range(pad)]
+  types += [5] * pad
+  return tokens, merges, types
 
 
 def permute_qk(w: np.ndarray, heads: int) -> np.ndarray:
@@ -156,7 +214,25 @@ def _add(writer: gguf.GGUFWriter, rng: np.random.Generator, name: str, w: np.nda
     writer.add_tensor(name, raw_blocks(rng, *w.shape, qtype), raw_dtype=qtype)
 
 
+def vocab_size(family: str | Family) -> int:
+  """The embedding rows (= tokens) of `family`'s fixture."""
+  fam = FAMILIES[family] if isinstance(family, str) else family
+  return VOCAB if fam.bpe is None else BPE_VOCAB
+
+
 def _write_tokenizer(writer: gguf.GGUFWriter, family: Family) -> None:
+  if family.bpe is not None:
+    tokens, merges, types = bpe_tokenizer()
+    writer.add_tokenizer_model('gpt2')
+    writer.add_tokenizer_pre(family.bpe)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokens.index('<|endoftext|>'))
+    writer.add_eos_token_id(tokens.index('<|im_end|>'))
+    writer.add_pad_token_id(tokens.index('<|endoftext|>'))
+    writer.add_add_bos_token(False)
+    return
   pieces, scores, types = tokenizer_pieces()
   if family.gemma:  # llama.cpp writes Gemma's pieces of spaces with real spaces.
     pieces = [' ' * len(p) if p and not p.strip(SPACE) else p for p in pieces]
@@ -175,7 +251,7 @@ def _write_tokenizer(writer: gguf.GGUFWriter, family: Family) -> None:
 
 def write_gguf(path: str | os.PathLike[str], family: str | Family, *, seed: int = 0,
                tokenizer: bool = True, arch: str | None = None,
-               types: Mapping[str, Q] | None = None) -> str:
+               types: Mapping[str, Q] | None = None, bpe: str | None = None) -> str:
   """Writes a tiny random model of `family` as a GGUF file at `path`; returns the path.
 
   Args:
@@ -185,8 +261,11 @@ def write_gguf(path: str | os.PathLike[str], family: str | Family, *, seed: int 
     tokenizer: include the tokenizer.ggml.* keys.
     arch: write this `general.architecture` (and metadata prefix) instead of the family's.
     types: tensor types overriding the family's (e.g. {'ffn_gate': Q.IQ4_NL}).
+    bpe: a byte-level BPE tokenizer with this pre-tokenizer instead of the family's.
   """
   fam = FAMILIES[family] if isinstance(family, str) else family
+  if bpe is not None:
+    fam = dataclasses.replace(fam, bpe=bpe)
   kinds = dict(fam.types, **(types or {}))
 
   def kind_of(name):  # Biases and norms stay F32, as llama.cpp keeps 1-D tensors.
@@ -229,10 +308,11 @@ def write_gguf(path: str | os.PathLike[str], family: str | Family, *, seed: int 
     _add(writer, rng, name, w, kind_of(name))
 
   q_rows, kv_rows = fam.heads * fam.head_dim, fam.kv_heads * fam.head_dim
-  add('token_embd.weight', normal(VOCAB, fam.hidden, scale=0.5))
+  rows = vocab_size(fam)
+  add('token_embd.weight', normal(rows, fam.hidden, scale=0.5))
   add('output_norm.weight', norm(fam.hidden))
   if not fam.tied:
-    add('output.weight', normal(VOCAB, fam.hidden, scale=0.2))
+    add('output.weight', normal(rows, fam.hidden, scale=0.2))
   for i in range(fam.layers):
     b = f'blk.{i}.'
     add(b + 'attn_norm.weight', norm(fam.hidden))

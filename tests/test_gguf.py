@@ -7,6 +7,7 @@ the saved vocabulary must tokenize like transformers' tokenizer of the file. Bad
 clear error each.
 """
 
+import json
 import os
 
 import jax.numpy as jnp
@@ -111,7 +112,7 @@ def test_logits_match_transformers(family, converted, reference_logits, tokens):
   reference = reference_logits(family)
   config, params = checkpoints.load_lm(converted(family))
   assert config.param_dtype == 'float32'
-  assert config.vocab_size == fx.VOCAB and config.num_layers == fx.FAMILIES[family].layers
+  assert config.vocab_size == fx.vocab_size(family) and config.num_layers == fx.FAMILIES[family].layers
   assert _relative_error(_logits(config, params, tokens), reference) <= TOLERANCE
 
 
@@ -146,6 +147,120 @@ def test_vocabulary_matches_transformers_tokenizer(family, extra, gguf_dir, conv
     assert ours.decode(ids) == text
   # Byte fallback was exercised: 'ö' has no piece of its own, so it is its UTF-8 bytes' pieces.
   assert [int(i) for i in ours.encode('ö')][-2:] == [4 + 0xC3, 4 + 0xB6]
+
+
+BPE_TEXTS = TEXTS + ("it's 12345 naïve 7", '  leading spaces', 'Hello\r\n\r\nworld  ',
+                     'the<think>cat sat')
+
+
+@pytest.fixture(scope='module')
+def llama3_file(tmp_path_factory):
+  """A llama file with Llama 3's byte-level BPE tokenizer (pre-tokenizer 'llama-bpe')."""
+  return fx.write_gguf(tmp_path_factory.mktemp('llama3') / 'llama3.gguf', 'llama',
+                       bpe='llama-bpe')
+
+
+@pytest.mark.parametrize('family', ['qwen2', 'llama3'])
+def test_byte_level_bpe_vocabulary_matches_transformers_tokenizer(family, gguf_dir, converted,
+                                                                  llama3_file, tmp_path):
+  """A byte-level BPE GGUF tokenizer (Qwen's split: one digit at a time; Llama 3's: up to three)
+  saved as vocab.bpe.json gives transformers' ids, keeps control and user-defined tokens whole
+  and decodes back to the text; id 0 ('!') is a token."""
+  _, transformers = _transformers()
+  if family == 'llama3':
+    checkpoint = str(tmp_path / 'lm')
+    gguf_file.convert_gguf_file(llama3_file, checkpoint, log=_quiet)
+    directory, name = os.path.split(llama3_file)
+  else:
+    checkpoint, directory, name = converted(family), str(gguf_dir), f'{family}.gguf'
+  assert os.path.exists(os.path.join(checkpoint, vocab.BPE_FILE))
+  assert not os.path.exists(os.path.join(checkpoint, vocab.VOCAB_FILE))
+  ours = vocab.load_vocabulary(checkpoint)
+  theirs = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+  assert ours.vocab_size == fx.BPE_VOCAB
+  tokens = fx.bpe_tokenizer()[0]
+  for text in BPE_TEXTS:
+    ids = [int(i) for i in ours.encode(text)]
+    assert ids == theirs.encode(text, add_special_tokens=False), text
+    assert ours.decode(ids) == text
+  digits = [tokens[i] for i in ours.encode('12345')]
+  assert digits == (['123', '45'] if family == 'llama3' else ['1', '2', '3', '4', '5'])
+  assert [tokens[i] for i in ours.encode('the<think>')] == ['the', '<think>']
+  assert ours.encode('!') == [0] and ours.decode([0, 0]) == '!!'
+  chat = '<|im_start|>the cat<|im_end|>'
+  ids = [int(i) for i in ours.encode(chat)]
+  assert ids == theirs.encode(chat, add_special_tokens=False)
+  assert ids[0] == tokens.index('<|im_start|>') and ids[-1] == ours.eos_id
+  assert ours.decode(ids[:-1]) == 'the cat'  # Control tokens decode to nothing.
+  assert ours.pad_id == ours.bos_id == tokens.index('<|endoftext|>') and not ours.add_bos
+
+
+def test_byte_level_bpe_vocabulary_in_tf_generation_and_export(converted, tmp_path):
+  """The BPE vocabulary's TF ops (what seqio tasks run) equal its Python ones; calm-generate
+  reads no BOS for it (the file says Qwen adds none) and keeps id 0; a composed export carries
+  it as a file."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from calm_jax import composed, generate  # pylint: disable=g-import-not-at-top
+  checkpoint = converted('qwen2')
+  ours = vocab.load_vocabulary(checkpoint)
+  texts = ['the cat! 12', "it's naïve"]
+  ids = [list(ours.encode(t)) for t in texts]
+  assert [ours.encode_tf(tf.constant(t)).numpy().tolist() for t in texts] == ids
+  width = max(map(len, ids)) + 2
+  batch = np.zeros((2, width), np.int32)  # T5X pads with 0 ('!' here) after EOS.
+  for row, row_ids in enumerate(ids):
+    batch[row, :len(row_ids) + 1] = row_ids + [ours.eos_id]
+  assert [t.decode() for t in ours.decode_tf(tf.constant(batch)).numpy()] == texts
+  generator = generate.TextGenerator(checkpoint, max_decode_len=4)
+  assert generator.bos_id is None and generator.encode('!the') == [0] + ids[0][:1]
+  [completion] = generator.generate(['the cat'])
+  until_eos = completion.tokens[:completion.tokens.index(ours.eos_id)] if (
+      ours.eos_id in completion.tokens) else completion.tokens
+  assert completion.text == ours.decode(until_eos)
+  reference = composed.vocabulary_reference(ours, tmp_path)
+  assert reference['type'] == 'byte_level_bpe'
+  again = composed.load_vocabulary(reference, tmp_path)
+  assert again == ours and [list(again.encode(t)) for t in texts] == ids
+
+
+class _Metadata:
+  """The metadata of a GGUF file, without the file."""
+
+  def __init__(self, **fields):
+    self.path, self._fields = 'metadata', {f'tokenizer.ggml.{k}': v for k, v in fields.items()}
+
+  def get(self, key, default=None):
+    return self._fields.get(key, default)
+
+
+@pytest.mark.parametrize('pre,expected', [('llama-bpe', ['abc']), ('qwen2', ['a', 'bc'])])
+def test_llama3_takes_a_whole_word_before_merges(pre, expected, tmp_path):
+  """Llama 3's tokenizer (as llama.cpp and tiktoken run it) takes a split that is a token
+  whole; others apply merges by priority ('b c' first, and there is no 'a bc')."""
+  from calm_jax import bpe  # pylint: disable=g-import-not-at-top
+  tokens = ['a', 'b', 'c', 'bc', 'ab', 'abc', '<eos>']
+  document = bpe.tokenizer_from_gguf(_Metadata(
+      model='gpt2', pre=pre, tokens=tokens, token_type=[1] * 6 + [3], merges=['b c', 'a b'],
+      eos_token_id=6))
+  (tmp_path / 'v.json').write_text(json.dumps(document))
+  vocabulary = bpe.ByteLevelBPEVocabulary(tmp_path / 'v.json')
+  assert [tokens[i] for i in vocabulary.encode('abc')] == expected
+  assert vocabulary.decode(vocabulary.encode('abc')) == 'abc'
+
+
+@pytest.mark.parametrize('fields,message', [
+    ({'merges': []}, 'lists no merges'),
+    ({'pre': 'unknown-pre'}, "unknown pre-tokenizer 'unknown-pre'"),
+    ({'eos_token_id': 99}, 'eos_token_id = 99 is not a token id'),
+    ({'merges': ['ab']}, "malformed merge 'ab'"),
+    ({'tokens': ['a', 'b', 'a']}, "token 'a' \\(id 2\\) occurs twice"),
+])
+def test_bad_byte_level_bpe_tokenizer(fields, message):
+  from calm_jax import bpe  # pylint: disable=g-import-not-at-top
+  good = dict(model='gpt2', pre='qwen2', tokens=['a', 'b', 'ab'], token_type=[1, 1, 3],
+              merges=['a b'], eos_token_id=2)
+  with pytest.raises(CheckpointError, match=message):
+    bpe.tokenizer_from_gguf(_Metadata(**dict(good, **fields)), error=CheckpointError)
 
 
 # Bad input: one clear error each.

@@ -22,8 +22,9 @@ COMMAND = usage.Command(
     name='calm-convert', module='calm_jax.convert',
     summary=('converts a local Hugging Face checkpoint directory (config.json and safetensors; '
              'Llama, Mistral, Qwen2/2.5/3, Gemma 1/2/3) or a GGUF file (llama, qwen2, qwen3, '
-             'gemma2, gemma3; quantised tensors are dequantised, its SentencePiece tokenizer '
-             'is written beside the weights as vocab.model) into a calm_jax LM checkpoint '
+             'gemma2, gemma3; quantised tensors are dequantised, its tokenizer is written '
+             'beside the weights: vocab.model for SentencePiece, vocab.bpe.json for '
+             'byte-level BPE) into a calm_jax LM checkpoint '
              '(orbax parameters and the architecture as JSON) that runs load as anchor or '
              'augment.'),
     example="""\

@@ -20,7 +20,7 @@ COMMAND = usage.Command(
     name='calm-generate', module='calm_jax.cli.generate',
     summary=('continues text prompts (--prompt, repeatable, and/or --prompt_file: one per line, '
              'or JSONL with a "prompt" field) with an LM checkpoint that carries its tokenizer '
-             '(calm-convert --gguf_file writes vocab.model), a composition run whose anchor '
+             '(calm-convert --gguf_file writes it), a composition run whose anchor '
              'carries one, or a composed checkpoint exported with a vocabulary. Text is printed '
              'as it is generated (batch 1); --output_file writes JSONL (prompt, text, tokens).'),
     example="""\

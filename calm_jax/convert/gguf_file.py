@@ -10,8 +10,8 @@ A GGUF file holds the architecture as metadata (`gemma3.block_count`, ...), the 
   undoing llama.cpp's conventions on the way: the llama family's q/k rows are permuted for
   llama.cpp's interleaved RoPE (we use the halves layout of Hugging Face), and Gemma's norm weights
   are stored as `1 + w` (llama.cpp's RMSNorm multiplies by the weight; Gemma's by `1 + w`);
-- the tokenizer becomes a SentencePiece model (`vocab.sentencepiece_model_from_gguf`), which
-  `calm_jax.vocab` saves beside the checkpoint as a SeqIO vocabulary.
+- the tokenizer (`vocab.tokenizer_from_gguf`: SentencePiece, or byte-level BPE for Qwen and
+  Llama 3) is saved beside the checkpoint, where it loads as a SeqIO vocabulary.
 
 The file is memory-mapped: the only full copy of the weights in host memory is the converted tree.
 """
@@ -304,7 +304,8 @@ def convert_gguf_file(gguf_file: str, output_dir: str, dtype: str | None = None,
       values are exact in float32).
     expected: if given, the architecture the file must hold (dtypes aside); checked before any
       tensor is read.
-    tokenizer: also write the file's tokenizer as `vocab.model` (an error if it has none).
+    tokenizer: also write the file's tokenizer (`vocab.model` or `vocab.bpe.json`; an error
+      if it has none).
     log: progress sink.
 
   Returns:
@@ -316,7 +317,7 @@ def convert_gguf_file(gguf_file: str, output_dir: str, dtype: str | None = None,
   config = config_from_gguf(f, dtype=dtype)
   huggingface.check_expected(config, expected, gguf_file)
   # The tokenizer before the weights: a file without one fails before anything is written.
-  model = vocab.sentencepiece_model_from_gguf(f) if tokenizer else None
+  gguf_tokenizer = vocab.tokenizer_from_gguf(f) if tokenizer else None
   kinds: dict[str, int] = {}
   for name in f.tensors:
     kinds[f.tensor_type(name)] = kinds.get(f.tensor_type(name), 0) + 1
@@ -332,9 +333,8 @@ def convert_gguf_file(gguf_file: str, output_dir: str, dtype: str | None = None,
                                 'name': f.get('general.name'),
                                 'gguf_file': os.path.abspath(gguf_file)})
   del params
-  if model is not None:
-    vocab.save_vocabulary(output_dir, model)
-    log(f'wrote the tokenizer ({len(model.pieces):,} pieces) to '
-        f'{os.path.join(str(output_dir), vocab.VOCAB_FILE)}')
+  if gguf_tokenizer is not None:
+    path = vocab.save_vocabulary(output_dir, gguf_tokenizer)
+    log(f'wrote the tokenizer ({gguf_tokenizer.size:,} tokens) to {path}')
   return config
 
