@@ -21,10 +21,11 @@ INSTALL_REQUIRES = [
     'etils[epath]>=1.15',
     'ml_dtypes>=0.5',
     'numpy>=2.0,<3',
-    # GGUF files (calm-convert --gguf_file): reader and dequantisation; SentencePiece for the
-    # tokenizers they carry.
+    # GGUF files (calm-convert --gguf_file): reader and dequantisation; SentencePiece and
+    # Hugging Face tokenizers for the tokenizers they carry (SentencePiece, byte-level BPE).
     'gguf>=0.19.0,<0.20',
     'sentencepiece>=0.2.1,<0.3',
+    'tokenizers>=0.23,<0.24',
 ]
 
 EXTRAS_REQUIRE = {
