@@ -1,0 +1,277 @@
+"""SeqIO tasks of the low-resource-language domain (CALM section 4.2).
+
+Nothing is registered on import; each `register_*` function registers (or replaces) its tasks
+and returns a name, so that a gin file can write `MIXTURE_OR_TASK_NAME = @lowres.register_*()`.
+
+On the Bibles (`bible_data`: Chichewa and English, verse-aligned, four held-out books), with
+`register_bible(vocabulary_path, ...)`; 'train' splits read only the training books and
+'validation' splits only the held-out books; every task has 'inputs' and 'targets' (empty
+inputs for language modelling):
+  bible_nya_lm          Chichewa verses                                 (m_A's training set)
+  bible_en_lm           English verses       (m_B's training set; English LM perplexity)
+  bible_nya_en          nya->en translation: 'train' is D_C, DC_SHARE of the training books'
+                        parallel verses; 'validation' every parallel verse of the held-out books
+  bible_nya_en_slice    a disjoint ANCHOR_PAIR_SHARE of the training pairs, the little Chichewa
+                        that m_B sees (the paper's anchor knows a little of many languages)
+Mixtures (rates as `mixture_rates` gives, set from gin through `register_bible`):
+  bible_anchor          bible_en_lm + bible_nya_en_slice                (trains m_B)
+  bible_dc              bible_nya_en (D_C) + a share of bible_en_lm, so that the composition
+                        keeps the anchor's English
+  bible_eval            bible_nya_en + bible_en_lm (held-out books: chrF/BLEU, perplexity)
+
+On published benchmark files (local or `gs://`, `lowres_formats` documents the layouts):
+  register_flores(root, language)   flores_<lang>_en: XX->En, k-shot (5) from 'dev',
+                                    evaluated on 'devtest' (its 'validation' split)
+  register_math(name, eval_file)    GSM8K JSONL or MGSM TSV, k-shot (8) chains from a GSM8K
+                                    train file, exact match of the final number
+  NTL-style monolingual corpora are text files: `calm_tasks.text_lm.register_text_lm`.
+
+Metrics (`text_metrics`): chrF1 and BLEU (sacrebleu) for translation, final-number accuracy for
+math. Vocabulary: one SentencePiece model for both languages, trained by `bible_vocabulary` on
+the training books' text only, or any seqio vocabulary file given.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from typing import Callable, Sequence
+
+from etils import epath
+import seqio
+import tensorflow as tf
+
+from calm_tasks import bible_data, lowres_formats, text_metrics
+
+DC_SHARE = 0.05
+ANCHOR_PAIR_SHARE = 0.01
+DEFAULT_RATES = {'bible_anchor': {'bible_en_lm': 0.95, 'bible_nya_en_slice': 0.05},
+                 'bible_dc': {'bible_nya_en': 0.8, 'bible_en_lm': 0.2}}
+VOCAB_SIZE = 8000
+
+
+def cache_dir() -> str:
+  """Where derived files (the Bible SentencePiece model) are kept: $CALM_JAX_CACHE, else
+  ~/.cache/calm_jax."""
+  return os.environ.get('CALM_JAX_CACHE') or os.path.join(os.path.expanduser('~'), '.cache',
+                                                          'calm_jax')
+
+
+def bible_vocabulary(path: str | None = None,
+                     vocab_size: int = VOCAB_SIZE) -> seqio.SentencePieceVocabulary:
+  """The SentencePiece vocabulary at `path`, trained there first if it does not exist.
+
+  Trained (unigram, byte fallback, pad 0 / EOS 1 / UNK 2, no BOS: T5X's ids) on the Chichewa
+  and English verses of the training books only; deterministic for a given `vocab_size`.
+  Default path: `cache_dir()/bible_spm_<vocab_size>.model`.
+  """
+  path = path or os.path.join(cache_dir(), f'bible_spm_{vocab_size}.model')
+  if not epath.Path(path).exists():
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+      corpus = os.path.join(tmp, 'train.txt')
+      with open(corpus, 'w', encoding='utf-8') as f:
+        for language in bible_data.LANGUAGES:
+          f.writelines(t + '\n' for t in bible_data.monolingual(language, held_out=False))
+      prefix = os.path.join(tmp, 'spm')
+      spm.SentencePieceTrainer.train(
+          input=corpus, model_prefix=prefix, vocab_size=vocab_size, model_type='unigram',
+          character_coverage=1.0, byte_fallback=True, pad_id=0, eos_id=1, unk_id=2,
+          bos_id=-1, num_threads=1, minloglevel=2)
+      epath.Path(prefix + '.model').copy(epath.Path(path + '.tmp'), overwrite=True)
+      epath.Path(path + '.tmp').rename(path)
+  return seqio.SentencePieceVocabulary(str(path))
+
+
+def _replace_task(name: str, **kwargs) -> None:
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)
+  seqio.TaskRegistry.add(name, **kwargs)
+
+
+def _replace_mixture(name: str, rates: dict[str, float]) -> None:
+  if name in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.remove(name)
+  seqio.MixtureRegistry.add(name, list(rates.items()))
+
+
+def _memory_source(examples: Callable[[str], Sequence[dict[str, str]]]) -> seqio.DataSource:
+  def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+    del shuffle_files, seed  # In memory; seqio shuffles examples itself.
+    rows = examples(split)
+    return tf.data.Dataset.from_tensor_slices(
+        {key: [row[key] for row in rows] for key in rows[0]})
+  return seqio.FunctionDataSource(dataset_fn, splits=('train', 'validation'))
+
+
+def _lm_task(name: str, vocabulary: seqio.Vocabulary,
+             texts: Callable[[str], Sequence[str]]) -> None:
+  # Empty inputs: language modelling in the (inputs, targets) form of the translation tasks,
+  # so that both mix (seqio mixes tasks of one set of features only).
+  _seq2seq_task(name, vocabulary, lambda split: [{'inputs': '', 'targets': t}
+                                                 for t in texts(split)], [])
+
+
+def _seq2seq_task(name: str, vocabulary: seqio.Vocabulary,
+                  rows: Callable[[str], Sequence[dict[str, str]]],
+                  metric_fns: Sequence[Callable]) -> None:
+  _replace_task(
+      name, source=_memory_source(rows),
+      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+      output_features={'inputs': seqio.Feature(vocabulary, add_eos=False),
+                       'targets': seqio.Feature(vocabulary, add_eos=True)},
+      metric_fns=list(metric_fns))
+
+
+def translation_rows(pairs: Sequence[tuple[str, str]], pool: Sequence[tuple[str, str]],
+                     shots: int, source: str, target: str, seed: int = 0,
+                     pool_is_pairs: bool = False) -> list[dict[str, str]]:
+  """{'inputs': k-shot prompt, 'targets': translation} for each (source, target) pair, with
+  shots from `pool` (when `pool_is_pairs`, the pool is `pairs` itself and an example never
+  shows itself)."""
+  rows = []
+  for i, (src, tgt) in enumerate(pairs):
+    chosen = lowres_formats.shot_indices(len(pool), shots, i, seed,
+                                         exclude=i if pool_is_pairs else None)
+    rows.append({'inputs': lowres_formats.translation_prompt(
+        src, [pool[j] for j in chosen], source, target), 'targets': tgt})
+  return rows
+
+
+def mixture_rates(name: str, rates: dict[str, dict[str, float]] | None = None
+                  ) -> dict[str, float]:
+  """The task rates of Bible mixture `name` ('bible_anchor' or 'bible_dc'), `rates`
+  overriding DEFAULT_RATES."""
+  merged = {**DEFAULT_RATES, **(rates or {})}
+  if name not in merged:
+    raise ValueError(f'Unknown Bible mixture {name!r}; known: {sorted(merged)}.')
+  return dict(merged[name])
+
+
+@functools.lru_cache(maxsize=4)
+def _bible_pairs(share: float, salt: str) -> tuple[tuple[str, str], ...]:
+  return tuple(bible_data.texts(bible_data.fraction(bible_data.parallel(held_out=False), share,
+                                                    salt)))
+
+
+def bible_splits(dc_share: float = DC_SHARE, anchor_pair_share: float = ANCHOR_PAIR_SHARE
+                 ) -> dict[str, tuple[tuple[str, str], ...]]:
+  """The parallel pairs of the Bible tasks: 'dc' (D_C), 'slice' (m_B's, disjoint from D_C)
+  and 'held_out' (every parallel verse of the held-out books)."""
+  dc = _bible_pairs(dc_share, 'dc')
+  dc_set = set(dc)
+  slice_ = tuple(p for p in _bible_pairs(anchor_pair_share, 'anchor') if p not in dc_set)
+  return {'dc': dc, 'slice': slice_,
+          'held_out': tuple(bible_data.texts(bible_data.parallel(held_out=True)))}
+
+
+def register_bible(vocabulary_path: str | None = None, *, task: str = 'bible_dc',
+                   shots: int = 0, dc_share: float = DC_SHARE,
+                   anchor_pair_share: float = ANCHOR_PAIR_SHARE,
+                   rates: dict[str, dict[str, float]] | None = None,
+                   prefix: str = '') -> str:
+  """Registers the Bible tasks and mixtures (module docstring); returns `prefix + task`.
+
+  Args:
+    vocabulary_path: SentencePiece model (trained there by `bible_vocabulary` if missing;
+      None: the cached default).
+    task: the task or mixture whose name is returned (e.g. 'bible_anchor' for m_B's run).
+    shots: k of the k-shot translation prompts; shots come from D_C, never from the
+      held-out books, and a D_C example never shows itself.
+    dc_share: the share of the training books' parallel verses in D_C.
+    anchor_pair_share: the share of parallel training verses in m_B's training set.
+    rates: {mixture: {task: rate}} overriding DEFAULT_RATES.
+    prefix: prepended to every task and mixture name.
+  """
+  vocabulary = bible_vocabulary(vocabulary_path)
+  pairs = bible_splits(dc_share, anchor_pair_share)
+  if shots > len(pairs['dc']) - 1:
+    raise ValueError(f'{shots} shots but D_C holds {len(pairs["dc"])} pairs.')
+  for language in bible_data.LANGUAGES:
+    _lm_task(f'{prefix}bible_{language}_lm', vocabulary,
+             functools.partial(lambda split, lang: bible_data.monolingual(
+                 lang, held_out=split == 'validation'), lang=language))
+
+  def translation(name: str, train: Sequence[tuple[str, str]]):
+    def rows(split: str):
+      if split == 'train':
+        return translation_rows(train, pairs['dc'], shots, 'nya', 'en',
+                                pool_is_pairs=train is pairs['dc'])
+      return translation_rows(pairs['held_out'], pairs['dc'], shots, 'nya', 'en')
+    _seq2seq_task(name, vocabulary, functools.lru_cache(maxsize=2)(rows),
+                  [text_metrics.chrf, text_metrics.bleu])
+  translation(f'{prefix}bible_nya_en', pairs['dc'])
+  translation(f'{prefix}bible_nya_en_slice', pairs['slice'])
+  for mixture in ('bible_anchor', 'bible_dc'):
+    _replace_mixture(prefix + mixture, {prefix + task_name: rate for task_name, rate
+                                        in mixture_rates(mixture, rates).items()})
+  _replace_mixture(prefix + 'bible_eval', {f'{prefix}bible_nya_en': 1.0,
+                                           f'{prefix}bible_en_lm': 1.0})
+  names = seqio.TaskRegistry.names() | seqio.MixtureRegistry.names()
+  if prefix + task not in names:
+    raise ValueError(f'Unknown Bible task or mixture {task!r}.')
+  return prefix + task
+
+
+def register_flores(root: str, language: str, *, vocabulary_path: str, shots: int = 5,
+                    target: str = 'eng_Latn', name: str | None = None, seed: int = 0) -> str:
+  """Registers FLORES-200 `language`->`target` translation; returns its name
+  (default `flores_<language>_en`).
+
+  Its 'validation' split is 'devtest' with k-shot prompts drawn from 'dev'; its 'train' split
+  is 'dev' with shots from 'dev' (never the example itself). Metrics: chrF1, BLEU.
+
+  Raises:
+    FileNotFoundError, lowres_formats.FormatError: a missing or malformed file (checked here).
+  """
+  name = name or f'flores_{language}_en'
+  dev = lowres_formats.read_flores(root, language, target, 'dev')
+  devtest = lowres_formats.read_flores(root, language, target, 'devtest')
+
+  def rows(split: str):
+    if split == 'train':
+      return translation_rows(dev, dev, shots, language, target, seed, pool_is_pairs=True)
+    return translation_rows(devtest, dev, shots, language, target, seed)
+  _seq2seq_task(name, seqio.SentencePieceVocabulary(vocabulary_path),
+                functools.lru_cache(maxsize=2)(rows), [text_metrics.chrf, text_metrics.bleu])
+  return name
+
+
+def register_math(name: str, eval_file: str, *, vocabulary_path: str,
+                  train_file: str | None = None, shots: int = 8, seed: int = 0) -> str:
+  """Registers a math word-problem task: `eval_file` (GSM8K `.jsonl` or MGSM `.tsv`) is its
+  'validation' split, with k-shot chains from GSM8K `train_file` (default: `eval_file`'s own
+  problems, never the example itself); 'train' is `train_file`'s problems. Metric: exact match
+  of the final number.
+
+  Raises:
+    FileNotFoundError, lowres_formats.FormatError: a missing or malformed file.
+    ValueError: shots without a file of chains, or an unknown extension.
+  """
+  def read(path: str):
+    if path.endswith('.jsonl'):
+      return lowres_formats.read_gsm8k(path)
+    if path.endswith('.tsv'):
+      return lowres_formats.read_mgsm(path)
+    raise ValueError(f'{path}: expected a GSM8K .jsonl or an MGSM .tsv file.')
+  evaluation = read(eval_file)
+  train = read(train_file) if train_file else evaluation
+  if shots and not all(p.chain for p in train):
+    raise ValueError(f'{train_file or eval_file} has no worked chains for {shots}-shot '
+                     'prompts: give a GSM8K train_file.')
+
+  def rows(split: str):
+    problems = train if split == 'train' else evaluation
+    own = problems is train
+    out = []
+    for i, p in enumerate(problems):
+      chosen = lowres_formats.shot_indices(len(train), shots, i, seed,
+                                           exclude=i if own else None)
+      out.append({'inputs': lowres_formats.math_prompt(p.question, [train[j] for j in chosen]),
+                  'targets': lowres_formats.math_target(p)})
+    return out
+  _seq2seq_task(name, seqio.SentencePieceVocabulary(vocabulary_path),
+                functools.lru_cache(maxsize=2)(rows), [text_metrics.final_number_accuracy])
+  return name
