@@ -251,3 +251,21 @@ def test_final_number_accuracy():
   assert text_metrics.final_number_accuracy(targets, predictions) == {
       'final_number_accuracy': pytest.approx(200 / 3)}
   assert lowres_formats.final_number('no number') is None
+
+
+def test_calm_eval_reports_chrf_and_bleu_of_a_bible_task(bible, tmp_path):
+  """The translation task's seqio metrics reach calm-eval's results (a tiny random LM in the
+  task's vocabulary decodes 4 held-out prompts)."""
+  from calm_jax import checkpoints, eval as eval_lib  # pylint: disable=g-import-not-at-top
+  from calm_jax.configs import TransformerConfig  # pylint: disable=g-import-not-at-top
+  from calm_jax.random_init import random_like  # pylint: disable=g-import-not-at-top
+  from calm_jax.transformer import abstract_params  # pylint: disable=g-import-not-at-top
+  config = TransformerConfig(vocab_size=1000, embed_dim=32, num_layers=1, num_heads=2,
+                             num_kv_heads=1, head_dim=16, mlp_dim=64)
+  checkpoints.save_lm(tmp_path / 'lm', config, random_like(abstract_params(config), seed=0))
+  results = eval_lib.evaluate(checkpoint=str(tmp_path / 'lm'),
+                              mixture_or_task_name='test_bible_nya_en',
+                              task_feature_lengths={'inputs': 96, 'targets': 8}, batch_size=4,
+                              num_examples=4, eval_dir=str(tmp_path / 'eval'))
+  scores = results['test_bible_nya_en']
+  assert set(scores) >= {'chrf', 'bleu'} and 0.0 <= scores['chrf'] < 100.0
