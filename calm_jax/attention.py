@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from calm_jax import lora
 from calm_jax.layers import RMSNorm, apply_rope
 
 Array = jax.Array
@@ -97,6 +98,9 @@ class SelfAttention(nn.Module):
     out_bias: bias on the output projection.
     dtype: compute dtype.
     param_dtype: storage dtype.
+    lora_rank: rank of LoRA adapters on the `lora_targets` projections (0: none).
+    lora_scale: the adapters' alpha / rank.
+    lora_targets: of 'query', 'key', 'value', 'out'.
   """
 
   embed_dim: int
@@ -113,6 +117,15 @@ class SelfAttention(nn.Module):
   out_bias: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  lora_rank: int = 0
+  lora_scale: float = 1.0
+  lora_targets: tuple[str, ...] = ()
+
+  def _lora(self, name: str, x: Array, in_shape, out_shape, in_axes, out_axes) -> Array | None:
+    if not self.lora_rank or name not in self.lora_targets:
+      return None
+    return lora.delta(self, name, x, in_shape, out_shape, in_axes, out_axes, self.lora_rank,
+                      self.lora_scale, self.dtype, self.param_dtype)
 
   def _project(self, name: str, x: Array, heads: int, axis: str) -> Array:
     init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
@@ -120,6 +133,10 @@ class SelfAttention(nn.Module):
                         (self.embed_dim, heads, self.head_dim), self.param_dtype)
     # [B, T, heads, H]
     y = jnp.einsum('BTD,DNH->BTNH', x, kernel.astype(self.dtype))
+    adapted = self._lora(name, x, (self.embed_dim,), (heads, self.head_dim), ('embed',),
+                         (axis, 'kv'))
+    if adapted is not None:
+      y = y + adapted
     if self.qkv_bias:
       bias = self.param(f'{name}_bias',
                         nn.with_logical_partitioning(nn.initializers.zeros, (axis, 'kv')),
@@ -165,6 +182,10 @@ class SelfAttention(nn.Module):
                         (self.num_heads, self.head_dim, self.embed_dim), self.param_dtype)
     # [B, T, D]
     y = jnp.einsum('BTNH,NHD->BTD', out, kernel.astype(self.dtype))
+    adapted = self._lora('out', out, (self.num_heads, self.head_dim), (self.embed_dim,),
+                         ('heads', 'kv'), ('embed',))
+    if adapted is not None:
+      y = y + adapted
     if self.out_bias:
       bias = self.param('out_bias', nn.with_logical_partitioning(nn.initializers.zeros,
                                                                  ('embed',)),

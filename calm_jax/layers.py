@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from calm_jax import lora
 from calm_jax.configs import RopeScaling
 
 Array = jax.Array
@@ -115,6 +116,9 @@ class MLP(nn.Module):
     gated: use the gating branch.
     dtype: compute dtype.
     param_dtype: storage dtype.
+    lora_rank: rank of LoRA adapters on the `lora_targets` projections (0: none).
+    lora_scale: the adapters' alpha / rank.
+    lora_targets: of 'gating', 'up', 'down'.
   """
 
   embed_dim: int
@@ -123,6 +127,17 @@ class MLP(nn.Module):
   gated: bool = True
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  lora_rank: int = 0
+  lora_scale: float = 1.0
+  lora_targets: tuple[str, ...] = ()
+
+  def _project(self, name: str, x: Array, kernel: Array, axes: tuple[str, str]) -> Array:
+    # [B, T, out]
+    y = jnp.einsum('BTI,IO->BTO', x, kernel.astype(self.dtype))
+    if self.lora_rank and name in self.lora_targets:
+      y = y + lora.delta(self, name, x, kernel.shape[:1], kernel.shape[1:], axes[:1], axes[1:],
+                         self.lora_rank, self.lora_scale, self.dtype, self.param_dtype)
+    return y
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -132,15 +147,15 @@ class MLP(nn.Module):
     down = _param(self, 'down', init, (f, d), ('mlp', 'embed'), self.param_dtype)
     act = activation_fn(self.activation)
     # [B, T, F]
-    h = jnp.einsum('BTD,DF->BTF', x, up.astype(self.dtype))
+    h = self._project('up', x, up, ('embed', 'mlp'))
     if self.gated:
       gating = _param(self, 'gating', init, (d, f), ('embed', 'mlp'), self.param_dtype)
       # [B, T, F]
-      h = act(jnp.einsum('BTD,DF->BTF', x, gating.astype(self.dtype))) * h
+      h = act(self._project('gating', x, gating, ('embed', 'mlp'))) * h
     else:
       h = act(h)
     # [B, T, D]
-    return jnp.einsum('BTF,FD->BTD', h, down.astype(self.dtype))
+    return self._project('down', h, down, ('mlp', 'embed'))
 
 
 def rope_inverse_frequencies(head_dim: int, base: float,

@@ -4,6 +4,8 @@ Modes:
   pretrain   train one LM from scratch (`model_config`); writes `MODEL_DIR/lm`, an LM checkpoint.
   compose    load the anchor and augment LM checkpoints, train the bridges only.
   finetune   load the anchor LM checkpoint, train the parameters matching `trainable_patterns`.
+  lora       load the anchor LM checkpoint, add LoRA adapters (`lora`, `calm_jax.lora`) and
+             train them only; `MODEL_DIR/lm` is the anchor with the adapters folded in.
 
 A run writes `MODEL_DIR/config.gin` (the resolved configuration), TensorBoard summaries under
 `MODEL_DIR/train`, checkpoints under `MODEL_DIR/checkpoints` (state + data position), and a
@@ -44,7 +46,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from calm_jax import calm as calm_lib
-from calm_jax import checkpoints, data, optim, partitioning, runs, train_eval, trainable
+from calm_jax import checkpoints, data, lora as lora_lib, optim, partitioning, runs, train_eval
+from calm_jax import trainable
 from calm_jax import validation
 from calm_jax.configs import BridgeConfig, CalmConfig, TransformerConfig
 from calm_jax.train_step import (TrainState, init_train_state, make_sharded_train_step,
@@ -52,7 +55,8 @@ from calm_jax.train_step import (TrainState, init_train_state, make_sharded_trai
 from calm_jax.transformer import Transformer, check_remat
 from calm_jax.transformer import abstract_params as lm_abstract_params
 
-MODES = ('pretrain', 'compose', 'finetune')
+MODES = ('pretrain', 'compose', 'finetune', 'lora')
+LM_MODES = ('pretrain', 'finetune', 'lora')  # Those that export MODEL_DIR/lm.
 CONFIG_FILE = 'config.gin'
 DEFINITION_FILE = 'run_definition.json'
 
@@ -72,7 +76,8 @@ class Setup:
   model: nn.Module
   trained: Any
   frozen: Any
-  lm_config: TransformerConfig | None = None  # pretrain / finetune: the LM to export.
+  lm_config: TransformerConfig | None = None  # pretrain / finetune / lora: the LM to export.
+  lora: lora_lib.LoRAConfig | None = None  # lora: the adapters folded in at export.
 
 
 def build_setup(mode: str, *, seed: int, model_config: TransformerConfig | None,
@@ -82,14 +87,15 @@ def build_setup(mode: str, *, seed: int, model_config: TransformerConfig | None,
                 augment_configs: Mapping[str, TransformerConfig] | None,
                 mesh: jax.sharding.Mesh | None = None,
                 rules: partitioning.Rules = partitioning.STANDARD_RULES,
-                remat: str = 'none') -> Setup:
+                remat: str = 'none', lora: lora_lib.LoRAConfig | None = None) -> Setup:
   """Builds the model and parameter trees of `mode` (see the module docstring).
 
   Every parameter is created or restored directly in its sharding on `mesh` (default: a mesh
   of all devices): nothing is materialised whole on one host first. A frozen checkpoint whose
   architecture differs from `anchor_config` / `augment_configs[name]` (when given) is an error.
   `remat` is the model's rematerialisation ('none', 'full', 'dots'): a composition's anchor
-  layers above the first bridge, or every layer of a pretrained / fine-tuned LM.
+  layers above the first bridge, or every layer of a pretrained / fine-tuned LM. `lora`: the
+  adapters of 'lora' mode (A random, B zero: the model starts as exactly the anchor).
   """
   mesh = mesh or partitioning.make_mesh()
 
@@ -114,6 +120,16 @@ def build_setup(mode: str, *, seed: int, model_config: TransformerConfig | None,
     patterns = tuple(trainable_patterns or (r'.*',))
     trained, frozen = trainable.split_params(anchor, patterns)
     return Setup(Transformer(anchor_cfg, remat=remat), trained, frozen, anchor_cfg)
+  if mode == 'lora':
+    if lora is None:
+      raise ValueError('lora mode needs a LoRAConfig (gin: train.lora = @lora.LoRAConfig()).')
+    abstract = lm_abstract_params(anchor_cfg, lora)
+    shardings = partitioning.param_shardings(abstract, mesh, rules)
+    adapter_shardings, _ = trainable.split_params(shardings, lora_lib.ADAPTER_PATTERNS)
+    trained = jax.jit(lambda key: lora_lib.init_adapters(abstract, key),
+                      out_shardings=adapter_shardings)(jax.random.key(seed))
+    return Setup(Transformer(anchor_cfg, remat=remat, lora=lora), trained, anchor, anchor_cfg,
+                 lora)
   if not augment_checkpoints:
     raise ValueError('compose needs AUGMENT_CHECKPOINT (or augment_checkpoints).')
   augments, augment_params = {}, {}
@@ -156,6 +172,8 @@ def run_definition(setup: Setup, optimizer: Any, *, mode: str,
     definition['anchor'] = checkpoints.lm_fingerprint(anchor_checkpoint)
   if mode == 'finetune':
     definition['trainable_patterns'] = list(trainable_patterns or (r'.*',))
+  if mode == 'lora':
+    definition['lora'] = dataclasses.asdict(setup.lora)
   if mode == 'compose':
     config = setup.model.config
     definition['augments'] = {name: checkpoints.lm_fingerprint(path)
@@ -374,6 +392,8 @@ def _export_lm(model_dir: epath.Path, setup: Setup, state: TrainState, mode: str
   """Writes `MODEL_DIR/lm` of a pretrain / finetune run (every process writes its shards)."""
   lm_dir = model_dir / 'lm'
   params = trainable.merge_params(state.params, setup.frozen)
+  if setup.lora is not None:
+    params = lora_lib.merge_adapters(params, setup.lora)
   if jax.process_index() == 0 and lm_dir.exists():
     lm_dir.rmtree()
   multihost_utils.sync_global_devices('calm_jax.train: lm dir cleared')
@@ -388,6 +408,7 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
           augment_checkpoints: Mapping[str, str] | None = None,
           bridges: Mapping[str, BridgeConfig | None] | None = None,
           augment_as_encoder: bool = False, trainable_patterns: Sequence[str] | None = None,
+          lora: lora_lib.LoRAConfig | None = None,
           anchor_config: TransformerConfig | None = None,
           augment_configs: Mapping[str, TransformerConfig] | None = None,
           optimizer_fn: Callable[..., Any] = optim.make_optimizer, z_loss: float = 0.0,
@@ -410,15 +431,17 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
     task_feature_lengths: e.g. {'inputs': 16, 'targets': 8} (TASK_FEATURE_LENGTHS).
     train_steps: total steps (TRAIN_STEPS); a resumed run continues up to it.
     batch_size: global batch (BATCH_SIZE).
-    mode: 'pretrain', 'compose' or 'finetune'.
+    mode: 'pretrain', 'compose', 'finetune' or 'lora'.
     model_config: pretrain: the LM to train (MODEL_CONFIG).
-    anchor_checkpoint: compose / finetune: the anchor LM checkpoint (ANCHOR_CHECKPOINT).
+    anchor_checkpoint: compose / finetune / lora: the anchor LM checkpoint
+      (ANCHOR_CHECKPOINT).
     augment_checkpoints: compose: {augment name: LM checkpoint} (gin: {'augment':
       %AUGMENT_CHECKPOINT}).
     bridges: compose: {augment name: BridgeConfig}; an augment without one, or with None,
       gets the default `BridgeConfig()`.
     augment_as_encoder: compose: the encoder ablation.
     trainable_patterns: finetune: regular expressions of trained parameter paths (default all).
+    lora: lora: the adapters (`calm_jax.lora.LoRAConfig`; gin/runs/lora.gin).
     anchor_config: if set, the anchor checkpoint must have exactly this architecture.
     augment_configs: {augment name: the architecture its checkpoint must have}.
     optimizer_fn: `(total_steps=...) -> (optax transformation, schedule)`; configure
@@ -487,7 +510,7 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
       bridges={k: v for k, v in (bridges or {}).items() if v is not None},
       augment_as_encoder=augment_as_encoder, trainable_patterns=trainable_patterns,
       anchor_config=anchor_config, augment_configs=augment_configs, mesh=device_mesh,
-      rules=rules, remat=remat)
+      rules=rules, remat=remat, lora=lora)
   optimizer, schedule = optimizer_fn(total_steps=train_steps)
   definition = run_definition(
       setup, optimizer, mode=mode, anchor_checkpoint=anchor_checkpoint,
@@ -540,6 +563,6 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
     checkpointer.close()
     writer.flush()
   exported = (model_dir / 'lm' / checkpoints.CONFIG_FILE).exists()
-  if mode in ('pretrain', 'finetune') and (first < train_steps or not exported):
+  if mode in LM_MODES and (first < train_steps or not exported):
     _export_lm(model_dir, setup, state, mode, train_steps, log)
   return last

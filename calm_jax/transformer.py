@@ -22,6 +22,7 @@ from calm_jax import masks
 from calm_jax.attention import SelfAttention, pad_caches
 from calm_jax.configs import TransformerConfig
 from calm_jax.layers import MLP, Embedder, RMSNorm, rope_inverse_frequencies
+from calm_jax.lora import LoRAConfig
 
 Array = jax.Array
 
@@ -116,11 +117,13 @@ class Transformer(nn.Module):
       results do not change, and nothing changes without a backward pass (decoding).
     remat_from: only layers i >= remat_from are rematerialised (a composition sets its first
       bridge: nothing below it is differentiated).
+    lora: LoRA adapters on every layer's projections (`calm_jax.lora`), or None.
   """
 
   config: TransformerConfig
   remat: str = 'none'
   remat_from: int = 0
+  lora: LoRAConfig | None = None
 
   def setup(self):
     cfg = self.config
@@ -140,14 +143,18 @@ class Transformer(nn.Module):
     base = cfg.local_rope_base if local and cfg.local_rope_base is not None else cfg.rope_base
     inv_freq = rope_inverse_frequencies(cfg.head_dim, base, None if local else cfg.rope_scaling)
     scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+    adapters = {}
+    if self.lora is not None:
+      adapters = dict(lora_rank=self.lora.rank, lora_scale=self.lora.scale,
+                      lora_targets=self.lora.targets)
     attention = functools.partial(
-        SelfAttention,
+        SelfAttention, **adapters,
         embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim, query_scale=float(scalar) ** -0.5,
         inv_freq=tuple(float(f) for f in inv_freq), softcap=cfg.attn_logit_softcap,
         qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, norm_plus_one=cfg.norm_plus_one,
         qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias, dtype=dtype, param_dtype=param_dtype)
-    mlp = functools.partial(MLP, embed_dim=cfg.embed_dim, mlp_dim=cfg.mlp_dim,
+    mlp = functools.partial(MLP, **adapters, embed_dim=cfg.embed_dim, mlp_dim=cfg.mlp_dim,
                             activation=cfg.activation, gated=cfg.gated_mlp, dtype=dtype,
                             param_dtype=param_dtype)
     layer_class = DecoderLayer
@@ -288,8 +295,9 @@ def last_prompt_index(prompt_mask: Array) -> Array:
   return jnp.maximum(jnp.sum(prompt_mask, axis=1).astype(jnp.int32) - 1, 0)
 
 
-def abstract_params(config: TransformerConfig):
-  """Shapes/dtypes of the parameter tree (boxed with logical axes), without allocating."""
-  model = Transformer(config)
+def abstract_params(config: TransformerConfig, lora: LoRAConfig | None = None):
+  """Shapes/dtypes of the parameter tree (boxed with logical axes), without allocating; with
+  `lora`, the adapters too."""
+  model = Transformer(config, lora=lora)
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
   return jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)['params']

@@ -6,11 +6,12 @@ from calm_jax.cli import usage
 COMMAND = usage.Command(
     name='calm-train', module='calm_jax.cli.train',
     summary=('trains a run in MODEL_DIR: pretrains an LM from scratch (runs/pretrain.gin), '
-             'composes frozen LMs by training bridges only (runs/compose.gin) or fine-tunes '
-             'the anchor (runs/finetune.gin). Writes config.gin, checkpoints (a rerun resumes) '
-             'and TensorBoard summaries; a pretraining run also writes MODEL_DIR/lm, an LM '
-             'checkpoint a composition loads.'),
-    run_files=('runs/pretrain.gin', 'runs/compose.gin', 'runs/finetune.gin'),
+             'composes frozen LMs by training bridges only (runs/compose.gin), fine-tunes '
+             'the anchor (runs/finetune.gin) or trains LoRA adapters on it (runs/lora.gin). '
+             'Writes config.gin, checkpoints (a rerun resumes) and TensorBoard summaries; a '
+             'pretraining, fine-tuning or LoRA run also writes MODEL_DIR/lm, an LM checkpoint '
+             'a composition loads.'),
+    run_files=('runs/pretrain.gin', 'runs/compose.gin', 'runs/finetune.gin', 'runs/lora.gin'),
     example="""\
 # Pretrain the key-value experiment's anchor m_B (4 layers of width 64) on Numeric-Arithmetic:
 calm-train --gin_file=runs/pretrain.gin --gin_file=tasks/kv_arithmetic.gin \\
