@@ -75,6 +75,7 @@ setuptools.setup(
             'calm-export = calm_jax.cli.export:main',
             'calm-generate = calm_jax.cli.generate:main',
             'calm-kv-experiment = calm_jax.cli.kv_experiment:main',
+            'calm-lowres-experiment = calm_jax.cli.lowres_experiment:main',
         ],
     },
     license='Apache-2.0',

@@ -44,3 +44,19 @@ def random_like(abstract: Any, seed: int = 0, scale_names: tuple[str, ...] = ('s
     return np.asarray(value, dtype)
 
   return jax.tree_util.tree_map_with_path(make, nn.unbox(abstract))
+
+
+def random_lm_checkpoint(config: Any, directory: Any, seed: int) -> str:
+  """Writes an untrained LM checkpoint of `config` (flax's own initialisers) to `directory`
+  unless one is there already (the random-augment ablations); returns its path."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from calm_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from calm_jax.transformer import Transformer  # pylint: disable=g-import-not-at-top
+  directory = epath.Path(directory)
+  if not (directory / checkpoints.CONFIG_FILE).exists():
+    params = jax.jit(Transformer(config).init)(jax.random.key(seed),
+                                               jnp.zeros((1, 1), jnp.int32))['params']
+    checkpoints.save_lm(directory, config, jax.device_get(nn.unbox(params)),
+                        metadata={'source': 'random init', 'seed': seed})
+  return str(directory)

@@ -28,15 +28,12 @@ from typing import Any, Mapping, Sequence
 
 from absl import logging
 from etils import epath
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from calm_jax import checkpoints, optim
+from calm_jax import optim, random_init
 from calm_jax import eval as eval_lib
 from calm_jax import train as train_lib
 from calm_jax.configs import BridgeConfig, TransformerConfig
-from calm_jax.transformer import Transformer
 from calm_tasks import kv_arithmetic  # Registers the tasks.
 
 DATASETS = {'kv_substitution': 'KV-Substitution', 'numeric_arithmetic': 'Numeric-Arithmetic',
@@ -48,16 +45,6 @@ MODELS = ('m_A', 'm_B', 'calm', 'calm_random_m_A')
 PAPER = {'kv_substitution': {'m_A': 98.1, 'm_B': 0.0, 'calm': 92.9},
          'numeric_arithmetic': {'m_A': 4.2, 'm_B': 73.7, 'calm': 72.0},
          'kv_arithmetic': {'m_A': 0.7, 'm_B': 0.0, 'calm': 84.3}}
-
-
-def _random_lm(config: TransformerConfig, directory: epath.Path, seed: int) -> str:
-  """An untrained LM checkpoint (the random-m_A ablation)."""
-  if not (directory / checkpoints.CONFIG_FILE).exists():
-    params = jax.jit(Transformer(config).init)(jax.random.key(seed),
-                                               jnp.zeros((1, 1), jnp.int32))['params']
-    checkpoints.save_lm(directory, config, jax.device_get(params),
-                        metadata={'source': 'random init', 'seed': seed})
-  return str(directory)
 
 
 def _statistics(per_seed: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, Any]:
@@ -258,7 +245,7 @@ def _run_one(root: epath.Path, *, seed: int, data_seed: int, m_a_config: Transfo
                  anchor_checkpoint=str(root / 'm_b' / 'lm'), bridges={'augment': bridge},
                  train_steps=compose_steps, learning_rate=compose_learning_rate)
   phase('calm', augment_checkpoints={'augment': str(root / 'm_a' / 'lm')}, **compose)
-  random_m_a = _random_lm(m_a_config, root / 'm_a_random', seed + 1)
+  random_m_a = random_init.random_lm_checkpoint(m_a_config, root / 'm_a_random', seed + 1)
   phase('calm_random_m_a', augment_checkpoints={'augment': random_m_a}, **compose)
 
   checkpoints_by_model = {'m_A': root / 'm_a' / 'lm', 'm_B': root / 'm_b' / 'lm',

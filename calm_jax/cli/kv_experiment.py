@@ -25,9 +25,10 @@ COMMAND = usage.Command(
              '--gin.EXPERIMENT_DIR="\'/tmp/calm_kv\'"'))
 
 
-def expand_seeds(argv: Sequence[str]) -> list[str]:
+def expand_seeds(argv: Sequence[str], function: str = 'kv_experiment.run_experiment',
+                 command: str = 'calm-kv-experiment') -> list[str]:
   """`argv` with `--seeds=0,1,2` (or `--seeds 0,1,2`) as the gin binding of
-  `run_experiment.seeds`.
+  `function.seeds` (the experiment's `run_experiment`).
 
   Raises:
     SystemExit: the seeds are not comma-separated integers.
@@ -42,10 +43,10 @@ def expand_seeds(argv: Sequence[str]) -> list[str]:
       try:
         seeds = [int(word) for word in text.split(',') if word.strip()]
       except ValueError:
-        sys.exit(f'calm-kv-experiment: --seeds takes comma-separated integers, got {text!r}.')
+        sys.exit(f'{command}: --seeds takes comma-separated integers, got {text!r}.')
       if not seeds:
-        sys.exit('calm-kv-experiment: --seeds is empty.')
-      arg = f'--gin.kv_experiment.run_experiment.seeds={seeds}'
+        sys.exit(f'{command}: --seeds is empty.')
+      arg = f'--gin.{function}.seeds={seeds}'
     out.append(arg)
   return out
 
