@@ -129,8 +129,10 @@ def write_results(results: Mapping[str, Mapping[str, float]], out_dir: epath.Pat
                   color=['#888', '#888', '#1f77b4', '#ff7f0e', '#2ca02c', '#bbb', '#bbb'])
     ax.bar_label(bars, fmt='%.1f', fontsize=7)
     ax.set_xticks(range(len(names)), names, rotation=30, ha='right', fontsize=8)
+    if metric == 'en_ppl':  # m_A, trained on Chichewa, reads English orders of magnitude worse.
+      ax.set_yscale('log')
     ax.set_title(METRICS[metric] + (' (held-out books)' if metric == 'chrf' else
-                                    ' (held-out books, lower is better)'), fontsize=9)
+                                    ' (held-out books, log scale, lower is better)'), fontsize=9)
   fig.tight_layout()
   fig.savefig(str(out_dir / 'results.png'), dpi=120)
   plt.close(fig)
@@ -144,7 +146,8 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
                    learning_rate: float = 3e-3, compose_learning_rate: float = 1e-3,
                    finetune_learning_rate: float = 3e-4, lora_learning_rate: float = 1e-3,
                    weight_decay: float = 0.01, warmup_steps: int = 100,
-                   vocab_size: int = lowres.VOCAB_SIZE, shots: int = 0,
+                   pack_pretraining: bool = True, vocab_size: int = lowres.VOCAB_SIZE,
+                   shots: int = 0,
                    eval_examples: int | None = None, eval_batch_size: int = 64,
                    perplexity_batch_size: int = 23, seed: int = 0,
                    seeds: Sequence[int] | None = None, log_every: int = 100,
@@ -164,6 +167,8 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
     compose_learning_rate, finetune_learning_rate, lora_learning_rate: of the D_C phases.
     weight_decay: AdamW's decoupled weight decay.
     warmup_steps: linear warmup of every phase.
+    pack_pretraining: pack several verses per row when pretraining m_A and m_B (verses are
+      short: unpacked, most of a row is padding).
     vocab_size: pieces of the SentencePiece vocabulary trained at EXPERIMENT_DIR/vocab.model.
     shots: k of the nya->en prompts (training and evaluation).
     eval_examples: translate this many held-out verses (default all 345).
@@ -190,7 +195,8 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
                   learning_rate=learning_rate, compose_learning_rate=compose_learning_rate,
                   finetune_learning_rate=finetune_learning_rate,
                   lora_learning_rate=lora_learning_rate, weight_decay=weight_decay,
-                  warmup_steps=warmup_steps, vocab_size=vocab_size, shots=shots,
+                  warmup_steps=warmup_steps, pack_pretraining=pack_pretraining,
+                  vocab_size=vocab_size, shots=shots,
                   eval_examples=eval_examples, eval_batch_size=eval_batch_size,
                   perplexity_batch_size=perplexity_batch_size, log_every=log_every,
                   config_text=config_text)
@@ -218,7 +224,8 @@ def _run_one(root: epath.Path, *, seed: int, m_a_config: TransformerConfig,
              compose_steps: int, finetune_steps: int, lora_steps: int, batch_size: int,
              learning_rate: float, compose_learning_rate: float,
              finetune_learning_rate: float, lora_learning_rate: float, weight_decay: float,
-             warmup_steps: int, vocab_size: int, shots: int, eval_examples: int | None,
+             warmup_steps: int, pack_pretraining: bool, vocab_size: int, shots: int,
+             eval_examples: int | None,
              eval_batch_size: int, perplexity_batch_size: int, log_every: int,
              config_text: str | None) -> dict[str, dict[str, float]]:
   """One seed of `run_experiment`, under `root`."""
@@ -244,9 +251,11 @@ def _run_one(root: epath.Path, *, seed: int, m_a_config: TransformerConfig,
     timings[name] = time.perf_counter() - tick
 
   phase('m_a', mode='pretrain', mixture_or_task_name=task(task='bible_nya_lm'),
-        model_config=m_a_config, train_steps=m_a_steps, lr=learning_rate)
+        model_config=m_a_config, train_steps=m_a_steps, lr=learning_rate,
+        pack=pack_pretraining)
   phase('m_b', mode='pretrain', mixture_or_task_name=task(task='bible_anchor'),
-        model_config=m_b_config, train_steps=m_b_steps, lr=learning_rate)
+        model_config=m_b_config, train_steps=m_b_steps, lr=learning_rate,
+        pack=pack_pretraining)
   dc = task(task='bible_dc')
   anchor = str(root / 'm_b' / 'lm')
   compose = dict(mode='compose', mixture_or_task_name=dc, anchor_checkpoint=anchor,

@@ -44,7 +44,8 @@ HELP = {
                                           r'TASK_FEATURE_LENGTHS\s+REQUIRED',
                                           r'BATCH_SIZE\s+default 32',
                                           r'ANCHOR_CHECKPOINT\s+REQUIRED', 'runs/compose.gin',
-                                          'runs/finetune.gin', r'LEARNING_RATE\s+default 1e-4']),
+                                          'runs/finetune.gin', 'runs/lora.gin',
+                                          r'LEARNING_RATE\s+default 1e-4']),
     'calm_jax.cli.eval': ('calm-eval', [r'CHECKPOINT\s+REQUIRED', r'BATCH_SIZE\s+default 64',
                                         r'EVAL_DIR\s+default None']),
     'calm_jax.cli.infer': ('calm-infer', [r'INFER_OUTPUT_DIR\s+REQUIRED']),
@@ -57,6 +58,9 @@ HELP = {
     'calm_jax.cli.kv_experiment': ('calm-kv-experiment', [r'EXPERIMENT_DIR\s+REQUIRED',
                                                           r'VOCAB_SIZE\s+default 517',
                                                           'kv_arithmetic_small.gin']),
+    'calm_jax.cli.lowres_experiment': ('calm-lowres-experiment', [
+        r'EXPERIMENT_DIR\s+REQUIRED', r'VOCAB_SIZE\s+default 2000', 'lowres_bible_small.gin',
+        'held-out books']),
 }
 
 
@@ -87,7 +91,7 @@ def test_short_and_full_help_exit_0():
 @pytest.mark.parametrize('module', ['calm_jax.cli.train', 'calm_jax.cli.eval',
                                     'calm_jax.cli.infer', 'calm_jax.cli.export',
                                     'calm_jax.cli.convert', 'calm_jax.cli.kv_experiment',
-                                    'calm_jax.cli.generate'])
+                                    'calm_jax.cli.generate', 'calm_jax.cli.lowres_experiment'])
 def test_command_modules_import_no_heavy_library(module):
   """--help is answered before JAX, TensorFlow or SeqIO are imported (seconds each)."""
   result = _python('-c', f'import sys, {module}; '
