@@ -28,12 +28,12 @@ from typing import Any, Mapping, Sequence
 
 from absl import logging
 from etils import epath
-import numpy as np
 
-from calm_jax import optim, random_init
+from calm_jax import random_init
 from calm_jax import eval as eval_lib
 from calm_jax import train as train_lib
 from calm_jax.configs import BridgeConfig, TransformerConfig
+from calm_tasks import experiment_runs
 from calm_tasks import kv_arithmetic  # Registers the tasks.
 
 DATASETS = {'kv_substitution': 'KV-Substitution', 'numeric_arithmetic': 'Numeric-Arithmetic',
@@ -45,20 +45,6 @@ MODELS = ('m_A', 'm_B', 'calm', 'calm_random_m_A')
 PAPER = {'kv_substitution': {'m_A': 98.1, 'm_B': 0.0, 'calm': 92.9},
          'numeric_arithmetic': {'m_A': 4.2, 'm_B': 73.7, 'calm': 72.0},
          'kv_arithmetic': {'m_A': 0.7, 'm_B': 0.0, 'calm': 84.3}}
-
-
-def _statistics(per_seed: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, Any]:
-  """Mean, sample standard deviation, min and max over seeds of every {dataset: {model: %}}."""
-  out: dict[str, Any] = {stat: {key: {} for key in DATASETS}
-                         for stat in ('mean', 'std', 'min', 'max')}
-  for key in DATASETS:
-    for model in MODELS:
-      values = np.array([r[key][model] for r in per_seed], np.float64)
-      out['mean'][key][model] = float(values.mean())
-      out['std'][key][model] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-      out['min'][key][model] = float(values.min())
-      out['max'][key][model] = float(values.max())
-  return out
 
 
 def _seconds_line(seconds: Mapping[str, float], unit: str = 'phase') -> str:
@@ -192,7 +178,7 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
   for n in seeds:
     logging.info('=== seed %d of %s ===', n, seeds)
     per_seed.append(_run_one(root / f'seed_{n}', seed=n, data_seed=n, **settings))
-  stats = _statistics(per_seed)
+  stats = experiment_runs.seed_statistics(per_seed, list(DATASETS), MODELS)
   seconds = {f'seed_{n}': json.loads((root / f'seed_{n}' / 'results.json').read_text())[
       'settings']['seconds']['total'] for n in seeds}
   seconds['total'] = time.perf_counter() - start
@@ -222,21 +208,11 @@ def _run_one(root: epath.Path, *, seed: int, data_seed: int, m_a_config: Transfo
   task = functools.partial(kv_arithmetic.for_data_seed, data_seed=data_seed)
   compose_name = task(compose_mixture_or_task_name)
   start = time.perf_counter()
-  timings = {}
-
-  def phase(name, **kwargs):
-    tick = time.perf_counter()
-    lr = kwargs.pop('learning_rate')
-    logging.info('=== %s ===', name)
-    train_lib.train(
-        model_dir=str(root / name), task_feature_lengths=task_feature_lengths,
-        batch_size=batch_size, seed=seed, log_every=log_every, save_every=1000,
-        optimizer_fn=functools.partial(optim.make_optimizer, learning_rate=lr,
-                                       warmup_steps=warmup_steps, decay='cosine',
-                                       weight_decay=weight_decay),
-        config_text=config_text, **kwargs)
-    timings[name] = time.perf_counter() - tick
-
+  phase = experiment_runs.PhaseRunner(
+      root, task_feature_lengths=task_feature_lengths, batch_size=batch_size, seed=seed,
+      log_every=log_every, warmup_steps=warmup_steps, weight_decay=weight_decay,
+      config_text=config_text)
+  timings = phase.seconds
   phase('m_a', mode='pretrain', mixture_or_task_name=task('kv_substitution_augment'),
         model_config=m_a_config, train_steps=m_a_steps, learning_rate=m_a_learning_rate)
   phase('m_b', mode='pretrain', mixture_or_task_name=task('numeric_arithmetic'),

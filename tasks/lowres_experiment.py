@@ -33,15 +33,14 @@ from typing import Any, Mapping, Sequence
 
 from absl import logging
 from etils import epath
-import numpy as np
 
 from calm_jax import calm as calm_lib
-from calm_jax import lora, optim, partitioning, random_init, runs, trainable
+from calm_jax import lora, partitioning, random_init, runs, trainable
 from calm_jax import eval as eval_lib
 from calm_jax import train as train_lib
 from calm_jax.configs import BridgeConfig, CalmConfig, TransformerConfig
 from calm_jax.train_eval import TrainEvaluator
-from calm_tasks import lowres
+from calm_tasks import experiment_runs, lowres
 
 MODELS = {'m_A': 'm_a/lm', 'm_B': 'm_b/lm', 'calm': 'calm', 'm_B + D_C': 'm_b_dc/lm',
           'lora': 'lora/lm', 'calm_random_m_A': 'calm_random_m_a',
@@ -204,14 +203,7 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
     return _run_one(root, seed=seed, **settings)
   seeds = [int(n) for n in seeds]
   per_seed = [_run_one(root / f'seed_{n}', seed=n, **settings) for n in seeds]
-  stats = {stat: {m: {} for m in METRICS} for stat in ('mean', 'std', 'min', 'max')}
-  for metric in METRICS:
-    for model in MODELS:
-      values = np.array([r[metric][model] for r in per_seed], np.float64)
-      stats['mean'][metric][model] = float(values.mean())
-      stats['std'][metric][model] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-      stats['min'][metric][model] = float(values.min())
-      stats['max'][metric][model] = float(values.max())
+  stats = experiment_runs.seed_statistics(per_seed, list(METRICS), list(MODELS))
   spread = dict(seeds=seeds, per_seed={str(n): r for n, r in zip(seeds, per_seed)},
                 std=stats['std'], min=stats['min'], max=stats['max'])
   write_results(stats['mean'], root, {'seeds': seeds}, spread=spread)
@@ -238,36 +230,31 @@ def _run_one(root: epath.Path, *, seed: int, m_a_config: TransformerConfig,
   task = functools.partial(lowres.register_bible, vocabulary, shots=shots)
   timings['vocabulary'] = time.perf_counter() - tick
 
-  def phase(name, *, lr, **kwargs):
-    tick = time.perf_counter()
-    logging.info('=== %s ===', name)
-    train_lib.train(
-        model_dir=str(root / name), task_feature_lengths=task_feature_lengths,
-        batch_size=batch_size, seed=seed, log_every=log_every, save_every=1000,
-        optimizer_fn=functools.partial(optim.make_optimizer, learning_rate=lr,
-                                       warmup_steps=warmup_steps, decay='cosine',
-                                       weight_decay=weight_decay),
-        config_text=config_text, **kwargs)
-    timings[name] = time.perf_counter() - tick
+  phase = experiment_runs.PhaseRunner(
+      root, task_feature_lengths=task_feature_lengths, batch_size=batch_size, seed=seed,
+      log_every=log_every, warmup_steps=warmup_steps, weight_decay=weight_decay,
+      config_text=config_text)
+  phase.seconds.update(timings)
+  timings = phase.seconds
 
   phase('m_a', mode='pretrain', mixture_or_task_name=task(task='bible_nya_lm'),
-        model_config=m_a_config, train_steps=m_a_steps, lr=learning_rate,
+        model_config=m_a_config, train_steps=m_a_steps, learning_rate=learning_rate,
         pack=pack_pretraining)
   phase('m_b', mode='pretrain', mixture_or_task_name=task(task='bible_anchor'),
-        model_config=m_b_config, train_steps=m_b_steps, lr=learning_rate,
+        model_config=m_b_config, train_steps=m_b_steps, learning_rate=learning_rate,
         pack=pack_pretraining)
   dc = task(task='bible_dc')
   anchor = str(root / 'm_b' / 'lm')
   compose = dict(mode='compose', mixture_or_task_name=dc, anchor_checkpoint=anchor,
                  bridges={'augment': bridge}, train_steps=compose_steps,
-                 lr=compose_learning_rate)
+                 learning_rate=compose_learning_rate)
   phase('calm', augment_checkpoints={'augment': str(root / 'm_a' / 'lm')}, **compose)
   phase('m_b_dc', mode='finetune', mixture_or_task_name=dc, anchor_checkpoint=anchor,
-        train_steps=finetune_steps, lr=finetune_learning_rate)
+        train_steps=finetune_steps, learning_rate=finetune_learning_rate)
   budget = bridge_count(m_b_config, m_a_config, bridge)
   rank = lora.rank_for_budget(m_b_config, budget)
   phase('lora', mode='lora', lora=lora.LoRAConfig(rank), mixture_or_task_name=dc,
-        anchor_checkpoint=anchor, train_steps=lora_steps, lr=lora_learning_rate)
+        anchor_checkpoint=anchor, train_steps=lora_steps, learning_rate=lora_learning_rate)
   random_m_a = random_init.random_lm_checkpoint(m_a_config, root / 'm_a_random', seed + 1)
   phase('calm_random_m_a', augment_checkpoints={'augment': random_m_a}, **compose)
   phase('calm_encoder', augment_checkpoints={'augment': str(root / 'm_a' / 'lm')},
