@@ -4,7 +4,7 @@ A GGUF file whose tokenizer is `tokenizer.ggml.model = 'gpt2'` stores its tokens
 byte-to-unicode spelling, its merges ("a b", highest priority first), the token types (CONTROL
 tokens such as `<|endoftext|>`, USER_DEFINED ones such as `<think>`) and, as
 `tokenizer.ggml.pre`, the name of the regular expression that splits text before BPE. There is
-no SentencePiece form of such a tokenizer: `tokenizer_from_gguf` rebuilds it as a Hugging Face
+no SentencePiece form of such a tokenizer: `document_from_gguf` rebuilds it as a Hugging Face
 `tokenizers` pipeline (split by that expression, byte-level spelling, BPE, byte-level decoding),
 and `ByteLevelBPEVocabulary` serves it to SeqIO. Both live in one file, `vocab.bpe.json` beside
 the LM checkpoint: the `tokenizers` JSON under "tokenizer" and the special ids the GGUF gives.
@@ -49,7 +49,7 @@ def _byte_alphabet() -> set[str]:
   return {chr(b) for b in printable} | {chr(256 + n) for n in range(256 - len(printable))}
 
 
-def tokenizer_from_gguf(f: Any, error: type[Exception] = ValueError) -> dict[str, Any]:
+def document_from_gguf(f: Any, error: type[Exception] = ValueError) -> dict[str, Any]:
   """The `vocab.bpe.json` document of the byte-level BPE tokenizer in GGUF file `f`.
 
   Args:
@@ -116,7 +116,7 @@ def tokenizer_from_gguf(f: Any, error: type[Exception] = ValueError) -> dict[str
 
 
 class ByteLevelBPEVocabulary(seqio.Vocabulary):
-  """A byte-level BPE tokenizer (a `tokenizer_from_gguf` document in a file) as a SeqIO
+  """A byte-level BPE tokenizer (a `document_from_gguf` document in a file) as a SeqIO
   vocabulary.
 
   `decode` drops control tokens (BOS, EOS, padding), as SentencePiece does; `encode` adds none.

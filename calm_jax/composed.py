@@ -53,8 +53,9 @@ SAVED_MODEL_DIR = 'saved_model'
 def vocabulary_reference(vocabulary: Any, directory: epath.Path) -> dict[str, Any] | None:
   """A JSON description of a seqio vocabulary, copying its model file into `directory`.
 
-  Supported: SentencePiece and byte-level BPE (file copied), byte vocabularies, and any vocabulary class with a
-  `reference_kwargs()` method (rebuilt as `Class(**kwargs)`, e.g. calm_tasks' WordVocabulary).
+  Supported: SentencePiece and byte-level BPE (file copied), byte vocabularies, and any
+  vocabulary class with a `reference_kwargs()` method (rebuilt as `Class(**kwargs)`, e.g.
+  calm_tasks' WordVocabulary).
   Anything else is an error: an export must be usable without the code that trained it.
   """
   if vocabulary is None:

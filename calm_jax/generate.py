@@ -4,8 +4,9 @@ CHECKPOINT is anything `calm_jax.runs.load_checkpoint` accepts that carries a vo
 checkpoint with `vocab.model` (`calm-convert --gguf_file`), a composition run whose anchor has
 one, or a composed checkpoint exported with a vocabulary. Prompts are encoded with it, start with
 its BOS token where the vocabulary defines one and the model was trained so (a byte-level BPE
-vocabulary says whether; `add_bos=False` to omit), and are continued with the KV-cached decoder: one compiled prefill, then one compiled
-step per token, so that text can be shown as it is generated.
+vocabulary says whether; `add_bos=False` to omit), and are continued with the KV-cached
+decoder: one compiled prefill, then one compiled step per token, so that text can be shown as
+it is generated.
 
   calm-generate --checkpoint=/tmp/lm/gemma3_270m --prompt="The capital of France is" \
       --max_decode_len=32

@@ -389,7 +389,8 @@ def _train_loop(step_fn: Callable[..., Any], state: TrainState, frozen: Any,
 
 def _export_lm(model_dir: epath.Path, setup: Setup, state: TrainState, mode: str,
                train_steps: int, log: Callable[[str], None]) -> None:
-  """Writes `MODEL_DIR/lm` of a pretrain / finetune run (every process writes its shards)."""
+  """Writes `MODEL_DIR/lm` of a pretrain / finetune / lora run (LoRA adapters folded into
+  the kernels; every process writes its shards)."""
   lm_dir = model_dir / 'lm'
   params = trainable.merge_params(state.params, setup.frozen)
   if setup.lora is not None:

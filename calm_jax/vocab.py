@@ -123,7 +123,7 @@ def tokenizer_from_gguf(f: Any) -> GGUFTokenizer:
   if kind == 'gpt2' and f.get('tokenizer.ggml.tokens') is not None:
     import json  # pylint: disable=g-import-not-at-top
     from calm_jax import bpe  # pylint: disable=g-import-not-at-top
-    document = bpe.tokenizer_from_gguf(f, error=CheckpointError)
+    document = bpe.document_from_gguf(f, error=CheckpointError)
     return GGUFTokenizer(BPE_FILE, json.dumps(document, ensure_ascii=False).encode('utf-8'),
                          document['vocab_size'])
   if kind not in (None, 'llama'):

@@ -42,13 +42,15 @@ from etils import epath
 import seqio
 import tensorflow as tf
 
-from calm_tasks import bible_data, lowres_formats, text_metrics
+from calm_tasks import bible_data, lowres_formats, text_lm, text_metrics
 
 DC_SHARE = 0.05
 ANCHOR_PAIR_SHARE = 0.01
 DEFAULT_RATES = {'bible_anchor': {'bible_en_lm': 0.95, 'bible_nya_en_slice': 0.05},
                  'bible_dc': {'bible_nya_en': 0.8, 'bible_en_lm': 0.2}}
 VOCAB_SIZE = 8000
+BIBLE_NAMES = ('bible_nya_lm', 'bible_en_lm', 'bible_nya_en', 'bible_nya_en_slice',
+               'bible_anchor', 'bible_dc', 'bible_eval')
 
 
 def cache_dir() -> str:
@@ -185,6 +187,8 @@ def register_bible(vocabulary_path: str | None = None, *, task: str = 'bible_dc'
     rates: {mixture: {task: rate}} overriding DEFAULT_RATES.
     prefix: prepended to every task and mixture name.
   """
+  if task not in BIBLE_NAMES:
+    raise ValueError(f'Unknown Bible task or mixture {task!r}; known: {", ".join(BIBLE_NAMES)}.')
   vocabulary = bible_vocabulary(vocabulary_path)
   pairs = bible_splits(dc_share, anchor_pair_share)
   if shots > len(pairs['dc']) - 1:
@@ -209,9 +213,6 @@ def register_bible(vocabulary_path: str | None = None, *, task: str = 'bible_dc'
                                         in mixture_rates(mixture, rates).items()})
   _replace_mixture(prefix + 'bible_eval', {f'{prefix}bible_nya_en': 1.0,
                                            f'{prefix}bible_en_lm': 1.0})
-  names = seqio.TaskRegistry.names() | seqio.MixtureRegistry.names()
-  if prefix + task not in names:
-    raise ValueError(f'Unknown Bible task or mixture {task!r}.')
   return prefix + task
 
 
@@ -222,6 +223,7 @@ def register_flores(root: str, language: str, *, vocabulary_path: str, shots: in
 
   Its 'validation' split is 'devtest' with k-shot prompts drawn from 'dev'; its 'train' split
   is 'dev' with shots from 'dev' (never the example itself). Metrics: chrF1, BLEU.
+  `vocabulary_path`: an LM checkpoint carrying its vocabulary, or a SentencePiece `.model`.
 
   Raises:
     FileNotFoundError, lowres_formats.FormatError: a missing or malformed file (checked here).
@@ -234,7 +236,7 @@ def register_flores(root: str, language: str, *, vocabulary_path: str, shots: in
     if split == 'train':
       return translation_rows(dev, dev, shots, language, target, seed, pool_is_pairs=True)
     return translation_rows(devtest, dev, shots, language, target, seed)
-  _seq2seq_task(name, seqio.SentencePieceVocabulary(vocabulary_path),
+  _seq2seq_task(name, text_lm.vocabulary(vocabulary_path),
                 functools.lru_cache(maxsize=2)(rows), [text_metrics.chrf, text_metrics.bleu])
   return name
 
@@ -244,7 +246,7 @@ def register_math(name: str, eval_file: str, *, vocabulary_path: str,
   """Registers a math word-problem task: `eval_file` (GSM8K `.jsonl` or MGSM `.tsv`) is its
   'validation' split, with k-shot chains from GSM8K `train_file` (default: `eval_file`'s own
   problems, never the example itself); 'train' is `train_file`'s problems. Metric: exact match
-  of the final number.
+  of the final number. `vocabulary_path`: as `register_flores`'s.
 
   Raises:
     FileNotFoundError, lowres_formats.FormatError: a missing or malformed file.
@@ -272,6 +274,6 @@ def register_math(name: str, eval_file: str, *, vocabulary_path: str,
       out.append({'inputs': lowres_formats.math_prompt(p.question, [train[j] for j in chosen]),
                   'targets': lowres_formats.math_target(p)})
     return out
-  _seq2seq_task(name, seqio.SentencePieceVocabulary(vocabulary_path),
+  _seq2seq_task(name, text_lm.vocabulary(vocabulary_path),
                 functools.lru_cache(maxsize=2)(rows), [text_metrics.final_number_accuracy])
   return name

@@ -2,9 +2,9 @@
 
 `register_text_lm` registers a SeqIO task whose examples are the lines of text files (local or
 `gs://` patterns), tokenized with the vocabulary an LM checkpoint carries (`vocab.model` or
-`vocab.bpe.json`, written by `calm-convert --gguf_file`) or with a SentencePiece `.model` file. It is the task a
-run over a real pretrained model's own tokens needs: pretraining a small augment with the
-anchor's vocabulary, or composing them.
+`vocab.bpe.json`, written by `calm-convert --gguf_file`) or with a SentencePiece `.model`
+file. It is the task a run over a real pretrained model's own tokens needs: pretraining a small
+augment with the anchor's vocabulary, or composing them.
 
 From gin (`gin/tasks/text_lm.gin`):
 

@@ -37,7 +37,7 @@ def final_number_accuracy(targets: Sequence[str],
   """Percent of predictions whose final number equals the target's final number."""
   if not targets:
     return {'final_number_accuracy': 0.0}
-  hits = sum(lowres_formats.final_number(p) is not None
-             and lowres_formats.final_number(p) == lowres_formats.final_number(t)
-             for t, p in zip(targets, predictions))
+  predicted = [lowres_formats.final_number(p) for p in predictions]
+  hits = sum(p is not None and p == lowres_formats.final_number(t)
+             for t, p in zip(targets, predicted))
   return {'final_number_accuracy': 100.0 * hits / len(targets)}

@@ -112,7 +112,8 @@ def test_logits_match_transformers(family, converted, reference_logits, tokens):
   reference = reference_logits(family)
   config, params = checkpoints.load_lm(converted(family))
   assert config.param_dtype == 'float32'
-  assert config.vocab_size == fx.vocab_size(family) and config.num_layers == fx.FAMILIES[family].layers
+  assert config.vocab_size == fx.vocab_size(family)
+  assert config.num_layers == fx.FAMILIES[family].layers
   assert _relative_error(_logits(config, params, tokens), reference) <= TOLERANCE
 
 
@@ -239,7 +240,7 @@ def test_llama3_takes_a_whole_word_before_merges(pre, expected, tmp_path):
   whole; others apply merges by priority ('b c' first, and there is no 'a bc')."""
   from calm_jax import bpe  # pylint: disable=g-import-not-at-top
   tokens = ['a', 'b', 'c', 'bc', 'ab', 'abc', '<eos>']
-  document = bpe.tokenizer_from_gguf(_Metadata(
+  document = bpe.document_from_gguf(_Metadata(
       model='gpt2', pre=pre, tokens=tokens, token_type=[1] * 6 + [3], merges=['b c', 'a b'],
       eos_token_id=6))
   (tmp_path / 'v.json').write_text(json.dumps(document))
@@ -260,7 +261,7 @@ def test_bad_byte_level_bpe_tokenizer(fields, message):
   good = dict(model='gpt2', pre='qwen2', tokens=['a', 'b', 'ab'], token_type=[1, 1, 3],
               merges=['a b'], eos_token_id=2)
   with pytest.raises(CheckpointError, match=message):
-    bpe.tokenizer_from_gguf(_Metadata(**dict(good, **fields)), error=CheckpointError)
+    bpe.document_from_gguf(_Metadata(**dict(good, **fields)), error=CheckpointError)
 
 
 # Bad input: one clear error each.
