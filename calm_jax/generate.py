@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from absl import logging
 from etils import epath
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from calm_jax import decoding, runs
+from calm_jax import vocab as vocab_lib
 from calm_jax.checkpoints import CheckpointError
 
 
@@ -44,14 +45,6 @@ class Completion:
   text: str
   tokens: list[int]
   seconds: float
-
-
-def _bos_id(vocabulary: Any) -> int | None:
-  try:
-    bos = vocabulary.bos_id
-  except NotImplementedError:  # seqio's default for vocabularies without one.
-    return None
-  return bos if bos is not None and bos >= 0 else None
 
 
 class TextGenerator:
@@ -81,7 +74,7 @@ class TextGenerator:
           'calm-infer with a task instead.')
     self.max_decode_len = max_decode_len
     self.sampling = sampling
-    bos = _bos_id(self.vocabulary)
+    bos = vocab_lib.defined_bos_id(self.vocabulary)
     # A byte-level BPE vocabulary says whether its model reads BOS first (Qwen's does not).
     by_default = bos is not None and getattr(self.vocabulary, 'add_bos', True)
     self.bos_id = bos if add_bos or (add_bos is None and by_default) else None

@@ -144,6 +144,23 @@ def save_vocabulary(directory: str | epath.Path, tokenizer: GGUFTokenizer) -> ep
   return path
 
 
+def defined_bos_id(vocabulary: Any) -> int | None:
+  """The seqio vocabulary's BOS id, or None where it defines none."""
+  try:
+    bos = vocabulary.bos_id
+  except NotImplementedError:  # seqio's default for vocabularies without one.
+    return None
+  return bos if bos is not None and bos >= 0 else None
+
+
+def model_bos_id(vocabulary: Any) -> int | None:
+  """The BOS id that a model of this vocabulary reads first, or None: the vocabulary's BOS
+  where it defines one, unless it says that its models read none (a byte-level BPE's
+  `add_bos`, false for Qwen). Gemma and Llama read BOS; T5X-style vocabularies define none."""
+  bos = defined_bos_id(vocabulary)
+  return bos if bos is not None and getattr(vocabulary, 'add_bos', True) else None
+
+
 def has_vocabulary(checkpoint: str | epath.Path) -> bool:
   """Whether the LM checkpoint directory carries a tokenizer (VOCAB_FILE or BPE_FILE)."""
   return any((epath.Path(checkpoint) / name).exists() for name in (VOCAB_FILE, BPE_FILE))

@@ -27,8 +27,9 @@ On published benchmark files (local or `gs://`, `lowres_formats` documents the l
   NTL-style monolingual corpora are text files: `calm_tasks.text_lm.register_text_lm`.
 
 Metrics (`text_metrics`): chrF1 and BLEU (sacrebleu) for translation, final-number accuracy for
-math. Vocabulary: one SentencePiece model for both languages, trained by `bible_vocabulary` on
-the training books' text only, or any seqio vocabulary file given.
+math; translations are scored up to their first newline (`first_line`). Vocabulary: one
+SentencePiece model for both languages, trained by `bible_vocabulary` on the training books'
+text only, or any seqio vocabulary file or LM checkpoint's vocabulary given.
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from etils import epath
 import seqio
 import tensorflow as tf
 
+from calm_jax import vocab as vocab_lib
 from calm_tasks import bible_data, lowres_formats, text_lm, text_metrics
 
 DC_SHARE = 0.05
@@ -61,14 +63,17 @@ def cache_dir() -> str:
 
 
 def bible_vocabulary(path: str | None = None,
-                     vocab_size: int = VOCAB_SIZE) -> seqio.SentencePieceVocabulary:
+                     vocab_size: int = VOCAB_SIZE) -> seqio.Vocabulary:
   """The SentencePiece vocabulary at `path`, trained there first if it does not exist.
 
   Trained (unigram, byte fallback, pad 0 / EOS 1 / UNK 2, no BOS: T5X's ids) on the Chichewa
   and English verses of the training books only; deterministic for a given `vocab_size`.
-  Default path: `cache_dir()/bible_spm_<vocab_size>.model`.
+  Default path: `cache_dir()/bible_spm_<vocab_size>.model`. A `path` that is an LM checkpoint
+  with a vocabulary (e.g. `calm-convert`'s Gemma 3 270M) gives that checkpoint's vocabulary.
   """
   path = path or os.path.join(cache_dir(), f'bible_spm_{vocab_size}.model')
+  if vocab_lib.has_vocabulary(epath.Path(path)):
+    return vocab_lib.load_vocabulary(epath.Path(path))
   if not epath.Path(path).exists():
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -116,15 +121,36 @@ def _lm_task(name: str, vocabulary: seqio.Vocabulary,
                                                  for t in texts(split)], [])
 
 
+def first_line(text: str, example: Any = None, is_target: bool = False) -> str:
+  """A translation's seqio postprocessor: the text up to its first newline (the k-shot
+  prompts put one translation per line, so a model that goes on writes the next prompt)."""
+  del example, is_target
+  return text.split('\n', 1)[0]
+
+
+def prepend_bos(dataset: tf.data.Dataset, bos_id: int) -> tf.data.Dataset:
+  """Puts `bos_id` before every tokenized 'inputs' (an LM row's empty inputs become [BOS]), so
+  that a pretrained model that reads BOS first (Gemma) sees every row as it was trained."""
+  def add(example):
+    return {**example, 'inputs': tf.concat(
+        [tf.constant([bos_id], example['inputs'].dtype), example['inputs']], 0)}
+  return dataset.map(add, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def _seq2seq_task(name: str, vocabulary: seqio.Vocabulary,
                   rows: Callable[[str], Sequence[dict[str, str]]],
-                  metric_fns: Sequence[Callable]) -> None:
+                  metric_fns: Sequence[Callable],
+                  postprocess_fn: Callable | None = None) -> None:
+  preprocessors = [seqio.preprocessors.tokenize]
+  bos = vocab_lib.model_bos_id(vocabulary)
+  if bos is not None:  # A pretrained model's vocabulary (Gemma's): its models read BOS first.
+    preprocessors.append(functools.partial(prepend_bos, bos_id=bos))
   _replace_task(
       name, source=_memory_source(rows),
-      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+      preprocessors=preprocessors + [seqio.preprocessors.append_eos],
       output_features={'inputs': seqio.Feature(vocabulary, add_eos=False),
                        'targets': seqio.Feature(vocabulary, add_eos=True)},
-      metric_fns=list(metric_fns))
+      postprocess_fn=postprocess_fn, metric_fns=list(metric_fns))
 
 
 def translation_rows(pairs: Sequence[tuple[str, str]], pool: Sequence[tuple[str, str]],
@@ -205,7 +231,7 @@ def register_bible(vocabulary_path: str | None = None, *, task: str = 'bible_dc'
                                 pool_is_pairs=train is pairs['dc'])
       return translation_rows(pairs['held_out'], pairs['dc'], shots, 'nya', 'en')
     _seq2seq_task(name, vocabulary, functools.lru_cache(maxsize=2)(rows),
-                  [text_metrics.chrf, text_metrics.bleu])
+                  [text_metrics.chrf, text_metrics.bleu], first_line)
   translation(f'{prefix}bible_nya_en', pairs['dc'])
   translation(f'{prefix}bible_nya_en_slice', pairs['slice'])
   for mixture in ('bible_anchor', 'bible_dc'):
@@ -237,7 +263,8 @@ def register_flores(root: str, language: str, *, vocabulary_path: str, shots: in
       return translation_rows(dev, dev, shots, language, target, seed, pool_is_pairs=True)
     return translation_rows(devtest, dev, shots, language, target, seed)
   _seq2seq_task(name, text_lm.vocabulary(vocabulary_path),
-                functools.lru_cache(maxsize=2)(rows), [text_metrics.chrf, text_metrics.bleu])
+                functools.lru_cache(maxsize=2)(rows), [text_metrics.chrf, text_metrics.bleu],
+                first_line)
   return name
 
 

@@ -21,6 +21,11 @@ sacrebleu) and on their English LM perplexity (the anchor's own skill must survi
 results.json, results.md (the layout of Tables 2 and 5 with the paper's numbers beside ours,
 and each phase's wall time) and results.png. With `seeds` it runs once per seed under
 EXPERIMENT_DIR/seed_<n>/ and reports the mean and spread of every cell.
+
+With a real anchor (`anchor_checkpoint`, e.g. `calm-convert`'s Gemma 3 270M,
+gin/experiments/lowres_bible_gemma3.gin): m_B is that checkpoint, not pretrained here; every
+model uses its vocabulary instead of vocab.model (m_A is trained in it); `models` picks the rows
+that are run (a real anchor's full fine-tuning costs hours on a CPU).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from absl import logging
 from etils import epath
 
 from calm_jax import calm as calm_lib
-from calm_jax import lora, partitioning, random_init, runs, trainable
+from calm_jax import checkpoints, lora, partitioning, random_init, runs, trainable
 from calm_jax import eval as eval_lib
 from calm_jax import train as train_lib
 from calm_jax.configs import BridgeConfig, CalmConfig, TransformerConfig
@@ -44,6 +49,8 @@ from calm_tasks import experiment_runs, lowres
 MODELS = {'m_A': 'm_a/lm', 'm_B': 'm_b/lm', 'calm': 'calm', 'm_B + D_C': 'm_b_dc/lm',
           'lora': 'lora/lm', 'calm_random_m_A': 'calm_random_m_a',
           'calm_encoder': 'calm_encoder'}
+COLORS = {'m_A': '#888', 'm_B': '#888', 'calm': '#1f77b4', 'm_B + D_C': '#ff7f0e',
+          'lora': '#2ca02c', 'calm_random_m_A': '#bbb', 'calm_encoder': '#bbb'}
 METRICS = {'chrf': 'nya->en chrF1', 'bleu': 'nya->en BLEU', 'en_ppl': 'English perplexity'}
 # Table 2 (FLORES-200 XX->En, 5-shot chrF1, average of the 10 languages shown).
 PAPER = {'chrf': {'m_A': 37.2, 'm_B': 41.7, 'calm': 46.1, 'm_B + D_C': 48.2}}
@@ -99,13 +106,16 @@ def write_results(results: Mapping[str, Mapping[str, float]], out_dir: epath.Pat
 
   lines = ['| model | nya->en chrF1 (ours) | paper chrF1 (FLORES avg) | nya->en BLEU | English '
            'ppl | paper: languages improved over m_B |', '|---|---|---|---|---|---|']
-  for model in MODELS:
+  for model in [m for m in MODELS if m in results['chrf']]:
     lines.append(f'| {model} | {cell("chrf", model)} | {PAPER["chrf"].get(model, "-")} | '
                  f'{cell("bleu", model)} | {cell("en_ppl", model)} | '
                  f'{PAPER_IMPROVED.get(model, "-")} |')
   notes = ['Evaluated on the held-out books (Ruth, Jonah, Philippians, James: 345 parallel '
            'verses), never seen in training in either language. chrF with beta 1 (chrF1) and '
-           'BLEU from sacrebleu; perplexity per SentencePiece token of the English verses.']
+           'BLEU from sacrebleu on each translation up to its first newline; perplexity per '
+           'token (of the shared vocabulary) of the English verses.']
+  if settings.get('anchor_checkpoint'):
+    notes.append(f'm_B: the pretrained {settings["anchor_checkpoint"]}, in its vocabulary.')
   if spread is not None:
     notes.append(f'Seeds {list(spread["seeds"])}: mean ± sample standard deviation (min-max).')
   if settings.get('seconds'):
@@ -116,7 +126,7 @@ def write_results(results: Mapping[str, Mapping[str, float]], out_dir: epath.Pat
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  names = list(MODELS)
+  names = [m for m in MODELS if m in results['chrf']]
   for ax, metric in zip(axes, ('chrf', 'en_ppl')):
     values = [results[metric][m] for m in names]
     errors = None
@@ -124,7 +134,7 @@ def write_results(results: Mapping[str, Mapping[str, float]], out_dir: epath.Pat
       errors = [[v - spread['min'][metric][m] for m, v in zip(names, values)],
                 [spread['max'][metric][m] - v for m, v in zip(names, values)]]
     bars = ax.bar(range(len(names)), values, yerr=errors, capsize=2,
-                  color=['#888', '#888', '#1f77b4', '#ff7f0e', '#2ca02c', '#bbb', '#bbb'])
+                  color=[COLORS[m] for m in names])
     ax.bar_label(bars, fmt='%.1f', fontsize=7)
     ax.set_xticks(range(len(names)), names, rotation=30, ha='right', fontsize=8)
     if metric == 'en_ppl':  # m_A, trained on Chichewa, reads English orders of magnitude worse.
@@ -137,7 +147,7 @@ def write_results(results: Mapping[str, Mapping[str, float]], out_dir: epath.Pat
 
 
 def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
-                   m_b_config: TransformerConfig, bridge: BridgeConfig,
+                   m_b_config: TransformerConfig | None, bridge: BridgeConfig,
                    task_feature_lengths: Mapping[str, int], m_a_steps: int, m_b_steps: int,
                    compose_steps: int, finetune_steps: int | None = None,
                    lora_steps: int | None = None, batch_size: int = 32,
@@ -149,13 +159,16 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
                    eval_examples: int | None = None, eval_batch_size: int = 64,
                    perplexity_batch_size: int = 23, seed: int = 0,
                    seeds: Sequence[int] | None = None, log_every: int = 100,
+                   anchor_checkpoint: str | None = None,
+                   models: Sequence[str] | None = None,
                    config_text: str | None = None) -> dict[str, dict[str, float]]:
   """Runs every phase (module docstring); returns {metric: {model: value}}.
 
   Args:
     experiment_dir: EXPERIMENT_DIR, where every run and the results go.
     m_a_config, m_b_config: the augment's and the anchor's architectures (vocab_size must be
-      `vocab_size`).
+      `vocab_size`, or the anchor checkpoint's; m_b_config is ignored with
+      `anchor_checkpoint`).
     bridge: the bridges' configuration.
     task_feature_lengths: {'inputs': ..., 'targets': ...} of every phase and evaluation.
     m_a_steps, m_b_steps, compose_steps: training steps of pretraining and of each
@@ -175,16 +188,32 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
     seed: seed of every phase.
     seeds: run once per seed under EXPERIMENT_DIR/seed_<n>/ and report mean and spread.
     log_every: steps between progress lines.
+    anchor_checkpoint: a pretrained LM checkpoint to use as m_B (its architecture and
+      vocabulary; m_B is not pretrained and vocab_size is unused).
+    models: the rows to run and evaluate, of MODELS (default all); the phases they need run.
     config_text: the resolved configuration (the command line passes gin's).
+
+  Raises:
+    ValueError: a vocabulary size that does not match, or an unknown model in `models`.
   """
   root = epath.Path(experiment_dir)
   root.mkdir(parents=True, exist_ok=True)
   if config_text is not None:
     (root / train_lib.CONFIG_FILE).write_text(config_text)
+  if anchor_checkpoint is not None:
+    m_b_config = checkpoints.load_lm_config(anchor_checkpoint)
+    vocab_size = m_b_config.vocab_size
+  elif m_b_config is None:
+    raise ValueError('Give m_b_config (the anchor to pretrain) or anchor_checkpoint.')
   for name, config in (('m_a_config', m_a_config), ('m_b_config', m_b_config)):
     if config.vocab_size != vocab_size:
       raise ValueError(f'{name}.vocab_size is {config.vocab_size}, but the vocabulary has '
                        f'{vocab_size} pieces.')
+  models = list(models or MODELS)
+  unknown = sorted(set(models) - set(MODELS))
+  if unknown:
+    raise ValueError(f'Unknown models {unknown}; known: {list(MODELS)}.')
+  models = [m for m in MODELS if m in models]
   settings = dict(m_a_config=m_a_config, m_b_config=m_b_config, bridge=bridge,
                   task_feature_lengths=dict(task_feature_lengths), m_a_steps=m_a_steps,
                   m_b_steps=m_b_steps, compose_steps=compose_steps,
@@ -197,12 +226,12 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
                   vocab_size=vocab_size, shots=shots,
                   eval_examples=eval_examples, eval_batch_size=eval_batch_size,
                   perplexity_batch_size=perplexity_batch_size, log_every=log_every,
-                  config_text=config_text)
+                  anchor_checkpoint=anchor_checkpoint, models=models, config_text=config_text)
   if not seeds:
     return _run_one(root, seed=seed, **settings)
   seeds = [int(n) for n in seeds]
   per_seed = [_run_one(root / f'seed_{n}', seed=n, **settings) for n in seeds]
-  stats = experiment_runs.seed_statistics(per_seed, list(METRICS), list(MODELS))
+  stats = experiment_runs.seed_statistics(per_seed, list(METRICS), models)
   spread = dict(seeds=seeds, per_seed={str(n): r for n, r in zip(seeds, per_seed)},
                 std=stats['std'], min=stats['min'], max=stats['max'])
   write_results(stats['mean'], root, {'seeds': seeds}, spread=spread)
@@ -218,13 +247,14 @@ def _run_one(root: epath.Path, *, seed: int, m_a_config: TransformerConfig,
              warmup_steps: int, pack_pretraining: bool, vocab_size: int, shots: int,
              eval_examples: int | None,
              eval_batch_size: int, perplexity_batch_size: int, log_every: int,
+             anchor_checkpoint: str | None, models: Sequence[str],
              config_text: str | None) -> dict[str, dict[str, float]]:
   """One seed of `run_experiment`, under `root`."""
   root.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
   timings: dict[str, float] = {}
   tick = time.perf_counter()
-  vocabulary = str(root / 'vocab.model')
+  vocabulary = anchor_checkpoint or str(root / 'vocab.model')
   lowres.bible_vocabulary(vocabulary, vocab_size)
   lowres.register_bible(vocabulary, shots=shots)  # Every Bible task and mixture, once.
   timings['vocabulary'] = time.perf_counter() - tick
@@ -236,41 +266,50 @@ def _run_one(root: epath.Path, *, seed: int, m_a_config: TransformerConfig,
   phase.seconds.update(timings)
   timings = phase.seconds
 
-  phase('m_a', mode='pretrain', mixture_or_task_name='bible_nya_lm',
-        model_config=m_a_config, train_steps=m_a_steps, learning_rate=learning_rate,
-        pack=pack_pretraining)
-  phase('m_b', mode='pretrain', mixture_or_task_name='bible_anchor',
-        model_config=m_b_config, train_steps=m_b_steps, learning_rate=learning_rate,
-        pack=pack_pretraining)
+  paths = {model: str(root / path) for model, path in MODELS.items()}
+  anchor = anchor_checkpoint or paths['m_B']
+  paths['m_B'] = anchor
+  if {'m_A', 'calm', 'calm_encoder'} & set(models):
+    phase('m_a', mode='pretrain', mixture_or_task_name='bible_nya_lm',
+          model_config=m_a_config, train_steps=m_a_steps, learning_rate=learning_rate,
+          pack=pack_pretraining)
+  if anchor_checkpoint is None and set(models) - {'m_A'}:
+    phase('m_b', mode='pretrain', mixture_or_task_name='bible_anchor',
+          model_config=m_b_config, train_steps=m_b_steps, learning_rate=learning_rate,
+          pack=pack_pretraining)
   dc = 'bible_dc'
-  anchor = str(root / 'm_b' / 'lm')
   compose = dict(mode='compose', mixture_or_task_name=dc, anchor_checkpoint=anchor,
                  bridges={'augment': bridge}, train_steps=compose_steps,
                  learning_rate=compose_learning_rate)
-  phase('calm', augment_checkpoints={'augment': str(root / 'm_a' / 'lm')}, **compose)
-  phase('m_b_dc', mode='finetune', mixture_or_task_name=dc, anchor_checkpoint=anchor,
-        train_steps=finetune_steps, learning_rate=finetune_learning_rate)
+  if 'calm' in models:
+    phase('calm', augment_checkpoints={'augment': paths['m_A']}, **compose)
+  if 'm_B + D_C' in models:
+    phase('m_b_dc', mode='finetune', mixture_or_task_name=dc, anchor_checkpoint=anchor,
+          train_steps=finetune_steps, learning_rate=finetune_learning_rate)
   budget = bridge_count(m_b_config, m_a_config, bridge)
   rank = lora.rank_for_budget(m_b_config, budget)
-  phase('lora', mode='lora', lora=lora.LoRAConfig(rank), mixture_or_task_name=dc,
-        anchor_checkpoint=anchor, train_steps=lora_steps, learning_rate=lora_learning_rate)
-  random_m_a = random_init.random_lm_checkpoint(m_a_config, root / 'm_a_random', seed + 1)
-  phase('calm_random_m_a', augment_checkpoints={'augment': random_m_a}, **compose)
-  phase('calm_encoder', augment_checkpoints={'augment': str(root / 'm_a' / 'lm')},
-        augment_as_encoder=True, **compose)
+  if 'lora' in models:
+    phase('lora', mode='lora', lora=lora.LoRAConfig(rank), mixture_or_task_name=dc,
+          anchor_checkpoint=anchor, train_steps=lora_steps, learning_rate=lora_learning_rate)
+  if 'calm_random_m_A' in models:
+    random_m_a = random_init.random_lm_checkpoint(m_a_config, root / 'm_a_random', seed + 1)
+    phase('calm_random_m_a', augment_checkpoints={'augment': random_m_a}, **compose)
+  if 'calm_encoder' in models:
+    phase('calm_encoder', augment_checkpoints={'augment': paths['m_A']},
+          augment_as_encoder=True, **compose)
 
   results: dict[str, dict[str, float]] = {metric: {} for metric in METRICS}
   tick = time.perf_counter()
   translation = 'bible_nya_en'
-  for model, path in MODELS.items():
+  for model in models:
+    path = paths[model]
     metrics = eval_lib.evaluate(
-        checkpoint=str(root / path), mixture_or_task_name=translation,
+        checkpoint=path, mixture_or_task_name=translation,
         task_feature_lengths=task_feature_lengths, batch_size=eval_batch_size,
         eval_dir=str(root / 'eval' / model.replace(' ', '_').replace('+', 'plus')),
         num_examples=eval_examples)[translation]
     results['chrf'][model], results['bleu'][model] = metrics['chrf'], metrics['bleu']
-    results['en_ppl'][model] = perplexity(str(root / path), task_feature_lengths,
-                                          perplexity_batch_size)
+    results['en_ppl'][model] = perplexity(path, task_feature_lengths, perplexity_batch_size)
     logging.info('%s: chrF1 %.1f, BLEU %.1f, English ppl %.2f', model,
                  results['chrf'][model], results['bleu'][model], results['en_ppl'][model])
   timings['eval'] = time.perf_counter() - tick
@@ -281,7 +320,7 @@ def _run_one(root: epath.Path, *, seed: int, m_a_config: TransformerConfig,
               'steps': {'m_a': m_a_steps, 'm_b': m_b_steps, 'compose': compose_steps,
                         'finetune': finetune_steps, 'lora': lora_steps},
               'pairs': {k: len(v) for k, v in splits.items()}, 'shots': shots,
-              'batch_size': batch_size,
+              'batch_size': batch_size, 'anchor_checkpoint': anchor_checkpoint,
               'connections': bridge.connections or f'every {bridge.every}',
               'rates': {m: lowres.mixture_rates(m) for m in ('bible_anchor', 'bible_dc')}}
   write_results(results, root, settings)
