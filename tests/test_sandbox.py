@@ -2,7 +2,6 @@
 their limits and harm nothing; HumanEval's canonical solutions pass and empty bodies fail."""
 
 import os
-import signal
 import socket
 import subprocess
 import sys
