@@ -50,10 +50,33 @@ def predict_fn_of(generate_fn: Callable[..., Any], params_fn: Callable[[], Any],
   return predict_fn
 
 
+# A metric of this name carries per-example results (a seqio.metrics.Text of JSON lines: the
+# code domain's per-problem pass/fail), which ResultsLogger writes beside the predictions.
+RESULTS_METRIC = 'per_problem'
+
+
+class ResultsLogger(seqio.Logger):
+  """Writes a task's RESULTS_METRIC as `{task}-{step:06}-results.jsonl`, beside seqio's
+  `{task}-{step:06}.jsonl` predictions (JSONLogger)."""
+
+  def __call__(self, task_name: str, step: int | None, metrics: Mapping[str, Any],
+               dataset: Any, inferences: Any, targets: Any) -> None:
+    """seqio.Logger: writes RESULTS_METRIC where `metrics` has it."""
+    del dataset, inferences, targets
+    value = metrics.get(RESULTS_METRIC)
+    if value is None:
+      return
+    step = -1 if step is None else step
+    path = epath.Path(self.output_dir) / f'{task_name}-{step:06}-results.jsonl'
+    tmp = path.parent / (path.name + '.tmp')
+    tmp.write_text(value.textdata.rstrip('\n') + '\n')
+    tmp.rename(path)
+
+
 def make_evaluator(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
                    split: str, num_examples: int | None, log_dir: epath.Path,
                    loggers: Sequence[type[seqio.Logger]] = (seqio.TensorBoardLogger,
-                                                             seqio.JSONLogger)
+                                                             seqio.JSONLogger, ResultsLogger)
                    ) -> tuple[seqio.Evaluator, int]:
   """(seqio Evaluator of a task or mixture writing to `log_dir`, its EOS id).
 
@@ -76,8 +99,10 @@ def make_evaluator(mixture_or_task_name: str, task_feature_lengths: Mapping[str,
 
 
 def metric_values(metrics: Any) -> dict[str, dict[str, float]]:
-  """{task: {metric: float}} of `seqio.Evaluator.evaluate`'s (future) metrics."""
-  return {name: {k: float(getattr(v, 'value', v)) for k, v in task_metrics.items()}
+  """{task: {metric: float}} of `seqio.Evaluator.evaluate`'s (future) metrics (scalars only:
+  text metrics such as RESULTS_METRIC go to the loggers)."""
+  return {name: {k: float(getattr(v, 'value', v)) for k, v in task_metrics.items()
+                 if not isinstance(v, seqio.metrics.Text)}
           for name, task_metrics in metrics.result().items()}
 
 

@@ -37,14 +37,13 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from etils import epath
 import seqio
-import tensorflow as tf
 
 from calm_jax import vocab as vocab_lib
-from calm_tasks import bible_data, lowres_formats, text_lm, text_metrics
+from calm_tasks import bible_data, lowres_formats, memory_tasks, text_lm, text_metrics
 
 DC_SHARE = 0.05
 ANCHOR_PAIR_SHARE = 0.01
@@ -92,65 +91,11 @@ def bible_vocabulary(path: str | None = None,
   return seqio.SentencePieceVocabulary(str(path))
 
 
-def _replace_task(name: str, **kwargs) -> None:
-  if name in seqio.TaskRegistry.names():
-    seqio.TaskRegistry.remove(name)
-  seqio.TaskRegistry.add(name, **kwargs)
-
-
-def _replace_mixture(name: str, rates: dict[str, float]) -> None:
-  if name in seqio.MixtureRegistry.names():
-    seqio.MixtureRegistry.remove(name)
-  seqio.MixtureRegistry.add(name, list(rates.items()))
-
-
-def _memory_source(examples: Callable[[str], Sequence[dict[str, str]]]) -> seqio.DataSource:
-  def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
-    del shuffle_files, seed  # In memory; seqio shuffles examples itself.
-    rows = examples(split)
-    return tf.data.Dataset.from_tensor_slices(
-        {key: [row[key] for row in rows] for key in rows[0]})
-  return seqio.FunctionDataSource(dataset_fn, splits=('train', 'validation'))
-
-
-def _lm_task(name: str, vocabulary: seqio.Vocabulary,
-             texts: Callable[[str], Sequence[str]]) -> None:
-  # Empty inputs: language modelling in the (inputs, targets) form of the translation tasks,
-  # so that both mix (seqio mixes tasks of one set of features only).
-  _seq2seq_task(name, vocabulary, lambda split: [{'inputs': '', 'targets': t}
-                                                 for t in texts(split)], [])
-
-
 def first_line(text: str, example: Any = None, is_target: bool = False) -> str:
   """A translation's seqio postprocessor: the text up to its first newline (the k-shot
   prompts put one translation per line, so a model that goes on writes the next prompt)."""
   del example, is_target
   return text.split('\n', 1)[0]
-
-
-def prepend_bos(dataset: tf.data.Dataset, bos_id: int) -> tf.data.Dataset:
-  """Puts `bos_id` before every tokenized 'inputs' (an LM row's empty inputs become [BOS]), so
-  that a pretrained model that reads BOS first (Gemma) sees every row as it was trained."""
-  def add(example):
-    return {**example, 'inputs': tf.concat(
-        [tf.constant([bos_id], example['inputs'].dtype), example['inputs']], 0)}
-  return dataset.map(add, num_parallel_calls=tf.data.AUTOTUNE)
-
-
-def _seq2seq_task(name: str, vocabulary: seqio.Vocabulary,
-                  rows: Callable[[str], Sequence[dict[str, str]]],
-                  metric_fns: Sequence[Callable],
-                  postprocess_fn: Callable | None = None) -> None:
-  preprocessors = [seqio.preprocessors.tokenize]
-  bos = vocab_lib.model_bos_id(vocabulary)
-  if bos is not None:  # A pretrained model's vocabulary (Gemma's): its models read BOS first.
-    preprocessors.append(functools.partial(prepend_bos, bos_id=bos))
-  _replace_task(
-      name, source=_memory_source(rows),
-      preprocessors=preprocessors + [seqio.preprocessors.append_eos],
-      output_features={'inputs': seqio.Feature(vocabulary, add_eos=False),
-                       'targets': seqio.Feature(vocabulary, add_eos=True)},
-      postprocess_fn=postprocess_fn, metric_fns=list(metric_fns))
 
 
 def translation_rows(pairs: Sequence[tuple[str, str]], pool: Sequence[tuple[str, str]],
@@ -220,9 +165,9 @@ def register_bible(vocabulary_path: str | None = None, *, task: str = 'bible_dc'
   if shots > len(pairs['dc']) - 1:
     raise ValueError(f'{shots} shots but D_C holds {len(pairs["dc"])} pairs.')
   for language in bible_data.LANGUAGES:
-    _lm_task(f'{prefix}bible_{language}_lm', vocabulary,
-             functools.partial(lambda split, lang: bible_data.monolingual(
-                 lang, held_out=split == 'validation'), lang=language))
+    memory_tasks.lm_task(f'{prefix}bible_{language}_lm', vocabulary, functools.partial(
+        lambda split, lang: bible_data.monolingual(lang, held_out=split == 'validation'),
+        lang=language))
 
   def translation(name: str, train: Sequence[tuple[str, str]]):
     def rows(split: str):
@@ -230,15 +175,15 @@ def register_bible(vocabulary_path: str | None = None, *, task: str = 'bible_dc'
         return translation_rows(train, pairs['dc'], shots, 'nya', 'en',
                                 pool_is_pairs=train is pairs['dc'])
       return translation_rows(pairs['held_out'], pairs['dc'], shots, 'nya', 'en')
-    _seq2seq_task(name, vocabulary, functools.lru_cache(maxsize=2)(rows),
-                  [text_metrics.chrf, text_metrics.bleu], first_line)
+    memory_tasks.seq2seq_task(name, vocabulary, functools.lru_cache(maxsize=2)(rows),
+                              [text_metrics.chrf, text_metrics.bleu], first_line)
   translation(f'{prefix}bible_nya_en', pairs['dc'])
   translation(f'{prefix}bible_nya_en_slice', pairs['slice'])
   for mixture in ('bible_anchor', 'bible_dc'):
-    _replace_mixture(prefix + mixture, {prefix + task_name: rate for task_name, rate
-                                        in mixture_rates(mixture, rates).items()})
-  _replace_mixture(prefix + 'bible_eval', {f'{prefix}bible_nya_en': 1.0,
-                                           f'{prefix}bible_en_lm': 1.0})
+    memory_tasks.replace_mixture(prefix + mixture, {
+        prefix + task_name: rate for task_name, rate in mixture_rates(mixture, rates).items()})
+  memory_tasks.replace_mixture(prefix + 'bible_eval', {f'{prefix}bible_nya_en': 1.0,
+                                                       f'{prefix}bible_en_lm': 1.0})
   return prefix + task
 
 
@@ -262,9 +207,9 @@ def register_flores(root: str, language: str, *, vocabulary_path: str, shots: in
     if split == 'train':
       return translation_rows(dev, dev, shots, language, target, seed, pool_is_pairs=True)
     return translation_rows(devtest, dev, shots, language, target, seed)
-  _seq2seq_task(name, text_lm.vocabulary(vocabulary_path),
-                functools.lru_cache(maxsize=2)(rows), [text_metrics.chrf, text_metrics.bleu],
-                first_line)
+  memory_tasks.seq2seq_task(name, text_lm.vocabulary(vocabulary_path),
+                            functools.lru_cache(maxsize=2)(rows),
+                            [text_metrics.chrf, text_metrics.bleu], first_line)
   return name
 
 
@@ -301,6 +246,7 @@ def register_math(name: str, eval_file: str, *, vocabulary_path: str,
       out.append({'inputs': lowres_formats.math_prompt(p.question, [train[j] for j in chosen]),
                   'targets': lowres_formats.math_target(p)})
     return out
-  _seq2seq_task(name, text_lm.vocabulary(vocabulary_path),
-                functools.lru_cache(maxsize=2)(rows), [text_metrics.final_number_accuracy])
+  memory_tasks.seq2seq_task(name, text_lm.vocabulary(vocabulary_path),
+                            functools.lru_cache(maxsize=2)(rows),
+                            [text_metrics.final_number_accuracy])
   return name

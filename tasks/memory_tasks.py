@@ -1,0 +1,78 @@
+"""SeqIO tasks over examples held in memory (the Bible and code domains build theirs so).
+
+Each `(inputs, targets)` task tokenizes both features with one vocabulary, puts the
+vocabulary's BOS first where its models read one (Gemma; `prepend_bos`) and EOS after the
+targets. Registering a name that exists replaces it, so a gin file or an experiment can
+register again with other settings.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import seqio
+import tensorflow as tf
+
+from calm_jax import vocab as vocab_lib
+
+
+def replace_task(name: str, **kwargs) -> None:
+  """seqio.TaskRegistry.add, replacing a task of that name."""
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)
+  seqio.TaskRegistry.add(name, **kwargs)
+
+
+def replace_mixture(name: str, rates: dict[str, float]) -> None:
+  """seqio.MixtureRegistry.add of {task: rate}, replacing a mixture of that name."""
+  if name in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.remove(name)
+  seqio.MixtureRegistry.add(name, list(rates.items()))
+
+
+def memory_source(examples: Callable[[str], Sequence[dict[str, str]]],
+                  splits: Sequence[str] = ('train', 'validation')) -> seqio.DataSource:
+  """A data source of `examples(split)` (dicts of strings, one key set) for each split."""
+  def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+    del shuffle_files, seed  # In memory; seqio shuffles examples itself.
+    rows = examples(split)
+    return tf.data.Dataset.from_tensor_slices(
+        {key: [row[key] for row in rows] for key in rows[0]})
+  return seqio.FunctionDataSource(dataset_fn, splits=tuple(splits))
+
+
+def prepend_bos(dataset: tf.data.Dataset, bos_id: int) -> tf.data.Dataset:
+  """Puts `bos_id` before every tokenized 'inputs' (an LM row's empty inputs become [BOS]), so
+  that a pretrained model that reads BOS first (Gemma) sees every row as it was trained."""
+  def add(example):
+    return {**example, 'inputs': tf.concat(
+        [tf.constant([bos_id], example['inputs'].dtype), example['inputs']], 0)}
+  return dataset.map(add, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def seq2seq_task(name: str, vocabulary: seqio.Vocabulary,
+                 rows: Callable[[str], Sequence[dict[str, str]]],
+                 metric_fns: Sequence[Callable],
+                 postprocess_fn: Callable | None = None,
+                 splits: Sequence[str] = ('train', 'validation')) -> None:
+  """Registers an (inputs, targets) task over `rows(split)` (module docstring); rows may carry
+  further string fields, which the postprocessor sees in its `example`."""
+  preprocessors = [seqio.preprocessors.tokenize]
+  bos = vocab_lib.model_bos_id(vocabulary)
+  if bos is not None:  # A pretrained model's vocabulary (Gemma's): its models read BOS first.
+    preprocessors.append(functools.partial(prepend_bos, bos_id=bos))
+  replace_task(
+      name, source=memory_source(rows, splits),
+      preprocessors=preprocessors + [seqio.preprocessors.append_eos],
+      output_features={'inputs': seqio.Feature(vocabulary, add_eos=False),
+                       'targets': seqio.Feature(vocabulary, add_eos=True)},
+      postprocess_fn=postprocess_fn, metric_fns=list(metric_fns))
+
+
+def lm_task(name: str, vocabulary: seqio.Vocabulary,
+            texts: Callable[[str], Sequence[str]]) -> None:
+  """Registers language modelling over `texts(split)` in the (inputs, targets) form, inputs
+  empty, so that it mixes with the seq2seq tasks (seqio mixes tasks of one feature set)."""
+  seq2seq_task(name, vocabulary, lambda split: [{'inputs': '', 'targets': t}
+                                                for t in texts(split)], [])
