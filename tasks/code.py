@@ -11,17 +11,35 @@ and returns its name, for gin's `MIXTURE_OR_TASK_NAME = @code.register_*()`. Eve
   register_code_to_text(file, ...)           CodeXGLUE-layout code->text, k-shot (3); chrF1 /
                                               BLEU of the summary's first line
 Per-problem pass/fail goes beside the predictions (`{task}-{step}-results.jsonl`).
+
+On the standard library (`code_data`: training and held-out modules), with
+`register_stdlib(vocabulary_path, ...)`; 'train' splits read only training modules (and the
+training books of the Bible), 'validation' only held-out ones:
+  stdlib_code_lm        source chunks                                    (m_A's training set)
+  stdlib_en_lm          English: KJV verses and the modules' docstring prose  (m_B's)
+  stdlib_code_to_text   code -> summary: 'train' is D_C (DC_SHARE of the training pairs),
+                        'validation' every held-out pair; chrF1 / BLEU
+  stdlib_text_to_code   summary -> code over the same D_C pairs ('validation': held-out pairs)
+Mixtures: stdlib_dc (code->text, text->code and English, DC_RATES): the composition's D_C.
+`code_vocabulary` trains the SentencePiece model both models share: whitespace kept exactly
+(identity normalisation, no dummy prefix, newline a piece of its own), so that code decodes as
+it was written.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import tempfile
 from typing import Any, Mapping, Sequence
 
+from etils import epath
 import seqio
 
-from calm_tasks import (code_formats, code_metrics, lowres, lowres_formats, memory_tasks,
-                        text_lm, text_metrics)
+from calm_jax import vocab as vocab_lib
+from calm_tasks import (bible_data, code_data, code_formats, code_metrics, lowres,
+                        lowres_formats, memory_tasks, text_lm, text_metrics)
 
 # The fields a program metric needs, carried in each example next to inputs/targets.
 PROBLEM_FIELDS = ('id', 'prompt', 'test', 'entry_point')
@@ -145,3 +163,118 @@ def code_to_text_rows(pairs: Sequence[code_formats.CodeText],
     out.append({'inputs': code_formats.code_to_text_prompt(pair.code, [pool[j] for j in chosen]),
                 'targets': pair.text})
   return out
+
+
+DC_SHARE = 0.07
+DC_RATES = {'stdlib_code_to_text': 0.5, 'stdlib_text_to_code': 0.3, 'stdlib_en_lm': 0.2}
+VOCAB_SIZE = 4000
+STDLIB_NAMES = ('stdlib_code_lm', 'stdlib_en_lm', 'stdlib_code_to_text', 'stdlib_text_to_code',
+                'stdlib_dc')
+NEWLINE = '\n'
+
+
+def _share(items: Sequence[code_formats.CodeText], share: float, salt: str
+           ) -> list[code_formats.CodeText]:
+  """A deterministic `share` of the pairs, chosen by a hash of each pair's source."""
+  def score(pair):
+    digest = hashlib.sha256(f'{salt}|{pair.source}'.encode()).digest()
+    return int.from_bytes(digest[:8], 'big') / 2**64
+  return [p for p in items if score(p) < share]
+
+
+def dc_pairs(share: float = DC_SHARE) -> list[code_formats.CodeText]:
+  """D_C: `share` of the training modules' code->text pairs."""
+  return _share(code_data.code_text(False), share, 'dc')
+
+
+def english_texts(held_out: bool) -> list[str]:
+  """The English LM's text: KJV verses of the training (held-out) books and the training
+  (held-out) modules' docstring prose."""
+  return list(bible_data.monolingual('en', held_out=held_out)) + code_data.docstrings(held_out)
+
+
+def code_vocabulary(path: str | None = None, vocab_size: int = VOCAB_SIZE
+                    ) -> seqio.SentencePieceVocabulary:
+  """The SentencePiece vocabulary at `path`, trained there first if it does not exist.
+
+  Trained (unigram, byte fallback, pad 0 / EOS 1 / UNK 2, no BOS) on the training modules'
+  source lines and the training English only, with whitespace kept exactly: identity
+  normalisation, no extra-whitespace removal, no dummy prefix, and newline as a piece of its
+  own. Default path: `lowres.cache_dir()/stdlib_spm_<vocab_size>_py<version>.model`.
+  """
+  version = code_data.python_version()
+  path = path or os.path.join(lowres.cache_dir(), f'stdlib_spm_{vocab_size}_py{version}.model')
+  if not epath.Path(path).exists():
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+      corpus = os.path.join(tmp, 'train.txt')
+      with open(corpus, 'w', encoding='utf-8') as f:
+        for chunk in code_data.source_chunks(False):
+          f.writelines(line + '\n' for line in chunk.splitlines() if line.strip())
+        f.writelines(t + '\n' for t in english_texts(False))
+      prefix = os.path.join(tmp, 'spm')
+      spm.SentencePieceTrainer.train(
+          input=corpus, model_prefix=prefix, vocab_size=vocab_size, model_type='unigram',
+          character_coverage=1.0, byte_fallback=True, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+          normalization_rule_name='identity', remove_extra_whitespaces=False,
+          add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
+          user_defined_symbols=[NEWLINE], max_sentence_length=1 << 14,
+          input_sentence_size=2_000_000, shuffle_input_sentence=True, num_threads=1,
+          minloglevel=2)
+      epath.Path(prefix + '.model').copy(epath.Path(path + '.tmp'), overwrite=True)
+      epath.Path(path + '.tmp').rename(path)
+  return seqio.SentencePieceVocabulary(str(path))
+
+
+def text_to_code_prompt(text: str) -> str:
+  """The text->code prompt of D_C: the summary, then the code is written."""
+  return f'Summary: {text}\nCode:\n'
+
+
+def register_stdlib(vocabulary_path: str | None = None, *, task: str = 'stdlib_dc',
+                    dc_share: float = DC_SHARE, shots: int = 0,
+                    rates: Mapping[str, float] | None = None, prefix: str = '') -> str:
+  """Registers the standard-library tasks and D_C mixture (module docstring); returns
+  `prefix + task`.
+
+  Args:
+    vocabulary_path: SentencePiece model (trained there by `code_vocabulary` if missing;
+      None: the cached default), or an LM checkpoint with a vocabulary.
+    task: the task or mixture whose name is returned.
+    dc_share: the share of the training modules' pairs in D_C.
+    shots: k of the code->text prompts (shots from D_C, never an example's own).
+    rates: {task: rate} of stdlib_dc, overriding DC_RATES.
+    prefix: prepended to every task and mixture name.
+
+  Raises:
+    ValueError: an unknown task name.
+  """
+  if task not in STDLIB_NAMES:
+    raise ValueError(f'Unknown stdlib task or mixture {task!r}; known: '
+                     f'{", ".join(STDLIB_NAMES)}.')
+  if vocabulary_path is not None and vocab_lib.has_vocabulary(epath.Path(vocabulary_path)):
+    vocabulary = text_lm.vocabulary(vocabulary_path)
+  else:
+    vocabulary = code_vocabulary(vocabulary_path)
+  dc = dc_pairs(dc_share)
+  memory_tasks.lm_task(f'{prefix}stdlib_code_lm', vocabulary,
+                       lambda split: code_data.source_chunks(split == 'validation'))
+  memory_tasks.lm_task(f'{prefix}stdlib_en_lm', vocabulary,
+                       lambda split: english_texts(split == 'validation'))
+
+  def code_to_text(split: str):
+    if split == 'train':
+      return code_to_text_rows(dc, dc, shots, pool_is_pairs=True)
+    return code_to_text_rows(code_data.code_text(True), dc, shots)
+  memory_tasks.seq2seq_task(f'{prefix}stdlib_code_to_text', vocabulary,
+                            functools.lru_cache(maxsize=2)(code_to_text),
+                            [text_metrics.chrf, text_metrics.bleu], lowres.first_line)
+  memory_tasks.seq2seq_task(
+      f'{prefix}stdlib_text_to_code', vocabulary,
+      lambda split: [{'inputs': text_to_code_prompt(p.text), 'targets': p.code} for p in (
+          dc if split == 'train' else code_data.code_text(True))], [])
+  memory_tasks.replace_mixture(prefix + 'stdlib_dc', {prefix + name: rate for name, rate in
+                                                     {**DC_RATES, **(rates or {})}.items()})
+  return prefix + task
+

@@ -140,11 +140,14 @@ def _code_text(held_out_modules: bool) -> tuple[CodeText, ...]:
            for pair in functions(name, path))
   if held_out_modules:
     return tuple(pairs)
-  return tuple(p for p in pairs if not in_held_out_source(p.code))
+  targets = {p.text for p in _code_text(True)}
+  return tuple(p for p in pairs if p.text not in targets and not in_held_out_source(p.code))
 
 
 def code_text(held_out_modules: bool) -> list[CodeText]:
-  """Every code->text pair of the training (False) or held-out (True) modules."""
+  """Every code->text pair of the training (False) or held-out (True) modules; a training pair
+  whose summary is a held-out pair's too (generic sentences recur), or whose code occurs in a
+  held-out module, is left out."""
   return list(_code_text(held_out_modules))
 
 

@@ -73,3 +73,50 @@ def test_first_sentence():
   assert code_data.first_sentence('Return the sum.  More text.\n\nDetails.') == 'Return the sum.'
   assert code_data.first_sentence('Split\n  a line\n  in two\n\nDetails.') == 'Split a line in two'
   assert code_data.first_sentence('Use e.g.this one') == 'Use e.g.this one'
+
+
+@pytest.fixture(scope='module')
+def stdlib_tasks():
+  """The stdlib tasks registered under 'test_' with the (cached) code vocabulary."""
+  from calm_tasks import code  # pylint: disable=g-import-not-at-top
+  name = code.register_stdlib(prefix='test_')
+  return {'name': name, 'vocabulary': code.code_vocabulary()}
+
+
+def _rows(name, split):
+  import seqio  # pylint: disable=g-import-not-at-top
+  return list(seqio.get_mixture_or_task(name).get_dataset(
+      split=split, shuffle=False, sequence_length=None).as_numpy_iterator())
+
+
+def test_the_code_vocabulary_keeps_code_exactly(stdlib_tasks):
+  vocabulary = stdlib_tasks['vocabulary']
+  held = code_data.code_text(True)
+  assert not [p.source for p in held if vocabulary.decode(vocabulary.encode(p.code)) != p.code]
+  assert vocabulary.decode(vocabulary.encode('\tx  =  1\n\n  y\n')) == '\tx  =  1\n\n  y\n'
+
+
+def test_stdlib_tasks_train_on_training_modules_only(stdlib_tasks):
+  from calm_tasks import code  # pylint: disable=g-import-not-at-top
+  assert stdlib_tasks['name'] == 'test_stdlib_dc'
+  dc = code.dc_pairs()
+  train_pairs = code_data.code_text(False)
+  assert 0.05 < len(dc) / len(train_pairs) < 0.09  # About 7 %.
+  held_texts = {p.text for p in code_data.code_text(True)}
+  held_code = {p.code for p in code_data.code_text(True)}
+  for task in ('test_stdlib_code_to_text', 'test_stdlib_text_to_code'):
+    rows = _rows(task, 'train')
+    assert len(rows) == len(dc)
+    for row in rows:
+      text = row['inputs_pretokenized'].decode() + row['targets_pretokenized'].decode()
+      assert not any(t in text for t in held_texts if len(t) > 30)
+      assert not any(c in text for c in held_code)
+  evaluated = _rows('test_stdlib_code_to_text', 'validation')
+  assert [r['targets_pretokenized'].decode() for r in evaluated] == [
+      p.text for p in code_data.code_text(True)]
+  vocabulary = stdlib_tasks['vocabulary']
+  lm = _rows('test_stdlib_code_lm', 'train')[:50]
+  chunks = code_data.source_chunks(False)[:50]
+  assert [vocabulary.decode(r['targets'][:-1].tolist()) for r in lm] == chunks
+  with pytest.raises(ValueError, match='Unknown stdlib task'):
+    code.register_stdlib(task='stdlib_everything')
