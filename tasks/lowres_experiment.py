@@ -31,24 +31,19 @@ that are run (a real anchor's full fine-tuning costs hours on a CPU).
 from __future__ import annotations
 
 import json
-import math
 import time
 from typing import Any, Mapping, Sequence
 
 from absl import logging
 from etils import epath
 
-from calm_jax import calm as calm_lib
-from calm_jax import checkpoints, lora, partitioning, random_init, runs, trainable
+from calm_jax import checkpoints
 from calm_jax import eval as eval_lib
 from calm_jax import train as train_lib
-from calm_jax.configs import BridgeConfig, CalmConfig, TransformerConfig
-from calm_jax.train_eval import TrainEvaluator
+from calm_jax.configs import BridgeConfig, TransformerConfig
 from calm_tasks import experiment_runs, lowres
 
-MODELS = {'m_A': 'm_a/lm', 'm_B': 'm_b/lm', 'calm': 'calm', 'm_B + D_C': 'm_b_dc/lm',
-          'lora': 'lora/lm', 'calm_random_m_A': 'calm_random_m_a',
-          'calm_encoder': 'calm_encoder'}
+MODELS = experiment_runs.ROW_PATHS
 COLORS = {'m_A': '#888', 'm_B': '#888', 'calm': '#1f77b4', 'm_B + D_C': '#ff7f0e',
           'lora': '#2ca02c', 'calm_random_m_A': '#bbb', 'calm_encoder': '#bbb'}
 METRICS = {'chrf': 'nya->en chrF1', 'bleu': 'nya->en BLEU', 'en_ppl': 'English perplexity'}
@@ -59,25 +54,11 @@ PAPER_IMPROVED = {'calm': 175, 'calm_random_m_A': 43, 'lora': '82 or 102',
                   'calm_encoder': '102 or 82'}
 
 
-def bridge_count(anchor: TransformerConfig, augment: TransformerConfig,
-                 bridge: BridgeConfig) -> int:
-  """The composition's trained parameter count (its bridges)."""
-  config = CalmConfig(anchor=anchor, augments={'augment': augment},
-                      bridges={'augment': bridge})
-  return trainable.count_params(calm_lib.abstract_params(config)['bridge'])
-
-
 def perplexity(checkpoint: str, task_feature_lengths: Mapping[str, int], batch_size: int,
                task: str = 'bible_en_lm') -> float:
   """exp(mean token cross-entropy) of `checkpoint` on every full batch of `task`'s validation
   split (teacher-forced)."""
-  loaded = runs.load_checkpoint(checkpoint)
-  mesh = partitioning.make_mesh()
-  replicated = partitioning.replicated(mesh)
-  evaluator = TrainEvaluator(loaded.model, task, task_feature_lengths, batch_size, 10_000,
-                             'validation', mesh, partitioning.STANDARD_RULES, replicated,
-                             replicated)
-  return float(math.exp(evaluator(loaded.params, {})[task]['loss']))
+  return experiment_runs.perplexity(checkpoint, task_feature_lengths, batch_size, task)
 
 
 def write_results(results: Mapping[str, Mapping[str, float]], out_dir: epath.Path,
@@ -266,37 +247,15 @@ def _run_one(root: epath.Path, *, seed: int, m_a_config: TransformerConfig,
   phase.seconds.update(timings)
   timings = phase.seconds
 
-  paths = {model: str(root / path) for model, path in MODELS.items()}
-  anchor = anchor_checkpoint or paths['m_B']
-  paths['m_B'] = anchor
-  if {'m_A', 'calm', 'calm_encoder'} & set(models):
-    phase('m_a', mode='pretrain', mixture_or_task_name='bible_nya_lm',
-          model_config=m_a_config, train_steps=m_a_steps, learning_rate=learning_rate,
-          pack=pack_pretraining)
-  if anchor_checkpoint is None and set(models) - {'m_A'}:
-    phase('m_b', mode='pretrain', mixture_or_task_name='bible_anchor',
-          model_config=m_b_config, train_steps=m_b_steps, learning_rate=learning_rate,
-          pack=pack_pretraining)
-  dc = 'bible_dc'
-  compose = dict(mode='compose', mixture_or_task_name=dc, anchor_checkpoint=anchor,
-                 bridges={'augment': bridge}, train_steps=compose_steps,
-                 learning_rate=compose_learning_rate)
-  if 'calm' in models:
-    phase('calm', augment_checkpoints={'augment': paths['m_A']}, **compose)
-  if 'm_B + D_C' in models:
-    phase('m_b_dc', mode='finetune', mixture_or_task_name=dc, anchor_checkpoint=anchor,
-          train_steps=finetune_steps, learning_rate=finetune_learning_rate)
-  budget = bridge_count(m_b_config, m_a_config, bridge)
-  rank = lora.rank_for_budget(m_b_config, budget)
-  if 'lora' in models:
-    phase('lora', mode='lora', lora=lora.LoRAConfig(rank), mixture_or_task_name=dc,
-          anchor_checkpoint=anchor, train_steps=lora_steps, learning_rate=lora_learning_rate)
-  if 'calm_random_m_A' in models:
-    random_m_a = random_init.random_lm_checkpoint(m_a_config, root / 'm_a_random', seed + 1)
-    phase('calm_random_m_a', augment_checkpoints={'augment': random_m_a}, **compose)
-  if 'calm_encoder' in models:
-    phase('calm_encoder', augment_checkpoints={'augment': paths['m_A']},
-          augment_as_encoder=True, **compose)
+  trained = experiment_runs.train_rows(
+      phase, models=models, seed=seed, m_a_config=m_a_config, m_b_config=m_b_config,
+      bridge=bridge, augment_task='bible_nya_lm', anchor_task='bible_anchor',
+      dc_task='bible_dc', m_a_steps=m_a_steps, m_b_steps=m_b_steps,
+      compose_steps=compose_steps, finetune_steps=finetune_steps, lora_steps=lora_steps,
+      learning_rate=learning_rate, compose_learning_rate=compose_learning_rate,
+      finetune_learning_rate=finetune_learning_rate, lora_learning_rate=lora_learning_rate,
+      pack_pretraining=pack_pretraining, anchor_checkpoint=anchor_checkpoint)
+  paths = trained['paths']
 
   results: dict[str, dict[str, float]] = {metric: {} for metric in METRICS}
   tick = time.perf_counter()
@@ -315,8 +274,9 @@ def _run_one(root: epath.Path, *, seed: int, m_a_config: TransformerConfig,
   timings['eval'] = time.perf_counter() - tick
   timings['total'] = time.perf_counter() - start
   splits = lowres.bible_splits()
-  settings = {'seed': seed, 'seconds': timings, 'lora_rank': rank, 'bridge_parameters': budget,
-              'lora_parameters': lora.adapter_count(m_b_config, lora.LoRAConfig(rank)),
+  settings = {'seed': seed, 'seconds': timings, 'lora_rank': trained['lora_rank'],
+              'bridge_parameters': trained['bridge_parameters'],
+              'lora_parameters': trained['lora_parameters'],
               'steps': {'m_a': m_a_steps, 'm_b': m_b_steps, 'compose': compose_steps,
                         'finetune': finetune_steps, 'lora': lora_steps},
               'pairs': {k: len(v) for k, v in splits.items()}, 'shots': shots,
