@@ -79,6 +79,7 @@ setuptools.setup(
             'calm-generate = calm_jax.cli.generate:main',
             'calm-kv-experiment = calm_jax.cli.kv_experiment:main',
             'calm-lowres-experiment = calm_jax.cli.lowres_experiment:main',
+            'calm-code-experiment = calm_jax.cli.code_experiment:main',
         ],
     },
     license='Apache-2.0',

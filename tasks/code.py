@@ -91,7 +91,7 @@ def register_humaneval(vocabulary_path: str | seqio.Vocabulary, *, name: str = '
           for tid, p in problems.items()]
   memory_tasks.seq2seq_task(name, _vocabulary(vocabulary_path), lambda split: rows,
                             [code_metrics.humaneval_pass_at_1], humaneval_postprocess,
-                            splits=('validation',))
+                            splits=('validation',), keep_prompt_end=True)
   return name
 
 
@@ -130,7 +130,8 @@ def register_mbpp(file: str, *, vocabulary_path: str | seqio.Vocabulary, name: s
   splits = ('train', 'validation') if train else ('validation',)
   memory_tasks.seq2seq_task(name, _vocabulary(vocabulary_path),
                             functools.lru_cache(maxsize=2)(rows),
-                            [code_metrics.mbpp_pass_at_1], mbpp_postprocess, splits=splits)
+                            [code_metrics.mbpp_pass_at_1], mbpp_postprocess, splits=splits,
+                            keep_prompt_end=True)
   return name
 
 
@@ -147,7 +148,7 @@ def register_code_to_text(file: str, *, vocabulary_path: str | seqio.Vocabulary,
   memory_tasks.seq2seq_task(name, _vocabulary(vocabulary_path),
                             functools.lru_cache(maxsize=1)(rows),
                             [text_metrics.chrf, text_metrics.bleu], lowres.first_line,
-                            splits=('validation',))
+                            splits=('validation',), keep_prompt_end=True)
   return name
 
 
@@ -269,11 +270,12 @@ def register_stdlib(vocabulary_path: str | None = None, *, task: str = 'stdlib_d
     return code_to_text_rows(code_data.code_text(True), dc, shots)
   memory_tasks.seq2seq_task(f'{prefix}stdlib_code_to_text', vocabulary,
                             functools.lru_cache(maxsize=2)(code_to_text),
-                            [text_metrics.chrf, text_metrics.bleu], lowres.first_line)
+                            [text_metrics.chrf, text_metrics.bleu], lowres.first_line,
+                            keep_prompt_end=True)
   memory_tasks.seq2seq_task(
       f'{prefix}stdlib_text_to_code', vocabulary,
       lambda split: [{'inputs': text_to_code_prompt(p.text), 'targets': p.code} for p in (
-          dc if split == 'train' else code_data.code_text(True))], [])
+          dc if split == 'train' else code_data.code_text(True))], [], keep_prompt_end=True)
   memory_tasks.replace_mixture(prefix + 'stdlib_dc', {prefix + name: rate for name, rate in
                                                      {**DC_RATES, **(rates or {})}.items()})
   return prefix + task

@@ -9,7 +9,7 @@ register again with other settings.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import seqio
 import tensorflow as tf
@@ -51,15 +51,30 @@ def prepend_bos(dataset: tf.data.Dataset, bos_id: int) -> tf.data.Dataset:
   return dataset.map(add, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def keep_inputs_end(dataset: tf.data.Dataset, sequence_length: Mapping[str, int] | None,
+                    reserve: int = 0) -> tf.data.Dataset:
+  """Trims each tokenized 'inputs' to its last `sequence_length['inputs'] - reserve` tokens
+  (seqio trims the end; a prompt's end, its cue "Summary:", must survive)."""
+  if not sequence_length or sequence_length.get('inputs') is None:
+    return dataset
+  keep = int(sequence_length['inputs']) - reserve
+  return dataset.map(lambda ex: {**ex, 'inputs': ex['inputs'][-keep:]},
+                     num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def seq2seq_task(name: str, vocabulary: seqio.Vocabulary,
                  rows: Callable[[str], Sequence[dict[str, str]]],
                  metric_fns: Sequence[Callable],
                  postprocess_fn: Callable | None = None,
-                 splits: Sequence[str] = ('train', 'validation')) -> None:
+                 splits: Sequence[str] = ('train', 'validation'),
+                 keep_prompt_end: bool = False) -> None:
   """Registers an (inputs, targets) task over `rows(split)` (module docstring); rows may carry
-  further string fields, which the postprocessor sees in its `example`."""
+  further string fields, which the postprocessor sees in its `example`. `keep_prompt_end`:
+  inputs longer than their feature length lose their beginning, not their end."""
   preprocessors = [seqio.preprocessors.tokenize]
   bos = vocab_lib.model_bos_id(vocabulary)
+  if keep_prompt_end:
+    preprocessors.append(functools.partial(keep_inputs_end, reserve=int(bos is not None)))
   if bos is not None:  # A pretrained model's vocabulary (Gemma's): its models read BOS first.
     preprocessors.append(functools.partial(prepend_bos, bos_id=bos))
   replace_task(

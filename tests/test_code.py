@@ -152,3 +152,23 @@ def test_code_to_text_scores_chrf_as_sacrebleu(tmp_path):
   assert scores['chrf'] == pytest.approx(expected)
   assert scores['chrf'] == pytest.approx(text_metrics.chrf(refs, [' ' + g for g in guesses])[
       'chrf'])
+
+
+def test_long_prompts_lose_their_beginning_not_their_cue(tmp_path):
+  long_code = ['def', 'f', '(', ')', ':'] + ['x'] * 200
+  records = [{'code_tokens': long_code, 'docstring_tokens': ['Returns', 'x', str(i)]}
+             for i in range(4)]
+  name = code.register_code_to_text(str(_write_jsonl(tmp_path / 'c2t.jsonl', records)),
+                                    vocabulary_path=BYTES, name='test_c2t_long', shots=0)
+  rows = list(seqio.get_mixture_or_task(name).get_dataset(
+      {'inputs': 40, 'targets': 16}, 'validation', shuffle=False).as_numpy_iterator())
+  assert all(len(r['inputs']) == 40 for r in rows)
+  assert all(BYTES.decode(r['inputs'].tolist()).endswith('x x x\nSummary:') for r in rows)
+  # A vocabulary whose models read BOS first keeps it, and one token less of the prompt.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from calm_tasks import memory_tasks  # pylint: disable=g-import-not-at-top
+  ds = tf.data.Dataset.from_tensors({'inputs': tf.range(10), 'targets': tf.range(3)})
+  kept = next(iter(memory_tasks.keep_inputs_end(ds, {'inputs': 4}, reserve=1)))
+  assert kept['inputs'].numpy().tolist() == [7, 8, 9]
+  assert next(iter(memory_tasks.prepend_bos(memory_tasks.keep_inputs_end(
+      ds, {'inputs': 4}, reserve=1), 2)))['inputs'].numpy().tolist() == [2, 7, 8, 9]

@@ -61,6 +61,9 @@ HELP = {
     'calm_jax.cli.lowres_experiment': ('calm-lowres-experiment', [
         r'EXPERIMENT_DIR\s+REQUIRED', r'VOCAB_SIZE\s+default 2000', 'lowres_bible_small.gin',
         'held-out books']),
+    'calm_jax.cli.code_experiment': ('calm-code-experiment', [
+        r'EXPERIMENT_DIR\s+REQUIRED', r'VOCAB_SIZE\s+default 4000', 'code_stdlib_small.gin',
+        'HumanEval']),
 }
 
 
@@ -91,7 +94,8 @@ def test_short_and_full_help_exit_0():
 @pytest.mark.parametrize('module', ['calm_jax.cli.train', 'calm_jax.cli.eval',
                                     'calm_jax.cli.infer', 'calm_jax.cli.export',
                                     'calm_jax.cli.convert', 'calm_jax.cli.kv_experiment',
-                                    'calm_jax.cli.generate', 'calm_jax.cli.lowres_experiment'])
+                                    'calm_jax.cli.generate', 'calm_jax.cli.lowres_experiment',
+                                    'calm_jax.cli.code_experiment'])
 def test_command_modules_import_no_heavy_library(module):
   """--help is answered before JAX, TensorFlow or SeqIO are imported (seconds each)."""
   result = _python('-c', f'import sys, {module}; '
