@@ -34,6 +34,7 @@ import os
 import tempfile
 from typing import Any, Mapping, Sequence
 
+from absl import logging
 from etils import epath
 import seqio
 
@@ -198,8 +199,8 @@ def code_vocabulary(path: str | None = None, vocab_size: int = VOCAB_SIZE
                     ) -> seqio.SentencePieceVocabulary:
   """The SentencePiece vocabulary at `path`, trained there first if it does not exist.
 
-  Trained (unigram, byte fallback, pad 0 / EOS 1 / UNK 2, no BOS) on the training modules'
-  source lines and the training English only, with whitespace kept exactly: identity
+  Trained (unigram, byte fallback, pad 0 / EOS 1 / UNK 2, no BOS) on 100,000 lines drawn
+  from the training modules' source and the training English only, with whitespace kept exactly: identity
   normalisation, no extra-whitespace removal, no dummy prefix, and newline as a piece of its
   own. Default path: `lowres.cache_dir()/stdlib_spm_<vocab_size>_py<version>.model`.
   """
@@ -207,6 +208,8 @@ def code_vocabulary(path: str | None = None, vocab_size: int = VOCAB_SIZE
   path = path or os.path.join(lowres.cache_dir(), f'stdlib_spm_{vocab_size}_py{version}.model')
   if not epath.Path(path).exists():
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    logging.info('training the code vocabulary (%d pieces) at %s: about a minute', vocab_size,
+                 path)
     epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
       corpus = os.path.join(tmp, 'train.txt')
@@ -221,7 +224,7 @@ def code_vocabulary(path: str | None = None, vocab_size: int = VOCAB_SIZE
           normalization_rule_name='identity', remove_extra_whitespaces=False,
           add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
           user_defined_symbols=[NEWLINE], max_sentence_length=1 << 14,
-          input_sentence_size=2_000_000, shuffle_input_sentence=True, num_threads=1,
+          input_sentence_size=100_000, shuffle_input_sentence=True, num_threads=1,
           minloglevel=2)
       epath.Path(prefix + '.model').copy(epath.Path(path + '.tmp'), overwrite=True)
       epath.Path(path + '.tmp').rename(path)
