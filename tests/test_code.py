@@ -112,7 +112,8 @@ def test_humaneval_scores_through_seqio_with_per_problem_results(tmp_path):
   def prediction(i):
     if i % 2:
       return code_formats.STUB_BODY
-    return problems[i]['canonical_solution'] + '\n\nif __name__ == "__main__":\n  raise SystemExit(1)\n'
+    tail = '\n\nif __name__ == "__main__":\n  raise SystemExit(1)\n'
+    return problems[i]['canonical_solution'] + tail
   scores = _evaluate(name, prediction, tmp_path, {'inputs': 2048, 'targets': 2048})
   assert scores == {'pass@1': pytest.approx(50.0)}
   results = [json.loads(line) for line in
