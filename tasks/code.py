@@ -202,7 +202,8 @@ def code_vocabulary(path: str | None = None, vocab_size: int = VOCAB_SIZE
   Trained (unigram, byte fallback, pad 0 / EOS 1 / UNK 2, no BOS) on 100,000 lines drawn
   from the training modules' source and the training English only, whitespace kept
   exactly: identity normalisation, no extra-whitespace removal, no dummy prefix, and newline
-  as a piece of its own. Default path: `lowres.cache_dir()/stdlib_spm_<vocab_size>_py<version>.model`.
+  as a piece of its own. Default path:
+  `lowres.cache_dir()/stdlib_spm_<vocab_size>_py<version>.model`.
   """
   version = code_data.python_version()
   path = path or os.path.join(lowres.cache_dir(), f'stdlib_spm_{vocab_size}_py{version}.model')
