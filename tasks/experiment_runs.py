@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
 from etils import epath
@@ -148,3 +148,20 @@ def train_rows(phase: PhaseRunner, *, models: Sequence[str], seed: int,
           augment_as_encoder=True, **compose)
   return {'paths': paths, 'lora_rank': rank, 'bridge_parameters': budget,
           'lora_parameters': lora.adapter_count(m_b_config, lora.LoRAConfig(rank))}
+
+
+def run_seeds(run_one: Callable[..., dict[str, dict[str, float]]], root: epath.Path, *,
+              seed: int, seeds: Sequence[int] | None, metrics: Sequence[str],
+              models: Sequence[str], write_results: Callable[..., None]
+              ) -> dict[str, dict[str, float]]:
+  """`run_one(root, seed=seed)` once, or once per seed under root/seed_<n>/; with seeds, writes
+  the mean and spread (`write_results(mean, root, settings, spread=...)`) and returns the mean."""
+  if not seeds:
+    return run_one(root, seed=seed)
+  seeds = [int(n) for n in seeds]
+  per_seed = [run_one(root / f'seed_{n}', seed=n) for n in seeds]
+  stats = seed_statistics(per_seed, metrics, models)
+  spread = dict(seeds=seeds, per_seed={str(n): r for n, r in zip(seeds, per_seed)},
+                std=stats['std'], min=stats['min'], max=stats['max'])
+  write_results(stats['mean'], root, {'seeds': seeds}, spread=spread)
+  return stats['mean']

@@ -30,6 +30,7 @@ that are run (a real anchor's full fine-tuning costs hours on a CPU).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from typing import Any, Mapping, Sequence
@@ -208,15 +209,9 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
                   eval_examples=eval_examples, eval_batch_size=eval_batch_size,
                   perplexity_batch_size=perplexity_batch_size, log_every=log_every,
                   anchor_checkpoint=anchor_checkpoint, models=models, config_text=config_text)
-  if not seeds:
-    return _run_one(root, seed=seed, **settings)
-  seeds = [int(n) for n in seeds]
-  per_seed = [_run_one(root / f'seed_{n}', seed=n, **settings) for n in seeds]
-  stats = experiment_runs.seed_statistics(per_seed, list(METRICS), models)
-  spread = dict(seeds=seeds, per_seed={str(n): r for n, r in zip(seeds, per_seed)},
-                std=stats['std'], min=stats['min'], max=stats['max'])
-  write_results(stats['mean'], root, {'seeds': seeds}, spread=spread)
-  return stats['mean']
+  return experiment_runs.run_seeds(
+      functools.partial(_run_one, **settings), root, seed=seed, seeds=seeds,
+      metrics=list(METRICS), models=models, write_results=write_results)
 
 
 def _run_one(root: epath.Path, *, seed: int, m_a_config: TransformerConfig,
