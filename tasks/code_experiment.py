@@ -19,6 +19,11 @@ then every model is scored on code->text of the held-out modules (greedy; chrF1 
 sacrebleu), HumanEval pass@1 (0-shot, greedy, each completion run in calm_jax.sandbox), and
 the held-out English and code perplexities. Writes results.json, results.md (Table 4's layout
 with the paper's numbers beside ours) and results.png; with `seeds`, mean and spread.
+
+With a real anchor (`anchor_checkpoint`, e.g. `calm-convert`'s Gemma 3 270M,
+gin/experiments/code_stdlib_gemma3.gin): m_B is that checkpoint, not pretrained here; every
+task uses its vocabulary instead of vocab.model (m_A is trained in it, and every row reads its
+BOS first where its models read one); `models` picks the rows that are run.
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ from typing import Any, Mapping, Sequence
 from absl import logging
 from etils import epath
 
+from calm_jax import checkpoints
 from calm_jax import eval as eval_lib
 from calm_jax import train as train_lib
 from calm_jax.configs import BridgeConfig, TransformerConfig
+from calm_jax import vocab as vocab_lib
 from calm_tasks import code, experiment_runs
 
 DEFAULT_MODELS = ('m_A', 'm_B', 'calm', 'm_B + D_C', 'lora', 'calm_random_m_A')
@@ -84,6 +91,9 @@ def write_results(results: Mapping[str, Mapping[str, float]], out_dir: epath.Pat
            'greedy, every completion run in calm_jax.sandbox; perplexities per token of the '
            'shared vocabulary on held-out English (KJV held-out books, held-out docstrings) '
            'and held-out code.']
+  if settings.get('anchor_checkpoint'):
+    notes.append(f'm_B: the pretrained {settings["anchor_checkpoint"]}, in its vocabulary '
+                 '(every row\'s perplexities are per token of that vocabulary).')
   if spread is not None:
     notes.append(f'Seeds {list(spread["seeds"])}: mean ± sample standard deviation (min-max).')
   if settings.get('seconds'):
@@ -114,7 +124,7 @@ def write_results(results: Mapping[str, Mapping[str, float]], out_dir: epath.Pat
 
 
 def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
-                   m_b_config: TransformerConfig, bridge: BridgeConfig,
+                   m_b_config: TransformerConfig | None, bridge: BridgeConfig,
                    task_feature_lengths: Mapping[str, int], m_a_steps: int, m_b_steps: int,
                    compose_steps: int, finetune_steps: int | None = None,
                    lora_steps: int | None = None, batch_size: int = 32,
@@ -125,16 +135,19 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
                    shots: int = 0, eval_examples: int | None = None,
                    humaneval_examples: int | None = None,
                    humaneval_lengths: Mapping[str, int] | None = None,
-                   eval_batch_size: int = 64, perplexity_batch_size: int = 16, seed: int = 0,
+                   eval_batch_size: int = 64, perplexity_batch_size: int = 16,
+                   perplexity_batches: int | None = None, seed: int = 0,
                    seeds: Sequence[int] | None = None, log_every: int = 100,
                    models: Sequence[str] = DEFAULT_MODELS,
+                   anchor_checkpoint: str | None = None,
                    config_text: str | None = None) -> dict[str, dict[str, float]]:
   """Runs every phase (module docstring); returns {metric: {model: value}}.
 
   Args:
     experiment_dir: EXPERIMENT_DIR, where every run and the results go.
     m_a_config, m_b_config: the augment's and the anchor's architectures (vocab_size must be
-      `vocab_size`).
+      `vocab_size`, or the anchor checkpoint's; m_b_config is ignored with
+      `anchor_checkpoint`).
     bridge: the bridges' configuration.
     task_feature_lengths: {'inputs': ..., 'targets': ...} of training and code->text.
     m_a_steps, m_b_steps, compose_steps: training steps of pretraining and of each
@@ -153,16 +166,29 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
       default {'inputs': 640, 'targets': 128}; a longer prompt loses its beginning).
     eval_batch_size: decoding batch.
     perplexity_batch_size: teacher-forced batch.
+    perplexity_batches: score the first this many batches of each held-out text (default all;
+      a real anchor's 262K-way output makes every batch costly on a CPU).
     seed: seed of every phase.
     seeds: run once per seed under EXPERIMENT_DIR/seed_<n>/ and report mean and spread.
     log_every: steps between progress lines.
     models: the rows to run (of experiment_runs.ROW_PATHS).
+    anchor_checkpoint: a pretrained LM checkpoint with a vocabulary to use as m_B (its
+      architecture and vocabulary; m_B is not pretrained and vocab_size is unused).
     config_text: the resolved configuration (the command line passes gin's).
 
   Raises:
-    ValueError: a vocabulary size that does not match, or an unknown model.
+    ValueError: a vocabulary size that does not match, an unknown model, no anchor, or an
+      anchor checkpoint without a vocabulary.
   """
   root = epath.Path(experiment_dir)
+  if anchor_checkpoint is not None:
+    if not vocab_lib.has_vocabulary(epath.Path(anchor_checkpoint)):
+      raise ValueError(f'The anchor checkpoint {anchor_checkpoint} has no vocabulary (the '
+                       'tasks are tokenized in it); convert it with calm-convert.')
+    m_b_config = checkpoints.load_lm_config(anchor_checkpoint)
+    vocab_size = m_b_config.vocab_size
+  elif m_b_config is None:
+    raise ValueError('Give m_b_config (the anchor to pretrain) or anchor_checkpoint.')
   for name, config in (('m_a_config', m_a_config), ('m_b_config', m_b_config)):
     if config.vocab_size != vocab_size:
       raise ValueError(f'{name}.vocab_size is {config.vocab_size}, but the vocabulary has '
@@ -187,8 +213,10 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
                   humaneval_examples=humaneval_examples,
                   humaneval_lengths=dict(humaneval_lengths or {'inputs': 640, 'targets': 128}),
                   eval_batch_size=eval_batch_size,
-                  perplexity_batch_size=perplexity_batch_size, log_every=log_every,
-                  models=models, config_text=config_text)
+                  perplexity_batch_size=perplexity_batch_size,
+                  perplexity_batches=perplexity_batches, log_every=log_every,
+                  models=models, anchor_checkpoint=anchor_checkpoint,
+                  config_text=config_text)
   return experiment_runs.run_seeds(
       functools.partial(_run_one, **settings), root, seed=seed, seeds=seeds,
       metrics=list(METRICS), models=models, write_results=write_results)
@@ -203,15 +231,17 @@ def _run_one(root: epath.Path, *, seed: int, m_a_config: TransformerConfig,
              warmup_steps: int, pack_pretraining: bool, vocab_size: int, shots: int,
              eval_examples: int | None, humaneval_examples: int | None,
              humaneval_lengths: Mapping[str, int], eval_batch_size: int,
-             perplexity_batch_size: int, log_every: int, models: Sequence[str],
+             perplexity_batch_size: int, perplexity_batches: int | None, log_every: int,
+             models: Sequence[str], anchor_checkpoint: str | None,
              config_text: str | None) -> dict[str, dict[str, float]]:
   """One seed of `run_experiment`, under `root`."""
   from calm_tasks import code_data  # pylint: disable=g-import-not-at-top
   root.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
   tick = time.perf_counter()
-  vocabulary = str(root / 'vocab.model')
-  code.code_vocabulary(vocabulary, vocab_size)
+  vocabulary = anchor_checkpoint or str(root / 'vocab.model')
+  if anchor_checkpoint is None:
+    code.code_vocabulary(vocabulary, vocab_size)
   code.register_stdlib(vocabulary, shots=shots)  # Every stdlib task and D_C, once.
   code.register_humaneval(vocabulary)
   phase = experiment_runs.PhaseRunner(
@@ -227,7 +257,7 @@ def _run_one(root: epath.Path, *, seed: int, m_a_config: TransformerConfig,
       compose_steps=compose_steps, finetune_steps=finetune_steps, lora_steps=lora_steps,
       learning_rate=learning_rate, compose_learning_rate=compose_learning_rate,
       finetune_learning_rate=finetune_learning_rate, lora_learning_rate=lora_learning_rate,
-      pack_pretraining=pack_pretraining)
+      pack_pretraining=pack_pretraining, anchor_checkpoint=anchor_checkpoint)
 
   results: dict[str, dict[str, float]] = {metric: {} for metric in METRICS}
   tick = time.perf_counter()
@@ -245,7 +275,7 @@ def _run_one(root: epath.Path, *, seed: int, m_a_config: TransformerConfig,
         eval_dir=str(eval_dir), num_examples=humaneval_examples)['humaneval']['pass@1']
     for metric, task in (('en_ppl', 'stdlib_en_lm'), ('code_ppl', 'stdlib_code_lm')):
       results[metric][model] = experiment_runs.perplexity(
-          path, task_feature_lengths, perplexity_batch_size, task)
+          path, task_feature_lengths, perplexity_batch_size, task, perplexity_batches)
     logging.info('%s: %s', model, json.dumps({k: v[model] for k, v in results.items()}))
   timings['eval'] = time.perf_counter() - tick
   timings['total'] = time.perf_counter() - start
@@ -258,6 +288,7 @@ def _run_one(root: epath.Path, *, seed: int, m_a_config: TransformerConfig,
               'pairs': {'dc': len(code.dc_pairs()), 'train': len(code_data.code_text(False)),
                         'held_out': len(code_data.code_text(True))},
               'shots': shots, 'batch_size': batch_size, 'rates': dict(code.DC_RATES),
+              'anchor_checkpoint': anchor_checkpoint, 'perplexity_batches': perplexity_batches,
               'connections': bridge.connections or f'every {bridge.every}'}
   write_results(results, root, settings)
   logging.info('results in %s (%.0f s): %s', root, timings['total'], json.dumps(results))

@@ -90,13 +90,14 @@ def bridge_count(anchor: TransformerConfig, augment: TransformerConfig,
 
 
 def perplexity(checkpoint: str, task_feature_lengths: Mapping[str, int], batch_size: int,
-               task: str) -> float:
+               task: str, max_batches: int | None = None) -> float:
   """exp(mean token cross-entropy) of `checkpoint` on every full batch of `task`'s validation
-  split (teacher-forced)."""
+  split (teacher-forced), or on its first `max_batches` of them."""
   loaded = runs.load_checkpoint(checkpoint)
   mesh = partitioning.make_mesh()
   replicated = partitioning.replicated(mesh)
-  evaluator = TrainEvaluator(loaded.model, task, task_feature_lengths, batch_size, 10_000,
+  evaluator = TrainEvaluator(loaded.model, task, task_feature_lengths, batch_size,
+                             max_batches or 10_000,
                              'validation', mesh, partitioning.STANDARD_RULES, replicated,
                              replicated)
   return float(math.exp(evaluator(loaded.params, {})[task]['loss']))

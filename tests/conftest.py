@@ -41,3 +41,15 @@ def run_benchmark(repo_root, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(output.read_text())
   return run
+
+
+@pytest.fixture(scope='session')
+def gemma_anchor(tmp_path_factory) -> str:
+  """An LM checkpoint converted from the gemma3 GGUF fixture as `calm-convert` converts the real
+  Gemma 3 270M (its SentencePiece vocabulary included; BOS 2)."""
+  import gguf_fixtures as fx  # pylint: disable=g-import-not-at-top
+  from calm_jax.convert import gguf_file  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('gemma_anchor')
+  path = fx.write_gguf(root / 'gemma3.gguf', 'gemma3')
+  gguf_file.convert_gguf_file(str(path), str(root / 'lm'), log=lambda *a: None)
+  return str(root / 'lm')

@@ -37,20 +37,8 @@ def test_small_pipeline_end_to_end(tmp_path):
   assert '46.1' in table and 'm_B + D_C' in table and 'calm_encoder' in table
 
 
-
-# With a real anchor (`anchor_checkpoint`): a Gemma 3-shaped GGUF fixture converted as
-# `calm-convert` converts the real Gemma 3 270M, with its SentencePiece vocabulary (BOS 2).
-
-@pytest.fixture(scope='module')
-def gemma_anchor(tmp_path_factory):
-  """An LM checkpoint converted from the gemma3 GGUF fixture (vocabulary included)."""
-  import gguf_fixtures as fx  # pylint: disable=g-import-not-at-top
-  from calm_jax.convert import gguf_file  # pylint: disable=g-import-not-at-top
-  root = tmp_path_factory.mktemp('gemma_anchor')
-  path = fx.write_gguf(root / 'gemma3.gguf', 'gemma3')
-  gguf_file.convert_gguf_file(str(path), str(root / 'lm'), log=lambda *a: None)
-  return str(root / 'lm')
-
+# With a real anchor (`anchor_checkpoint`): conftest's `gemma_anchor`, a Gemma 3-shaped GGUF
+# fixture converted as `calm-convert` converts the real Gemma 3 270M (its vocabulary's BOS is 2).
 
 def test_a_checkpoint_vocabulary_serves_the_tasks_and_they_start_with_its_bos(gemma_anchor,
                                                                                tmp_path):
