@@ -116,8 +116,11 @@ def write_results(results: Mapping[str, Mapping[str, float]], out_dir: epath.Pat
     ax.set_xticks(range(len(models)), models, rotation=30, ha='right', fontsize=8)
     if metric == 'en_ppl':
       ax.set_yscale('log')
-    ax.set_title(METRICS[metric] + (' (log scale, lower is better)' if metric == 'en_ppl'
-                                    else ' (held-out)'), fontsize=9)
+    else:
+      ax.set_ylim(0, max(1.0, 1.15 * max(values)))  # All-zero HumanEval cells stay readable.
+    suffix = {'en_ppl': ' (held-out, log scale, lower is better)', 'chrf': ' (held-out modules)',
+              'humaneval': ' (164 problems)'}[metric]
+    ax.set_title(METRICS[metric] + suffix, fontsize=9)
   fig.tight_layout()
   fig.savefig(str(out_dir / 'results.png'), dpi=120)
   plt.close(fig)
