@@ -12,6 +12,11 @@ One forward pass, in the order `Calm` runs it:
      (`Bridge.attend`, added to the stream) followed by anchor layer i; final norm and logits.
 Masks are built once (`calm_jax.masks`) and passed down.
 
+An augment in `config.own_tokenizer` reads the text in its own tokenization (`AugmentStream`:
+its tokens, positions, segments and the read keys of `calm_jax.alignment`); its cross mask is
+`masks.attention_mask` over the two streams' read keys instead of their indices, which is
+today's mask exactly when both tokenizations are the same.
+
 Decoding cache (paper, section 3.1: every new token is fed to both models, so the augments'
 states are refreshed at each step):
   anchor/layer_{i}/{keys, values}            the anchor's KV cache
@@ -24,7 +29,7 @@ the anchor only and its bridges read the prompt's keys/values.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -40,6 +45,26 @@ from calm_jax.transformer import (Transformer, TransformerOutput, check_return_h
 Array = jax.Array
 # {augment name: {block j: (keys, values) [B, S, K, H]}}
 BridgeKV = dict[str, dict[int, tuple[Array, Array]]]
+
+
+class AugmentStream(NamedTuple):
+  """What an augment with its own tokenizer reads in a full forward pass (`Calm.__call__`).
+
+  Attributes:
+    tokens: [B, S] its decoder input tokens (its vocabulary; the same text as the anchor's).
+    read_keys: [B, S] each input's read key (`alignment.decoder_read_keys`).
+    anchor_read_keys: [B, T] the anchor's inputs' read keys over the same text.
+    positions: [B, S]; default 0..S-1.
+    segment_ids: [B, S], 0 for padding; default all ones.
+    prompt_mask: [B, S] 1 on its prompt tokens (for `augment_as_encoder`).
+  """
+
+  tokens: Array
+  read_keys: Array
+  anchor_read_keys: Array
+  positions: Array | None = None
+  segment_ids: Array | None = None
+  prompt_mask: Array | None = None
 
 
 class Augments(nn.Module):
@@ -106,6 +131,13 @@ class Calm(nn.Module):
     self.bridge = Bridges(tuple((name, len(cfg.connections(name)), bridge_kwargs(cfg, name))
                                 for name, _ in cfg.augments))
 
+  def _check_cached(self):
+    if self.config.own_tokenizer:
+      raise NotImplementedError(
+          f'Cached decoding of augments with their own tokenizer '
+          f'({list(self.config.own_tokenizer)}) is not built yet; the full forward pass '
+          '(training, teacher-forced evaluation) is.')
+
   def _augment_layers(self) -> dict[str, tuple[int, ...]]:
     return {name: connected_layers(self.config.connections(name))
             for name, _ in self.config.augments}
@@ -123,10 +155,11 @@ class Calm(nn.Module):
             for name, _ in self.config.augments}
 
   def _anchor(self, tokens: Array, positions: Array, layer_masks: dict[int | None, Array],
-              cache: dict[str, Any] | None, keys_values: BridgeKV, cross_mask: Array,
-              return_hidden: Sequence[int], logits_index: Array | None = None
-              ) -> TransformerOutput:
-    """The anchor's pass: embedding, then at each depth its bridges and its next layer."""
+              cache: dict[str, Any] | None, keys_values: BridgeKV,
+              cross_mask: Array | Mapping[str, Array], return_hidden: Sequence[int],
+              logits_index: Array | None = None) -> TransformerOutput:
+    """The anchor's pass: embedding, then at each depth its bridges and its next layer
+    (`cross_mask`: one for every augment, or {name: mask})."""
     anchor = self.config.anchor
     check_return_hidden(anchor, return_hidden)
     attached = attachments(self.config)
@@ -135,8 +168,9 @@ class Calm(nn.Module):
     for i in range(anchor.num_layers + 1):
       for name, j, _ in attached.get(i, ()):
         keys, values = keys_values[name][j]
+        mask = cross_mask[name] if isinstance(cross_mask, Mapping) else cross_mask
         x = x + self.bridge.get(name, j).attend(x, keys.astype(x.dtype), values.astype(x.dtype),
-                                                cross_mask, positions)
+                                                mask, positions)
       if i in return_hidden:
         hidden[i] = x
       if i == anchor.num_layers:
@@ -148,28 +182,55 @@ class Calm(nn.Module):
 
   def __call__(self, tokens: Array, positions: Array | None = None,
                segment_ids: Array | None = None, prompt_mask: Array | None = None, *,
+               streams: Mapping[str, AugmentStream] | None = None,
                return_hidden: Sequence[int] = ()) -> TransformerOutput:
     """The full forward pass of the composition.
 
     Args:
-      tokens: [B, T] token ids, read by every model (shared vocabulary).
+      tokens: [B, T] token ids the anchor reads, and every augment that shares its vocabulary.
       positions: [B, T]; default 0..T-1.
       segment_ids: [B, T], 0 for padding; default all ones.
       prompt_mask: [B, T], 1 on prompt tokens; required by `augment_as_encoder`.
+      streams: {name: AugmentStream} for each augment of `config.own_tokenizer`.
       return_hidden: anchor layers whose (bridged) residual stream to return.
 
     Returns:
       The anchor's `TransformerOutput` (logits [B, T, V] float32, no cache).
+
+    Raises:
+      ValueError: a missing prompt mask, or streams that do not match `own_tokenizer`.
     """
     positions, segment_ids = default_positions_and_segments(tokens, positions, segment_ids)
-    if self.config.augment_as_encoder and prompt_mask is None:
+    encoder = self.config.augment_as_encoder
+    if encoder and prompt_mask is None:
       raise ValueError('augment_as_encoder needs a prompt_mask ([B, T], 1 on the prompt).')
+    streams = dict(streams or {})
+    if set(streams) != set(self.config.own_tokenizer):
+      raise ValueError(f'Calm: streams for {sorted(streams)}, but the augments with their own '
+                       f'tokenizer are {list(self.config.own_tokenizer)}.')
+    shared = masks.cross_mask(segment_ids, prompt_mask if encoder else None)
+    inputs, cross_masks = {}, {}
+    for name, _ in self.config.augments:
+      if name not in streams:
+        inputs[name], cross_masks[name] = (tokens, positions, segment_ids), shared
+        continue
+      stream = streams[name]
+      if encoder and stream.prompt_mask is None:
+        raise ValueError(f'augment_as_encoder needs the prompt_mask of stream {name!r}.')
+      s_positions, s_segments = default_positions_and_segments(
+          stream.tokens, stream.positions, stream.segment_ids)
+      inputs[name] = (stream.tokens, s_positions, s_segments)
+      cross_masks[name] = masks.aligned_cross_mask(
+          stream.anchor_read_keys, stream.read_keys, segment_ids, s_segments,
+          stream.prompt_mask if encoder else None)
     augments = self._run_augments(lambda lm, layers: lm(
-        tokens, positions, segment_ids, return_hidden=layers, compute_logits=False))
-    cross_mask = masks.cross_mask(segment_ids,
-                                  prompt_mask if self.config.augment_as_encoder else None)
+        *inputs[lm.name], return_hidden=layers, compute_logits=False))
+    keys_values = {name: {j: self.bridge.get(name, j).keys_values(
+                              augments[name].hidden[a], inputs[name][1])
+                          for j, (a, _) in enumerate(self.config.connections(name))}
+                   for name, _ in self.config.augments}
     out = self._anchor(tokens, positions, self.anchor.sequence_masks(segment_ids), None,
-                       self._keys_values(augments, positions), cross_mask, return_hidden)
+                       keys_values, cross_masks, return_hidden)
     return out._replace(cache=None)
 
   def prefill(self, tokens: Array, prompt_mask: Array, *, cache_length: int,
@@ -187,6 +248,7 @@ class Calm(nn.Module):
       The anchor's `TransformerOutput`: logits [B, 1, V] at each row's last prompt token and
       the composed cache (module docstring).
     """
+    self._check_cached()
     positions, segment_ids = default_positions_and_segments(tokens)
     augments = self._run_augments(lambda lm, layers: lm.prefill(
         tokens, prompt_mask, cache_length=cache_length, return_hidden=layers,
@@ -218,6 +280,7 @@ class Calm(nn.Module):
     Returns:
       The anchor's `TransformerOutput`: logits [B, 1, V] and the extended composed cache.
     """
+    self._check_cached()
     cache_length = cache['anchor']['layer_0']['keys'].shape[1]
     if self.config.augment_as_encoder:  # The augments and bridges keep the prompt's states.
       augment_cache, bridge_cache = cache['augments'], cache['bridge']

@@ -306,12 +306,16 @@ class CalmConfig:
       A mapping is accepted and kept in its order.
     bridges: (name, BridgeConfig) per augment; an augment without one gets `BridgeConfig()`.
     augment_as_encoder: ablation: the anchor may read the augment only over the prompt.
+    own_tokenizer: names of the augments that read the text in their own tokenization (their
+      own vocabulary; `calm_jax.alignment` places both streams on the text). The others read
+      the anchor's tokens and share its vocabulary.
   """
 
   anchor: TransformerConfig
   augments: tuple[tuple[str, TransformerConfig], ...]
   bridges: tuple[tuple[str, BridgeConfig], ...] = ()
   augment_as_encoder: bool = False
+  own_tokenizer: tuple[str, ...] = ()
 
   def __post_init__(self):
     augments = tuple(self.augments.items() if isinstance(self.augments, Mapping)
@@ -331,13 +335,24 @@ class CalmConfig:
       raise ValueError(f'CalmConfig: bridges for unknown augment(s) {unknown}; augments are '
                        f'{names}.')
     bridges = tuple((name, bridges.get(name, BridgeConfig())) for name in names)
+    own = tuple(self.own_tokenizer)
+    unknown = sorted(set(own) - set(names))
+    if unknown:
+      raise ValueError(f'CalmConfig: own_tokenizer names unknown augment(s) {unknown}; '
+                       f'augments are {names}.')
     object.__setattr__(self, 'augments', augments)
     object.__setattr__(self, 'bridges', bridges)
+    object.__setattr__(self, 'own_tokenizer', tuple(n for n in names if n in own))
     for name, augment in augments:
-      if augment.vocab_size != self.anchor.vocab_size:
-        raise ValueError(f'CalmConfig: augment {name!r} has vocab {augment.vocab_size}, the '
-                         f'anchor {self.anchor.vocab_size}; composed models share a vocabulary.')
       bridge = dict(bridges)[name]
+      if name in own:
+        if bridge.rope_base is not None:
+          raise ValueError(f'CalmConfig: augment {name!r} has its own tokenizer, so its '
+                           'positions are not the anchor\'s: its bridges cannot use rope_base.')
+      elif augment.vocab_size != self.anchor.vocab_size:
+        raise ValueError(f'CalmConfig: augment {name!r} has vocab {augment.vocab_size}, the '
+                         f'anchor {self.anchor.vocab_size}; an augment with another vocabulary '
+                         'reads its own tokenization (own_tokenizer).')
       bridge.heads(self.anchor)
       for a, b in bridge.resolve(augment, self.anchor):
         if not 1 <= a <= augment.num_layers:
@@ -366,12 +381,14 @@ class CalmConfig:
     return {'anchor': self.anchor.to_dict(),
             'augments': [[name, config.to_dict()] for name, config in self.augments],
             'bridges': [[name, bridge.to_dict()] for name, bridge in self.bridges],
-            'augment_as_encoder': self.augment_as_encoder}
+            'augment_as_encoder': self.augment_as_encoder,
+            'own_tokenizer': list(self.own_tokenizer)}
 
   @classmethod
   def from_dict(cls, data: Mapping[str, Any]) -> CalmConfig:
     """Builds a config from `to_dict`'s output; unknown keys are an error."""
-    unknown = sorted(set(data) - {'anchor', 'augments', 'bridges', 'augment_as_encoder'})
+    unknown = sorted(set(data) - {'anchor', 'augments', 'bridges', 'augment_as_encoder',
+                                  'own_tokenizer'})
     if unknown:
       raise ValueError(f'Unknown CalmConfig fields {unknown}.')
     bridges = []
@@ -384,4 +401,5 @@ class CalmConfig:
                augments=tuple((name, TransformerConfig.from_dict(config))
                               for name, config in data['augments']),
                bridges=tuple(bridges),
-               augment_as_encoder=bool(data.get('augment_as_encoder', False)))
+               augment_as_encoder=bool(data.get('augment_as_encoder', False)),
+               own_tokenizer=tuple(data.get('own_tokenizer', ())))

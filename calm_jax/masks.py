@@ -64,6 +64,28 @@ def cross_mask(segment_ids: Array, prompt_mask: Array | None = None) -> Array:
   return mask
 
 
+def aligned_cross_mask(anchor_read_keys: Array, augment_read_keys: Array,
+                       anchor_segment_ids: Array, augment_segment_ids: Array,
+                       augment_prompt_mask: Array | None = None) -> Array:
+  """[B, T, S] cross mask between two tokenizations of one text (`calm_jax.alignment`).
+
+  Anchor input t may read augment input s when the augment's read key is at or below the
+  anchor's (it has read no byte the anchor has not), both are real tokens of the same segment
+  and, for the encoder ablation, s is in the augment's prompt. With one tokenization (equal,
+  strictly increasing keys) this is `cross_mask`.
+
+  Args:
+    anchor_read_keys: [B, T]; augment_read_keys: [B, S] (int32).
+    anchor_segment_ids: [B, T]; augment_segment_ids: [B, S] (0: padding).
+    augment_prompt_mask: [B, S] 1 on the augment's prompt tokens, or None.
+  """
+  mask = attention_mask(anchor_read_keys, augment_read_keys, anchor_segment_ids,
+                        augment_segment_ids)
+  if augment_prompt_mask is not None:
+    mask &= augment_prompt_mask[:, None, :].astype(bool)
+  return mask
+
+
 def cache_mask(positions: Array, cache_length: int, window: int | None = None) -> Array:
   """[B, 1, L] mask of a decoding step: the new token at `positions` [B, 1] reads slots <= it.
 

@@ -193,7 +193,10 @@ def test_paper_preset_has_no_norms():
     (dict(bridges={'kv': BridgeConfig(num_kv_heads=3)}), 'num_kv_heads .3. must divide'),
     (dict(bridges={'nope': BridgeConfig()}), r"unknown augment\(s\) \['nope'\]"),
     (dict(bridges={'kv': BridgeConfig(every=9)}), 'every=9 exceeds the augment depth 8'),
-    (dict(augments={'kv': dataclasses.replace(AUGMENT, vocab_size=7)}), 'share a vocabulary'),
+    (dict(augments={'kv': dataclasses.replace(AUGMENT, vocab_size=7)}), 'own_tokenizer'),
+    (dict(own_tokenizer=('nope',)), r"own_tokenizer names unknown augment\(s\) \['nope'\]"),
+    (dict(own_tokenizer=('kv',), bridges={'kv': BridgeConfig(rope_base=10_000.0)}),
+     'cannot use rope_base'),
     (dict(augments={'bad-name': AUGMENT}), 'identifier'),
     (dict(augments={}), 'at least one augment'),
 ])

@@ -1,0 +1,194 @@
+"""Aligning two tokenizations of one text: which augment token an anchor token may read.
+
+An anchor and an augment with different vocabularies read the same *text*. Each token covers a
+span of the text's UTF-8 bytes; a token's *end* is the byte offset just after what it covers
+(`token_ends`; a byte-fallback piece covers its one byte, BOS/EOS cover nothing). Read in
+order, a stream of tokens has read the text up to the end of its last token, so every token
+gets a *read key*, an integer that orders what the tokens have read (`read_keys`):
+
+  key = end * KEY_SCALE         for a token that reads past the bytes before it;
+  key = previous key + 1        for one that reads no new byte (BOS, EOS, an empty piece):
+                                it comes after the token before it and before the next byte.
+
+Keys increase strictly along a stream, so with one shared tokenizer both streams' keys are
+identical and "key of the augment token <= key of the anchor token" is exactly "augment index
+<= anchor index": today's causal cross mask (`masks.attention_mask` over keys instead of
+indices). With two tokenizers, an anchor token attends an augment token only if the augment
+token's key is at or below its own: the augment has read no byte the anchor has not.
+
+Decoder inputs are the token stream shifted right behind a 0 (T5X): input position 0 has read
+nothing (key 0) and input position t has read through token t - 1 (`decoder_read_keys`).
+This module is the only place that knows how text, tokens and keys relate; the models only
+see the key arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+# Keys leave room for this many tokens that read nothing new after any one byte offset.
+KEY_SCALE = 1 << 10
+# The largest text (bytes) whose keys fit int32.
+MAX_TEXT_BYTES = (np.iinfo(np.int32).max // KEY_SCALE) - 1
+
+
+class AlignmentError(ValueError):
+  """A tokenizer whose tokens cannot be placed on the text (it does not reproduce it)."""
+
+
+def _split_shared_spans(begins: Sequence[int], ends: Sequence[int], byte_tokens: Sequence[bool]
+                        ) -> np.ndarray:
+  """Ends where each run of byte tokens covering one character covers one byte each."""
+  ends = np.asarray(ends, np.int64).copy()
+  i = 0
+  while i < len(ends):
+    if not byte_tokens[i]:
+      i += 1
+      continue
+    j = i
+    while j + 1 < len(ends) and byte_tokens[j + 1] and begins[j + 1] == begins[i]:
+      j += 1
+    # Tokens i..j are the bytes of the character(s) at begins[i]..ends[j].
+    start = begins[i]
+    if ends[j] - start == j - i + 1:
+      ends[i:j + 1] = start + np.arange(1, j - i + 2)
+    i = j + 1
+  return ends
+
+
+def _sentencepiece_ends(processor: Any, text: str, ids: Sequence[int]) -> np.ndarray:
+  proto = processor.encode(text, return_type='proto')
+  pieces = list(proto.pieces)
+  if [p.id for p in pieces] != list(ids):
+    raise AlignmentError('SentencePiece spans do not follow the ids the vocabulary encodes.')
+  return _split_shared_spans([p.begin for p in pieces], [p.end for p in pieces],
+                             [processor.is_byte(p.id) for p in pieces])
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+  """GPT-2's byte-level spelling, inverted: {character: the byte it writes}."""
+  spelled = [*range(ord('!'), ord('~') + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+  decoder = {chr(b): b for b in spelled}
+  extra = 0
+  for b in range(256):
+    if b not in decoder.values():
+      decoder[chr(256 + extra)] = b
+      extra += 1
+  return decoder
+
+
+def _byte_level_bpe_ends(tokenizer: Any, text: str, ids: Sequence[int]) -> np.ndarray:
+  encoding = tokenizer.encode(text, add_special_tokens=False)
+  if list(encoding.ids) != list(ids):
+    raise AlignmentError('BPE offsets do not follow the ids the vocabulary encodes.')
+  # Each byte-level token is its bytes: the ends are their running total when the tokens spell
+  # the text exactly (no normaliser, no special token).
+  decoder = _gpt2_byte_decoder()
+  try:
+    spelled = [bytes(decoder[c] for c in token) for token in encoding.tokens]
+  except KeyError as e:
+    raise AlignmentError(f'a token is not in byte-level spelling: {e}') from None
+  if b''.join(spelled) != text.encode('utf-8'):
+    raise AlignmentError('the byte-level tokens do not spell the text (a normaliser?).')
+  return np.cumsum([len(b) for b in spelled], dtype=np.int64)
+
+
+def _decoded_prefix_ends(vocabulary: Any, text: str, ids: Sequence[int]) -> np.ndarray:
+  """Ends by decoding every prefix (any vocabulary that decodes its own encoding back)."""
+  if vocabulary.decode(list(ids)) != text:
+    raise AlignmentError(
+        f'{type(vocabulary).__name__} does not decode its tokens of {text[:40]!r} back to the '
+        'text, so its tokens cannot be placed on it.')
+  ends, done = [], 0
+  for i in range(len(ids)):
+    prefix = vocabulary.decode(list(ids[:i + 1]))
+    done = max(done, len(prefix.encode('utf-8')) if text.startswith(prefix) else done)
+    ends.append(done)
+  return np.asarray(ends, np.int64)
+
+
+def token_ends(vocabulary: Any, text: str, ids: Sequence[int] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """The tokens of `text` in `vocabulary` and the byte offset each ends at.
+
+  Args:
+    vocabulary: a seqio vocabulary (SentencePiece, byte-level BPE, or any other whose
+      `decode` reproduces the text from its `encode`).
+    text: the text.
+    ids: its tokens, if already encoded (must be `vocabulary.encode(text)`).
+
+  Returns:
+    (ids [N] int32, ends [N] int64): ends are non-decreasing UTF-8 byte offsets into `text`.
+
+  Raises:
+    AlignmentError: the tokenizer's spans do not match its ids, or its tokens do not spell the
+      text.
+  """
+  ids = list(vocabulary.encode(text)) if ids is None else [int(i) for i in ids]
+  processor = getattr(vocabulary, 'tokenizer', None)
+  if processor is not None and hasattr(processor, 'is_byte'):
+    ends = _sentencepiece_ends(processor, text, ids)
+  elif processor is not None and hasattr(processor, 'encode') and hasattr(processor,
+                                                                           'token_to_id'):
+    ends = _byte_level_bpe_ends(processor, text, ids)
+  else:
+    ends = _decoded_prefix_ends(vocabulary, text, ids)
+  if len(ends) and (np.any(np.diff(ends) < 0) or ends[0] < 0):
+    raise AlignmentError('token spans go backwards in the text.')
+  return np.asarray(ids, np.int32), ends
+
+
+def read_keys(ends: Sequence[int], start: int = 0) -> np.ndarray:
+  """Read keys [N] int32 of tokens with byte `ends` (module docstring), in a stream whose
+  previous key is `start` (0: nothing read yet).
+
+  Raises:
+    AlignmentError: a text too long for int32 keys, or too many tokens that read nothing.
+  """
+  keys = np.empty(len(ends), np.int64)
+  previous = int(start)
+  for i, end in enumerate(ends):
+    end = int(end)
+    if end > MAX_TEXT_BYTES:
+      raise AlignmentError(f'texts longer than {MAX_TEXT_BYTES} bytes do not fit int32 keys.')
+    if end > previous // KEY_SCALE:
+      key = end * KEY_SCALE
+    else:
+      key = previous + 1
+      if key // KEY_SCALE != previous // KEY_SCALE:
+        raise AlignmentError(f'more than {KEY_SCALE - 1} tokens read nothing after byte {end}.')
+    keys[i] = previous = key
+  return keys.astype(np.int32)
+
+
+def decoder_read_keys(token_keys: np.ndarray) -> np.ndarray:
+  """Keys of decoder inputs (the stream shifted right behind a 0): [0, keys[:-1]]."""
+  token_keys = np.asarray(token_keys, np.int32)
+  return np.concatenate([np.zeros(token_keys.shape[:-1] + (1,), np.int32),
+                         token_keys[..., :-1]], axis=-1)
+
+
+def stream(vocabulary: Any, pieces: Sequence[str | int], *, offset: int = 0
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """Tokens and byte ends of a stream made of text pieces and special token ids.
+
+  A `str` piece is tokenized by `vocabulary` (separately from the others, as seqio tokenizes
+  each feature); an `int` piece is that token, reading nothing. Byte offsets run over the
+  concatenated text, starting at `offset`.
+
+  Returns:
+    (ids [N] int32, ends [N] int64).
+  """
+  ids, ends, position = [], [], int(offset)
+  for piece in pieces:
+    if isinstance(piece, (int, np.integer)):
+      ids.append(int(piece))
+      ends.append(position)
+      continue
+    piece_ids, piece_ends = token_ends(vocabulary, piece)
+    ids.extend(piece_ids.tolist())
+    ends.extend((piece_ends + position).tolist())
+    position += len(piece.encode('utf-8'))
+  return np.asarray(ids, np.int32), np.asarray(ends, np.int64)

@@ -1,0 +1,209 @@
+"""Composing models with different tokenizers: spans, read keys, and the causal cross mask.
+
+Two SentencePiece vocabularies trained here on stdlib docstrings: a character-level one (the
+anchor reads one character per token) and a coarse unigram one (the augment's tokens span
+several characters), both with byte fallback.
+"""
+
+import inspect
+import json
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import seqio
+
+from calm_jax import alignment, masks
+from calm_jax.calm import AugmentStream, Calm
+from calm_jax.configs import BridgeConfig, CalmConfig, TransformerConfig
+
+TEXTS = ['The quick brown fox jumps over the lazy dog.',
+         'héllo ☃ wörld: 中文 and 𒀀 bytes',
+         'def f(x):\n    return x + 12  # done',
+         ' leading and  double  spaces ']
+
+
+def _train(tmp_path, name, **kwargs):
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  corpus = tmp_path / 'corpus.txt'
+  if not corpus.exists():
+    docs = [inspect.getdoc(m) or '' for m in (json, collections, inspect, np, pytest)]
+    corpus.write_text('\n'.join(line for d in docs for line in d.splitlines() if line.strip()))
+  spm.SentencePieceTrainer.train(
+      input=str(corpus), model_prefix=str(tmp_path / name), byte_fallback=True, pad_id=0,
+      eos_id=1, unk_id=2, bos_id=3, character_coverage=1.0, minloglevel=2, num_threads=1,
+      hard_vocab_limit=False,
+      **kwargs)
+  return seqio.SentencePieceVocabulary(str(tmp_path / f'{name}.model'))
+
+
+@pytest.fixture(scope='module')
+def vocabularies(tmp_path_factory):
+  root = tmp_path_factory.mktemp('spm')
+  chars = _train(root, 'chars', model_type='char', vocab_size=400)
+  words = _train(root, 'words', model_type='unigram', vocab_size=800)
+  return chars, words
+
+
+@pytest.mark.parametrize('text', TEXTS)
+def test_every_token_ends_where_its_bytes_end(vocabularies, text):
+  raw = text.encode('utf-8')
+  for vocabulary in vocabularies:
+    ids, ends = alignment.token_ends(vocabulary, text)
+    assert list(ids) == list(vocabulary.encode(text))
+    # The default normaliser drops the trailing space: no token covers it.
+    assert np.all(np.diff(ends) >= 0) and ends[-1] == len(raw.rstrip(b' '))
+    processor = vocabulary.tokenizer
+    for i, token in enumerate(ids.tolist()):
+      if processor.is_byte(token):  # A byte piece covers exactly its own byte.
+        assert raw[ends[i] - 1] == int(processor.id_to_piece(token)[1:-1], 16)
+        assert i == 0 or ends[i] == ends[i - 1] + 1 or not processor.is_byte(ids[i - 1])
+      elif text in TEXTS[:2]:  # No whitespace the normaliser changes: decoding the tokens
+        # so far gives the text up to the token's end.
+        assert vocabulary.decode(ids[:i + 1].tolist()) == raw[:ends[i]].decode('utf-8')
+
+
+def test_byte_level_bpe_ends_are_its_bytes(tmp_path):
+  import gguf_fixtures as fx  # pylint: disable=g-import-not-at-top
+  from calm_jax.convert import gguf_file  # pylint: disable=g-import-not-at-top
+  from calm_jax import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+  path = fx.write_gguf(tmp_path / 'qwen.gguf', 'qwen2')
+  gguf_file.convert_gguf_file(str(path), str(tmp_path / 'lm'), log=lambda *a: None)
+  vocabulary = vocab_lib.load_vocabulary(tmp_path / 'lm')
+  for text in TEXTS:
+    ids, ends = alignment.token_ends(vocabulary, text)
+    assert ends[-1] == len(text.encode('utf-8')) and np.all(np.diff(ends) > 0)
+    assert vocabulary.decode(ids.tolist()) == text
+
+
+def test_read_keys_order_what_was_read():
+  # BOS (reads nothing), 'ab' (to byte 2), two byte pieces of one character (bytes 3, 4),
+  # EOS (nothing new).
+  keys = alignment.read_keys([0, 2, 3, 4, 4])
+  s = alignment.KEY_SCALE
+  assert keys.tolist() == [1, 2 * s, 3 * s, 4 * s, 4 * s + 1]
+  assert alignment.decoder_read_keys(keys).tolist() == [0, 1, 2 * s, 3 * s, 4 * s]
+  with pytest.raises(alignment.AlignmentError, match='read nothing'):
+    alignment.read_keys([1] * (alignment.KEY_SCALE + 1))
+
+
+# The composition: a character-level anchor and a coarse augment.
+
+def _config(anchor_vocab, augment_vocab, own=True):
+  anchor = TransformerConfig(vocab_size=anchor_vocab, embed_dim=32, num_layers=2, num_heads=2,
+                             num_kv_heads=2, head_dim=16, mlp_dim=64, dtype='float32')
+  augment = TransformerConfig(vocab_size=augment_vocab, embed_dim=24, num_layers=2,
+                              num_heads=2, num_kv_heads=2, head_dim=12, mlp_dim=48,
+                              dtype='float32')
+  return CalmConfig(anchor=anchor, augments={'aug': augment},
+                    bridges={'aug': BridgeConfig(connections=((1, 1), (2, 2)),
+                                                 zero_init_out=False)},
+                    own_tokenizer=('aug',) if own else ())
+
+
+def _params(config, seed=0):
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  streams = {name: AugmentStream(tokens, jnp.zeros_like(tokens), jnp.zeros_like(tokens))
+             for name in config.own_tokenizer}
+  return Calm(config).init(jax.random.key(seed), tokens, streams=streams)['params']
+
+
+def _example(vocabulary, text, bos):
+  ids, ends = alignment.stream(vocabulary, [bos, text, vocabulary.eos_id])
+  keys = alignment.decoder_read_keys(alignment.read_keys(ends))
+  inputs = np.concatenate([[0], ids[:-1]]).astype(np.int32)
+  return inputs, keys
+
+
+def _pad(rows, length):
+  out = np.zeros((len(rows), length), np.int32)
+  for i, row in enumerate(rows):
+    out[i, :len(row)] = row
+  return out
+
+
+def test_one_shared_tokenizer_is_todays_composition_bit_for_bit(vocabularies):
+  _, words = vocabularies
+  config = _config(words.vocab_size, words.vocab_size, own=True)
+  shared = _config(words.vocab_size, words.vocab_size, own=False)
+  params = _params(shared, seed=3)
+  rows = [_example(words, text, 3) for text in TEXTS]
+  length = max(len(r[0]) for r in rows) + 3  # Padding at every row's end.
+  tokens = jnp.asarray(_pad([r[0] for r in rows], length))
+  keys = jnp.asarray(_pad([r[1] for r in rows], length))
+  segments = jnp.asarray(_pad([np.ones(len(r[0])) for r in rows], length))
+  today = Calm(shared).apply({'params': params}, tokens, segment_ids=segments)
+  stream = AugmentStream(tokens, keys, keys, segment_ids=segments)
+  aligned = Calm(config).apply({'params': params}, tokens, segment_ids=segments,
+                               streams={'aug': stream})
+  np.testing.assert_array_equal(np.asarray(aligned.logits), np.asarray(today.logits))
+  # The masks themselves: read keys give the index mask exactly.
+  np.testing.assert_array_equal(
+      masks.aligned_cross_mask(keys, keys, segments, segments), masks.cross_mask(segments))
+
+
+def _stable_prefix(vocabulary, text, changed, cut):
+  """Whether the tokens ending at or before byte `cut` are the same in both texts."""
+  a_ids, a_ends = alignment.token_ends(vocabulary, text)
+  b_ids, b_ends = alignment.token_ends(vocabulary, changed)
+  a = [(i, e) for i, e in zip(a_ids.tolist(), a_ends.tolist()) if e <= cut]
+  b = [(i, e) for i, e in zip(b_ids.tolist(), b_ends.tolist()) if e <= cut]
+  return a == b
+
+
+def _logits(config, params, chars, words, text, index_mask=False, length=96):
+  """The anchor's logits over `text` (both streams padded to `length`: equal shapes, so
+  equal inputs give bit-equal outputs), and its inputs' read keys."""
+  a_tokens, a_keys = _example(chars, text, 3)
+  m_tokens, m_keys = _example(words, text, 3)
+  if index_mask:  # Negative control: pair tokens by index, as a shared tokenizer would.
+    a_keys, m_keys = np.arange(len(a_tokens)), np.arange(len(m_tokens))
+  pad = lambda row: jnp.asarray(_pad([row], length))
+  stream = AugmentStream(pad(m_tokens), pad(m_keys), pad(a_keys),
+                         segment_ids=pad(np.ones(len(m_tokens))))
+  out = Calm(config).apply({'params': params}, pad(a_tokens),
+                           segment_ids=pad(np.ones(len(a_tokens))), streams={'aug': stream})
+  return np.asarray(out.logits[0, :len(a_tokens)]), a_keys
+
+
+def test_changing_a_character_changes_no_anchor_logit_that_has_not_read_it(vocabularies):
+  chars, words = vocabularies
+  config = _config(chars.vocab_size, words.vocab_size)
+  params = _params(config, seed=1)
+  text = 'The composition reads what the anchor has read, and nothing after it.'
+  checked = failed_by_index = 0
+  for c in range(8, len(text) - 4, 3):
+    changed = text[:c] + ('Z' if text[c] != 'Z' else 'Q') + text[c + 1:]
+    cut = len(text[:c].encode('utf-8'))
+    # The claim is about the text: it needs both tokenizations of the unchanged prefix to be
+    # the ones of the changed text (a tokenizer may re-segment earlier text; not here).
+    if not (_stable_prefix(chars, text, changed, cut) and
+            _stable_prefix(words, text, changed, cut)):
+      continue
+    before, keys = _logits(config, params, chars, words, text)
+    after, _ = _logits(config, params, chars, words, changed)
+    unread = keys <= cut * alignment.KEY_SCALE  # Anchor inputs that have not read byte `cut`.
+    assert unread.sum() > 3
+    np.testing.assert_array_equal(after[unread], before[unread])
+    assert np.abs(after[~unread] - before[~unread]).max() > 1e-4  # The change does arrive.
+    checked += 1
+    before_i, _ = _logits(config, params, chars, words, text, index_mask=True)
+    after_i, _ = _logits(config, params, chars, words, changed, index_mask=True)
+    failed_by_index += np.abs(after_i[unread] - before_i[unread]).max() > 1e-4
+  assert checked >= 5, checked
+  # A token-index mask lets the character anchor read coarse augment tokens past the change.
+  assert failed_by_index == checked, (failed_by_index, checked)
+
+
+def test_streams_must_match_the_config(vocabularies):
+  chars, words = vocabularies
+  config = _config(chars.vocab_size, words.vocab_size)
+  params = _params(config)
+  tokens = jnp.ones((1, 4), jnp.int32)
+  with pytest.raises(ValueError, match='own tokenizer'):
+    Calm(config).apply({'params': params}, tokens)
+  with pytest.raises(NotImplementedError, match='not built yet'):
+    Calm(config).apply({'params': params}, tokens, jnp.ones_like(tokens), cache_length=8,
+                       method=Calm.prefill)
