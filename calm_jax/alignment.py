@@ -24,7 +24,7 @@ see the key arrays.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -192,3 +192,107 @@ def stream(vocabulary: Any, pieces: Sequence[str | int], *, offset: int = 0
     ends.extend((piece_ends + position).tolist())
     position += len(piece.encode('utf-8'))
   return np.asarray(ids, np.int32), np.asarray(ends, np.int64)
+
+
+def text_of(vocabulary: Any, ids: Sequence[int]) -> str:
+  """The text `ids` spell in `vocabulary`, without a trailing character whose bytes have not
+  all been emitted yet (byte-fallback tokens of one character arrive one at a time)."""
+  text = vocabulary.decode([int(i) for i in ids]) if len(ids) else ''
+  return text.rstrip('\ufffd')
+
+
+def _common_prefix(a_ids: Sequence[int], a_ends: Sequence[int], b_ids: Sequence[int],
+                   b_ends: Sequence[int]) -> int:
+  n = 0
+  for a, ae, b, be in zip(a_ids, a_ends, b_ids, b_ends):
+    if a != b or ae != be:
+      break
+    n += 1
+  return n
+
+
+class DecodingRow:
+  """One row of decoding with an anchor and an own-tokenizer augment: both tokenizations of a
+  prompt and of the text the anchor has generated so far.
+
+  Both streams are decoder inputs: a 0 (read key 0) then every token, so input s + 1 is token
+  s. The prompt is tokenized as a piece of its own (as seqio tokenizes 'inputs'), the generated
+  text as another; each token the anchor emits extends the text, and the augment re-tokenizes
+  the generated text: `push` says which of its inputs changed.
+
+  Args:
+    anchor_vocabulary, augment_vocabulary: the two seqio vocabularies.
+    prompt: the prompt text.
+    anchor_bos, augment_bos: the BOS each model reads first, or None.
+  """
+
+  def __init__(self, anchor_vocabulary: Any, augment_vocabulary: Any, prompt: str, *,
+               anchor_bos: int | None = None, augment_bos: int | None = None):
+    self._anchor_vocabulary = anchor_vocabulary
+    self._augment_vocabulary = augment_vocabulary
+    head = lambda bos: [] if bos is None else [bos]
+    self._prompt_bytes = len(prompt.encode('utf-8'))
+    ids, ends = stream(anchor_vocabulary, head(anchor_bos) + [prompt])
+    self.anchor_ids, self._anchor_ends = ids.tolist(), ends.tolist()
+    ids, ends = stream(augment_vocabulary, head(augment_bos) + [prompt])
+    self._augment_prefix = (ids.tolist(), ends.tolist())
+    self.augment_ids, self._augment_ends = list(self._augment_prefix[0]), list(
+        self._augment_prefix[1])
+    self.generated: list[int] = []
+    self.rollbacks = 0
+
+  def anchor_inputs(self) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, read keys) of the anchor's decoder inputs so far, each [1 + tokens]."""
+    keys = read_keys(self._anchor_ends)
+    return (np.asarray([0] + self.anchor_ids, np.int32),
+            np.concatenate([[0], keys]).astype(np.int32))
+
+  def augment_inputs(self) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, read keys) of the augment's decoder inputs so far, each [1 + tokens]."""
+    keys = read_keys(self._augment_ends)
+    return (np.asarray([0] + self.augment_ids, np.int32),
+            np.concatenate([[0], keys]).astype(np.int32))
+
+  def push(self, token: int) -> Update:
+    """Appends the anchor's new `token` and re-tokenizes the generated text for the augment;
+    returns what the caches must re-run (`Update`)."""
+    old_tokens, old_keys = self.augment_inputs()
+    self.generated.append(int(token))
+    self.anchor_ids.append(int(token))
+    text = text_of(self._anchor_vocabulary, self.generated)
+    self._anchor_ends.append(self._prompt_bytes + len(text.encode('utf-8')))
+    ids, ends = list(self._augment_prefix[0]), list(self._augment_prefix[1])
+    if text:
+      new_ids, new_ends = token_ends(self._augment_vocabulary, text)
+      ids += new_ids.tolist()
+      ends += (new_ends + self._prompt_bytes).tolist()
+    keep = _common_prefix(self.augment_ids, self._augment_ends, ids, ends)
+    self.rollbacks += keep < len(self.augment_ids)
+    self.augment_ids, self._augment_ends = ids, ends
+    tokens, keys = self.augment_inputs()
+    start = keep + 1  # Decoder inputs 0..keep are unchanged.
+    # Anchor inputs whose read set may differ: those whose key reaches the first changed
+    # augment input, old or new (keys grow along a stream).
+    changed = [k[start] for k in (old_keys, keys) if start < len(k)]
+    anchor_keys = self.anchor_inputs()[1]
+    last = len(anchor_keys) - 1
+    anchor_from = last
+    if changed:
+      anchor_from = min(last, int(np.searchsorted(anchor_keys, min(changed), side='left')))
+    return Update(start, tokens[start:], keys[start:], anchor_from)
+
+
+class Update(NamedTuple):
+  """What `DecodingRow.push` changed.
+
+  Attributes:
+    augment_from: the first augment decoder input (cache slot) that changed.
+    augment_tokens, augment_keys: the augment's inputs from there on and their read keys.
+    anchor_from: the first anchor decoder input to re-run (the new token's, unless an earlier
+      one read augment tokens that changed): its bridges' reads differ.
+  """
+
+  augment_from: int
+  augment_tokens: np.ndarray
+  augment_keys: np.ndarray
+  anchor_from: int

@@ -31,11 +31,14 @@ _MASKED = float(np.finfo(np.float32).min)
 
 def write_cache(cache: dict[str, Array], keys: Array, values: Array,
                 index: Array) -> dict[str, Array]:
-  """Writes one new position per row: `keys`/`values` [B, 1, K, H] at slot `index` [B]."""
-  rows = jnp.arange(keys.shape[0])
-  return {'keys': cache['keys'].at[rows, index].set(keys[:, 0].astype(cache['keys'].dtype)),
-          'values': cache['values'].at[rows, index].set(
-              values[:, 0].astype(cache['values'].dtype))}
+  """Writes new positions per row: `keys`/`values` [B, K, Kv, H] at slots `index` [B] (one
+  position, K = 1) or [B, K]; a slot outside the cache is dropped."""
+  index = index[:, None] if index.ndim == 1 else index
+  rows = jnp.arange(keys.shape[0])[:, None]
+  return {'keys': cache['keys'].at[rows, index].set(keys.astype(cache['keys'].dtype),
+                                                    mode='drop'),
+          'values': cache['values'].at[rows, index].set(values.astype(cache['values'].dtype),
+                                                        mode='drop')}
 
 
 def pad_cache(keys: Array, values: Array, cache_length: int) -> dict[str, Array]:
@@ -150,16 +153,14 @@ class SelfAttention(nn.Module):
     """Attends `x` [B, T, D] to itself, or to the cache it extends.
 
     Args:
-      x: [B, T, D] (T = 1 with a cache).
+      x: [B, T, D] (with a cache: T new tokens per row, usually 1).
       positions: [B, T] RoPE positions; with a cache also the slot each new token is written to.
-      mask: [B, T, T] without a cache, [B, 1, L] with one (`calm_jax.masks`).
+      mask: [B, T, T] without a cache, [B, T, L] with one (`calm_jax.masks`).
       cache: this layer's KV cache to extend (a decoding step), or None.
 
     Returns:
       ([B, T, D], {'keys', 'values'}: the extended cache, or this call's own [B, T, K, H]).
     """
-    if cache is not None and x.shape[1] != 1:
-      raise ValueError(f'a decoding step takes one position per row, got {x.shape[1]}.')
     q = self._project('query', x, self.num_heads, 'heads')
     k = self._project('key', x, self.num_kv_heads, 'kv_heads')
     v = self._project('value', x, self.num_kv_heads, 'kv_heads')
@@ -174,7 +175,7 @@ class SelfAttention(nn.Module):
     if cache is None:
       kv = {'keys': k, 'values': v}
     else:
-      kv = write_cache(cache, k, v, positions[:, 0])
+      kv = write_cache(cache, k, v, positions)
     out = dot_product_attention(q, kv['keys'].astype(self.dtype),
                                 kv['values'].astype(self.dtype), mask, self.softcap)
     init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)

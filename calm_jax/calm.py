@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from calm_jax import masks
 from calm_jax.attention import pad_cache, pad_caches, write_cache
@@ -43,6 +44,8 @@ from calm_jax.transformer import (Transformer, TransformerOutput, check_return_h
                                   default_positions_and_segments, last_prompt_index)
 
 Array = jax.Array
+# The read key of an empty slot of an own-tokenizer augment's cache: no query reads it.
+KEY_EMPTY = np.iinfo(np.int32).max
 # {augment name: {block j: (keys, values) [B, S, K, H]}}
 BridgeKV = dict[str, dict[int, tuple[Array, Array]]]
 
@@ -131,12 +134,13 @@ class Calm(nn.Module):
     self.bridge = Bridges(tuple((name, len(cfg.connections(name)), bridge_kwargs(cfg, name))
                                 for name, _ in cfg.augments))
 
-  def _check_cached(self):
-    if self.config.own_tokenizer:
-      raise NotImplementedError(
-          f'Cached decoding of augments with their own tokenizer '
-          f'({list(self.config.own_tokenizer)}) is not built yet; the full forward pass '
-          '(training, teacher-forced evaluation) is.')
+  def _check_streams(self, streams: Mapping[str, AugmentStream] | None
+                     ) -> dict[str, AugmentStream]:
+    streams = dict(streams or {})
+    if set(streams) != set(self.config.own_tokenizer):
+      raise ValueError(f'Calm: streams for {sorted(streams)}, but the augments with their own '
+                       f'tokenizer are {list(self.config.own_tokenizer)}.')
+    return streams
 
   def _augment_layers(self) -> dict[str, tuple[int, ...]]:
     return {name: connected_layers(self.config.connections(name))
@@ -204,10 +208,7 @@ class Calm(nn.Module):
     encoder = self.config.augment_as_encoder
     if encoder and prompt_mask is None:
       raise ValueError('augment_as_encoder needs a prompt_mask ([B, T], 1 on the prompt).')
-    streams = dict(streams or {})
-    if set(streams) != set(self.config.own_tokenizer):
-      raise ValueError(f'Calm: streams for {sorted(streams)}, but the augments with their own '
-                       f'tokenizer are {list(self.config.own_tokenizer)}.')
+    streams = self._check_streams(streams)
     shared = masks.cross_mask(segment_ids, prompt_mask if encoder else None)
     inputs, cross_masks = {}, {}
     for name, _ in self.config.augments:
@@ -234,6 +235,8 @@ class Calm(nn.Module):
     return out._replace(cache=None)
 
   def prefill(self, tokens: Array, prompt_mask: Array, *, cache_length: int,
+              streams: Mapping[str, AugmentStream] | None = None,
+              augment_cache_length: int | None = None,
               return_hidden: Sequence[int] = ()) -> TransformerOutput:
     """Runs the prompts through every model and returns the composed cache.
 
@@ -242,68 +245,156 @@ class Calm(nn.Module):
         marks).
       prompt_mask: [B, P] 1 on each row's prompt.
       cache_length: L >= P slots of every cache.
+      streams: {name: AugmentStream} of the prompts for each augment of
+        `config.own_tokenizer` (its `prompt_mask` marks each row's prompt tokens).
+      augment_cache_length: slots of those augments' caches (default `cache_length`).
       return_hidden: as in `__call__`.
 
     Returns:
       The anchor's `TransformerOutput`: logits [B, 1, V] at each row's last prompt token and
-      the composed cache (module docstring).
+      the composed cache (module docstring; with own-tokenizer augments also
+      'read_keys': {name: [B, L_A] int32}, the read key of each slot, KEY_EMPTY where none).
     """
-    self._check_cached()
+    streams = self._check_streams(streams)
     positions, segment_ids = default_positions_and_segments(tokens)
+    encoder = self.config.augment_as_encoder
+    shared = masks.cross_mask(segment_ids, prompt_mask if encoder else None)
+    inputs, cross_masks, lengths = {}, {}, {}
+    for name, _ in self.config.augments:
+      if name not in streams:
+        inputs[name], cross_masks[name], lengths[name] = (tokens, prompt_mask), shared, \
+            cache_length
+        continue
+      stream = streams[name]
+      if stream.prompt_mask is None:
+        raise ValueError(f'prefill needs the prompt_mask of stream {name!r}.')
+      inputs[name] = (stream.tokens, stream.prompt_mask)
+      lengths[name] = augment_cache_length or cache_length
+      cross_masks[name] = masks.aligned_cross_mask(stream.anchor_read_keys, stream.read_keys,
+                                                   prompt_mask, stream.prompt_mask)
     augments = self._run_augments(lambda lm, layers: lm.prefill(
-        tokens, prompt_mask, cache_length=cache_length, return_hidden=layers,
+        *inputs[lm.name], cache_length=lengths[lm.name], return_hidden=layers,
         compute_logits=False))
-    keys_values = self._keys_values(augments, positions)
-    cross_mask = masks.cross_mask(segment_ids,
-                                  prompt_mask if self.config.augment_as_encoder else None)
+    keys_values = {name: {j: self.bridge.get(name, j).keys_values(
+                              augments[name].hidden[a],
+                              default_positions_and_segments(inputs[name][0])[0])
+                          for j, (a, _) in enumerate(self.config.connections(name))}
+                   for name, _ in self.config.augments}
     out = self._anchor(tokens, positions, self.anchor.sequence_masks(segment_ids), None,
-                       keys_values, cross_mask, return_hidden,
+                       keys_values, cross_masks, return_hidden,
                        logits_index=last_prompt_index(prompt_mask))
-    return out._replace(cache={
+    cache = {
         'anchor': pad_caches(out.cache, cache_length),
         'augments': {name: augment.cache for name, augment in augments.items()},
-        'bridge': {name: {f'block_{j}': pad_cache(keys, values, cache_length)
+        'bridge': {name: {f'block_{j}': pad_cache(keys, values, lengths[name])
                           for j, (keys, values) in blocks.items()}
                    for name, blocks in keys_values.items()},
-        'prompt_length': jnp.sum(prompt_mask.astype(bool), axis=1).astype(jnp.int32)})
+        'prompt_length': jnp.sum(prompt_mask.astype(bool), axis=1).astype(jnp.int32)}
+    if streams:
+      cache['read_keys'] = {}
+      for name, stream in streams.items():
+        keys = jnp.where(stream.prompt_mask.astype(bool), stream.read_keys, KEY_EMPTY)
+        pad = lengths[name] - keys.shape[1]
+        cache['read_keys'][name] = jnp.pad(keys.astype(jnp.int32), ((0, 0), (0, pad)),
+                                           constant_values=KEY_EMPTY)
+    return out._replace(cache=cache)
 
   def extend(self, tokens: Array, positions: Array, cache: dict[str, Any], *,
+             read_keys: Array | None = None, logits_index: Array | None = None,
              return_hidden: Sequence[int] = ()) -> TransformerOutput:
     """One decoding step of the composition: the new token goes through every model.
 
+    Augments with their own tokenizer are not run here: `extend_augment` brings each up to
+    the text the new token completes first; the bridges read every slot whose read key is at
+    or below the new token's. A step may re-run earlier anchor tokens with the new one (K > 1)
+    when what their bridges read has changed.
+
     Args:
-      tokens: [B, 1] the new tokens.
-      positions: [B, 1] each row's sequence index of its new token (RoPE position and slot).
+      tokens: [B, K] the new tokens (K = 1 but where earlier ones are re-run).
+      positions: [B, K] each row's sequence index of each token (RoPE position and slot).
       cache: the composed cache of the previous `prefill` or `extend`.
+      read_keys: [B, K] the tokens' read keys (with own-tokenizer augments).
+      logits_index: [B] the token of each row whose logits to return (default: all).
       return_hidden: as in `__call__`.
 
     Returns:
-      The anchor's `TransformerOutput`: logits [B, 1, V] and the extended composed cache.
+      The anchor's `TransformerOutput`: logits [B, K, V] (or [B, 1, V] at `logits_index`) and
+      the extended composed cache.
     """
-    self._check_cached()
+    own = self.config.own_tokenizer
+    if own and read_keys is None:
+      raise ValueError(f'extend needs the read_keys of the new tokens: augments {list(own)} '
+                       'read their own tokenization.')
     cache_length = cache['anchor']['layer_0']['keys'].shape[1]
+    shared = [name for name, _ in self.config.augments if name not in own]
+    cross_masks = {}
     if self.config.augment_as_encoder:  # The augments and bridges keep the prompt's states.
-      augment_cache, bridge_cache = cache['augments'], cache['bridge']
-      cross_mask = masks.prompt_cache_mask(cache['prompt_length'], cache_length)
+      augment_cache = dict(cache['augments'])
+      bridge_cache = dict(cache['bridge'])
+      for name in shared:
+        cross_masks[name] = masks.prompt_cache_mask(cache['prompt_length'], cache_length)
     else:
-      augments = self._run_augments(lambda lm, layers: lm.extend(
-          tokens, positions, cache['augments'][lm.name], return_hidden=layers,
-          compute_logits=False))
-      augment_cache = {name: augment.cache for name, augment in augments.items()}
-      bridge_cache = {
-          name: {f'block_{j}': write_cache(cache['bridge'][name][f'block_{j}'], keys, values,
-                                           positions[:, 0])
-                 for j, (keys, values) in blocks.items()}
-          for name, blocks in self._keys_values(augments, positions).items()}
-      cross_mask = masks.cache_mask(positions, cache_length)
+      augments = {name: out for name, out in self._run_augments(lambda lm, layers: (
+          lm.extend(tokens, positions, cache['augments'][lm.name], return_hidden=layers,
+                    compute_logits=False) if lm.name not in own else None)).items()
+                  if out is not None}
+      augment_cache = {**cache['augments'],
+                       **{name: augment.cache for name, augment in augments.items()}}
+      bridge_cache = dict(cache['bridge'])
+      for name, augment in augments.items():
+        bridge_cache[name] = {
+            f'block_{j}': write_cache(cache['bridge'][name][f'block_{j}'],
+                                      *self.bridge.get(name, j).keys_values(
+                                          augment.hidden[a], positions), positions)
+            for j, (a, _) in enumerate(self.config.connections(name))}
+        cross_masks[name] = masks.cache_mask(positions, cache_length)
+    for name in own:
+      cross_masks[name] = cache['read_keys'][name][:, None, :] <= read_keys[:, :, None]
     keys_values = {name: {j: (bridge_cache[name][f'block_{j}']['keys'],
                               bridge_cache[name][f'block_{j}']['values'])
                           for j in range(len(self.config.connections(name)))}
                    for name, _ in self.config.augments}
     out = self._anchor(tokens, positions, self.anchor.cache_masks(positions, cache_length),
-                       cache['anchor'], keys_values, cross_mask, return_hidden)
-    return out._replace(cache={'anchor': out.cache, 'augments': augment_cache,
-                               'bridge': bridge_cache, 'prompt_length': cache['prompt_length']})
+                       cache['anchor'], keys_values, cross_masks, return_hidden, logits_index)
+    new_cache = {'anchor': out.cache, 'augments': augment_cache, 'bridge': bridge_cache,
+                 'prompt_length': cache['prompt_length']}
+    if 'read_keys' in cache:
+      new_cache['read_keys'] = cache['read_keys']
+    return out._replace(cache=new_cache)
+
+  def extend_augment(self, name: str, tokens: Array, positions: Array, read_keys: Array,
+                     length: Array, cache: dict[str, Any]) -> dict[str, Any]:
+    """Brings own-tokenizer augment `name` up to a longer text: re-runs its changed tail.
+
+    Args:
+      name: the augment (of `config.own_tokenizer`).
+      tokens: [B, K] its new or changed decoder inputs (rows with fewer pad at the end).
+      positions: [B, K] their slots (each row's from its first changed one, consecutive).
+      read_keys: [B, K] their read keys.
+      length: [B] each row's valid inputs after the update: slots at or above it are emptied.
+      cache: the composed cache.
+
+    Returns:
+      The composed cache with the augment's, its bridges' and its read keys' slots rewritten.
+    """
+    if name not in self.config.own_tokenizer:
+      raise ValueError(f'extend_augment is for augments with their own tokenizer, not {name!r}.')
+    lm = self.augments.lms[name]
+    layers = self._augment_layers()[name]
+    out = lm.extend(tokens, positions, cache['augments'][name], return_hidden=layers,
+                    compute_logits=False)
+    bridge = {f'block_{j}': write_cache(cache['bridge'][name][f'block_{j}'],
+                                        *self.bridge.get(name, j).keys_values(out.hidden[a],
+                                                                              positions),
+                                        positions)
+              for j, (a, _) in enumerate(self.config.connections(name))}
+    keys = cache['read_keys'][name]
+    rows = jnp.arange(keys.shape[0])[:, None]
+    keys = keys.at[rows, positions].set(read_keys.astype(jnp.int32), mode='drop')
+    keys = jnp.where(jnp.arange(keys.shape[1])[None, :] < length[:, None], keys, KEY_EMPTY)
+    return {**cache, 'augments': {**cache['augments'], name: out.cache},
+            'bridge': {**cache['bridge'], name: bridge},
+            'read_keys': {**cache['read_keys'], name: keys}}
 
 
 def abstract_params(config: CalmConfig) -> Any:

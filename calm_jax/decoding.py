@@ -318,3 +318,134 @@ def decode_batches(generate_fn: Callable[[Any, Array, Array, Array], Array], par
     out = generate_fn(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(prompt, jnp.int32),
                       jax.random.fold_in(jax.random.key(seed), i))
     yield n, np.asarray(out)[:n]
+
+
+def _pad_rows(rows: list[np.ndarray], length: int, value: int = 0) -> np.ndarray:
+  out = np.full((len(rows), length), value, np.int32)
+  for i, row in enumerate(rows):
+    out[i, :len(row)] = row
+  return out
+
+
+def _bucket(n: int) -> int:
+  """The next power of two >= n: a changed tail of n tokens compiles once per bucket."""
+  return 1 << max(0, int(n - 1).bit_length())
+
+
+def generate_aligned(model: nn.Module, params: Any, rows: list[Any], *, max_decode_len: int,
+                     eos_id: int, augment_cache_length: int | None = None,
+                     return_logits: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+  """Greedy cached decoding of a composition whose augment has its own tokenizer.
+
+  Each step: the anchor's new token extends the text (`alignment.DecodingRow.push`); where
+  the augment's tokens of the new text differ from those in its cache (a merge across the
+  boundary), its KV cache, its bridges' key/value caches and their read keys roll back to the
+  last unchanged token and the changed tail is re-run (`Calm.extend_augment`); then the anchor
+  runs its step (`Calm.extend`), its bridges reading every augment token whose read key is at
+  or below the new token's. Each step's logits equal a full forward pass over the same text.
+  The loop runs on the host (tokenization is Python); the model calls are compiled.
+
+  Args:
+    model: a `Calm` with one augment in `config.own_tokenizer`.
+    params: its parameters.
+    rows: one `alignment.DecodingRow` per prompt (updated in place).
+    max_decode_len: tokens to generate.
+    eos_id: a row stops after the anchor emits it; its later tokens are 0.
+    augment_cache_length: slots of the augment's cache (default: its longest prompt + 4 per
+      generated token).
+    return_logits: also return each step's logits [B, max_decode_len, V] (float32).
+
+  Returns:
+    [B, max_decode_len] int32 generated tokens (and the logits).
+
+  Raises:
+    ValueError: not exactly one own-tokenizer augment, or an augment cache too short.
+  """
+  from calm_jax.calm import AugmentStream  # pylint: disable=g-import-not-at-top
+  own = model.config.own_tokenizer
+  if len(own) != 1:
+    raise ValueError(f'generate_aligned decodes a composition with one own-tokenizer augment, '
+                     f'got {list(own)}.')
+  name = own[0]
+  anchor = [row.anchor_inputs() for row in rows]
+  augment = [row.augment_inputs() for row in rows]
+  length = max(len(t) for t, _ in anchor)
+  augment_length = max(len(t) for t, _ in augment)
+  cache_length = length + max_decode_len
+  augment_slots = augment_cache_length or augment_length + 4 * max_decode_len
+  prompt_mask = _pad_rows([np.ones(len(t)) for t, _ in anchor], length)
+  augment_mask = _pad_rows([np.ones(len(t)) for t, _ in augment], augment_length)
+  stream = AugmentStream(jnp.asarray(_pad_rows([t for t, _ in augment], augment_length)),
+                         jnp.asarray(_pad_rows([k for _, k in augment], augment_length)),
+                         jnp.asarray(_pad_rows([k for _, k in anchor], length)),
+                         prompt_mask=jnp.asarray(augment_mask))
+  cls = type(model)
+  prefill = jax.jit(lambda p, t, m, s: model.apply(
+      {'params': p}, t, m, cache_length=cache_length, streams={name: s},
+      augment_cache_length=augment_slots, method=cls.prefill))
+  extend_augment = jax.jit(lambda p, *a: model.apply({'params': p}, name, *a,
+                                                     method=cls.extend_augment))
+  extend = jax.jit(lambda p, t, pos, c, k, i: model.apply(
+      {'params': p}, t, pos, c, read_keys=k, logits_index=i, method=cls.extend))
+  out = prefill(params, jnp.asarray(_pad_rows([t for t, _ in anchor], length)),
+                jnp.asarray(prompt_mask), stream)
+  logits, cache = out.logits[:, 0], out.cache
+  batch = len(rows)
+  positions = np.asarray([len(t) for t, _ in anchor], np.int32)
+  done = np.zeros(batch, bool)
+  tokens = np.zeros((batch, max_decode_len), np.int32)
+  all_logits = []
+  for i in range(max_decode_len):
+    step = np.asarray(logits, np.float32)
+    if return_logits:
+      all_logits.append(step)
+    token = np.where(done, 0, np.argmax(step, axis=-1)).astype(np.int32)
+    tokens[:, i] = token
+    active = ~done
+    done = done | (token == eos_id)
+    if i == max_decode_len - 1 or done.all():
+      break
+    updates = [row.push(t) if a else None for row, t, a in zip(rows, token, active)]
+    width = max([len(u.augment_tokens) for u in updates if u is not None] + [0])
+    if width:
+      width = _bucket(width)
+      new = np.zeros((batch, width), np.int32)
+      slots = np.zeros((batch, width), np.int32)
+      new_keys = np.full((batch, width), np.iinfo(np.int32).max, np.int32)
+      valid = np.zeros(batch, np.int32)
+      for r, update in enumerate(updates):
+        valid[r] = len(rows[r].augment_ids) + 1
+        start = valid[r] if update is None else update.augment_from
+        n = 0 if update is None else len(update.augment_tokens)
+        slots[r] = start + np.arange(width)
+        if n:
+          new[r, :n], new_keys[r, :n] = update.augment_tokens, update.augment_keys
+      if valid.max() > augment_slots:
+        raise ValueError(f'the augment needs {valid.max()} cache slots, more than the '
+                         f'{augment_slots} given (augment_cache_length).')
+      cache = extend_augment(params, jnp.asarray(new), jnp.asarray(slots),
+                             jnp.asarray(new_keys), jnp.asarray(valid), cache)
+    # The anchor's step: its new token, and any earlier one whose bridges' reads changed.
+    froms = np.asarray([u.anchor_from if u is not None else positions[r]
+                        for r, u in enumerate(updates)], np.int32)
+    width = _bucket(int((positions - froms).max()) + 1)
+    run = np.zeros((batch, width), np.int32)
+    run_keys = np.zeros((batch, width), np.int32)
+    slots = froms[:, None] + np.arange(width)[None, :]
+    for r in range(batch):
+      inputs, input_keys = rows[r].anchor_inputs()
+      n = positions[r] - froms[r] + 1
+      if updates[r] is not None:
+        run[r, :n], run_keys[r, :n] = inputs[froms[r]:], input_keys[froms[r]:]
+      else:  # A finished row: its step is not read.
+        run[r, :n], run_keys[r, :n] = 0, np.iinfo(np.int32).max
+    out = extend(params, jnp.asarray(run), jnp.asarray(slots), cache, jnp.asarray(run_keys),
+                 jnp.asarray(positions - froms))
+    logits, cache = out.logits[:, 0], out.cache
+    positions = positions + 1
+  if return_logits:
+    steps = np.stack(all_logits, axis=1)
+    padded = np.zeros((batch, max_decode_len, steps.shape[-1]), np.float32)
+    padded[:, :steps.shape[1]] = steps
+    return tokens, padded
+  return tokens

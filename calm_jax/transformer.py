@@ -188,7 +188,7 @@ class Transformer(nn.Module):
     return {w: masks.sequence_mask(segment_ids, w) for w in self.config.layer_windows()}
 
   def cache_masks(self, positions: Array, cache_length: int) -> dict[int | None, Array]:
-    """{window: [B, 1, L] mask} of a decoding step at `positions` [B, 1]."""
+    """{window: [B, K, L] mask} of a decoding step at `positions` [B, K]."""
     return {w: masks.cache_mask(positions, cache_length, w) for w in self.config.layer_windows()}
 
   def _run(self, tokens: Array, positions: Array, layer_masks: dict[int | None, Array],
@@ -256,17 +256,17 @@ class Transformer(nn.Module):
   def extend(self, tokens: Array, positions: Array, cache: dict[str, dict[str, Array]], *,
              return_hidden: Sequence[int] = (),
              compute_logits: bool = True) -> TransformerOutput:
-    """One decoding step: feeds one new token per row and extends the cache.
+    """One decoding step: feeds the new tokens of each row and extends the cache.
 
     Args:
-      tokens: [B, 1] the new tokens.
-      positions: [B, 1] each row's sequence index of its new token (its RoPE position and
-        cache slot).
+      tokens: [B, K] the new tokens (usually K = 1; more re-run a changed tail).
+      positions: [B, K] each row's sequence index of its new tokens (RoPE position and cache
+        slot; each reads the slots at or before it).
       cache: the cache of the previous `prefill` or `extend`.
       return_hidden, compute_logits: as in `__call__`.
 
     Returns:
-      A `TransformerOutput`: logits [B, 1, V] and the extended cache.
+      A `TransformerOutput`: logits [B, K, V] and the extended cache.
     """
     cache_length = next(iter(cache.values()))['keys'].shape[1]
     return self._run(tokens, positions, self.cache_masks(positions, cache_length), cache,
