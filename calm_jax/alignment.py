@@ -296,3 +296,60 @@ class Update(NamedTuple):
   augment_tokens: np.ndarray
   augment_keys: np.ndarray
   anchor_from: int
+
+
+# The model features of an own-tokenizer augment, beside T5X's decoder-only ones.
+STREAM_FEATURES = ('decoder_read_keys', 'augment_input_tokens', 'augment_read_keys',
+                   'augment_segment_ids', 'augment_causal_attention')
+
+
+def prefix_lm_features(anchor_vocabulary: Any, augment_vocabulary: Any, inputs: str,
+                       targets: str, *, length: int, augment_length: int | None = None,
+                       anchor_bos: int | None = None, augment_bos: int | None = None
+                       ) -> dict[str, np.ndarray]:
+  """One example as T5X prefix-LM features for the anchor plus the augment's stream.
+
+  Both models read `inputs` then `targets` (each tokenized as a piece of its own, as seqio
+  tokenizes features; BOS first where given, EOS after the targets). Anchor features as
+  seqio's PrefixLMFeatureConverter writes them (decoder_input_tokens, decoder_target_tokens,
+  decoder_loss_weights on the targets, decoder_causal_attention on the 0 and the inputs,
+  decoder_segment_ids) and STREAM_FEATURES: both streams' read keys and the augment's inputs,
+  segments and prompt region. Streams longer than their length lose their end.
+
+  Args:
+    anchor_vocabulary, augment_vocabulary: the two seqio vocabularies.
+    inputs, targets: the texts.
+    length: the anchor's length (inputs + targets tokens).
+    augment_length: the augment's (default `length`).
+    anchor_bos, augment_bos: the BOS each model reads first, or None.
+
+  Returns:
+    {feature: [length] or [augment_length] int32}.
+  """
+  def one(vocabulary, bos, size):
+    head = [] if bos is None else [bos]
+    prompt_ids, prompt_ends = stream(vocabulary, head + [inputs])
+    ids, ends = stream(vocabulary, [targets, vocabulary.eos_id],
+                       offset=len(inputs.encode('utf-8')))
+    all_ids = np.concatenate([prompt_ids, ids])[:size]
+    keys = read_keys(np.concatenate([prompt_ends, ends]))[:size]
+    n = len(all_ids)
+    out = {'targets': np.zeros(size, np.int32), 'inputs': np.zeros(size, np.int32),
+           'keys': np.zeros(size, np.int32), 'segments': np.zeros(size, np.int32),
+           'prompt': np.zeros(size, np.int32), 'weights': np.zeros(size, np.int32)}
+    out['targets'][:n] = all_ids
+    out['inputs'][1:n] = all_ids[:n - 1]
+    out['keys'][:n] = decoder_read_keys(keys)
+    out['segments'][:n] = 1
+    out['prompt'][:min(n, len(prompt_ids) + 1)] = 1
+    out['weights'][len(prompt_ids):n] = 1
+    return out
+  anchor = one(anchor_vocabulary, anchor_bos, length)
+  augment = one(augment_vocabulary, augment_bos, augment_length or length)
+  return {'decoder_input_tokens': anchor['inputs'], 'decoder_target_tokens': anchor['targets'],
+          'decoder_loss_weights': anchor['weights'],
+          'decoder_causal_attention': anchor['prompt'],
+          'decoder_segment_ids': anchor['segments'], 'decoder_read_keys': anchor['keys'],
+          'augment_input_tokens': augment['inputs'], 'augment_read_keys': augment['keys'],
+          'augment_segment_ids': augment['segments'],
+          'augment_causal_attention': augment['prompt']}

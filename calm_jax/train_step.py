@@ -22,7 +22,7 @@ import optax
 
 from calm_jax import calm as calm_lib
 from calm_jax import partitioning
-from calm_jax.calm import Calm
+from calm_jax.calm import AugmentStream, Calm
 from calm_jax.configs import CalmConfig
 from calm_jax.losses import cross_entropy_loss
 from calm_jax.trainable import count_params, merge_params
@@ -61,6 +61,15 @@ def apply_fn_for(model: nn.Module) -> ApplyFn:
                   segment_ids=batch.get('decoder_segment_ids'))
     if isinstance(model, Calm):
       kwargs['prompt_mask'] = batch.get('decoder_causal_attention')
+      own = model.config.own_tokenizer
+      if own:  # One own-tokenizer augment reads the batch's augment stream.
+        if len(own) > 1:
+          raise ValueError(f'a batch carries one augment stream; augments {list(own)} have '
+                           'their own tokenizer.')
+        kwargs['streams'] = {own[0]: AugmentStream(
+            batch['augment_input_tokens'], batch['augment_read_keys'],
+            batch['decoder_read_keys'], segment_ids=batch['augment_segment_ids'],
+            prompt_mask=batch['augment_causal_attention'])}
     return model.apply({'params': params}, tokens, **kwargs).logits
   return apply
 

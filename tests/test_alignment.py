@@ -6,6 +6,7 @@ several characters), both with byte fallback.
 """
 
 import collections
+import dataclasses
 import functools
 import inspect
 import json
@@ -249,3 +250,55 @@ def test_cached_decoding_equals_the_full_forward_at_every_step(vocabularies):
       if i < steps - 1:  # The decoder feeds every token but the last.
         row.push(int(tokens[r, i]))
   assert [row.augment_ids for row in replay] == [row.augment_ids for row in rows]
+
+
+def test_prefix_lm_features_follow_seqios_layout(vocabularies):
+  chars, words = vocabularies
+  f = alignment.prefix_lm_features(chars, words, 'Summary:', ' ok', length=16, anchor_bos=3)
+  # Anchor: BOS + 8 characters of inputs, then ' ok' and EOS as targets (a char model adds
+  # the dummy-prefix piece), shifted behind a 0 for the inputs.
+  inputs = [3] + chars.encode('Summary:')
+  targets = chars.encode(' ok') + [1]
+  n = len(inputs) + len(targets)
+  assert f['decoder_target_tokens'][:n].tolist() == inputs + targets
+  assert f['decoder_input_tokens'][:n].tolist() == [0] + (inputs + targets)[:-1]
+  assert f['decoder_loss_weights'].tolist() == [0] * len(inputs) + [1] * len(targets) + [0] * (
+      16 - n)
+  assert f['decoder_causal_attention'].tolist() == [1] * (len(inputs) + 1) + [0] * (
+      15 - len(inputs))
+  assert f['decoder_segment_ids'].tolist() == [1] * n + [0] * (16 - n)
+  # The augment reads the same text in its own tokens; the last anchor input (EOS's) has
+  # read everything, so it may read every real augment input.
+  m = int(f['augment_segment_ids'].sum())
+  assert m == len(words.encode('Summary:')) + len(words.encode(' ok')) + 1
+  last = f['decoder_read_keys'][n - 1]
+  assert (f['augment_read_keys'][:m] <= last).all()
+  assert f['decoder_read_keys'][:n].tolist() == sorted(f['decoder_read_keys'][:n].tolist())
+
+
+def test_a_composition_step_trains_the_bridges_over_an_own_tokenizer_augment(vocabularies):
+  import optax  # pylint: disable=g-import-not-at-top
+  from calm_jax import train_step as ts  # pylint: disable=g-import-not-at-top
+  chars, words = vocabularies
+  config = dataclasses.replace(  # Zero-initialised W_o: the composition starts as the anchor.
+      _config(chars.vocab_size, words.vocab_size),
+      bridges={'aug': BridgeConfig(connections=((1, 1), (2, 2)))})
+  params = _params(config, seed=4)
+  pairs = [('Summary: the key', ' is 7'), ('Summary: héllo', ' wörld'),
+           ('Summary: def f', ' returns x'), ('Summary: a b c', ' d e f')]
+  rows = [alignment.prefix_lm_features(chars, words, a, b, length=32, anchor_bos=3,
+                                       augment_bos=3) for a, b in pairs]
+  batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+  batch['decoder_loss_weights'] = batch['decoder_loss_weights'].astype(jnp.float32)
+  frozen = {'anchor': params['anchor'], 'augments': params['augments']}
+  before = jax.tree.map(np.array, frozen)
+  optimizer = optax.adam(3e-3)
+  state = ts.init_train_state({'bridge': params['bridge']}, optimizer)
+  step = ts.make_train_step(ts.apply_fn_for(Calm(config)), optimizer)
+  losses = []
+  for _ in range(15):
+    state, metrics = step(state, frozen, batch)
+    losses.append(float(metrics['loss']))
+  assert losses[-1] < losses[0] - 0.1, losses  # The bridges learn through the aligned mask.
+  assert set(state.params) == {'bridge'}  # Frozen means frozen: no state, no writes.
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, frozen), before)
