@@ -326,7 +326,7 @@ def prefix_lm_features(anchor_vocabulary: Any, augment_vocabulary: Any, inputs: 
   Returns:
     {feature: [length] or [augment_length] int32}.
   """
-  def one(vocabulary, bos, size):
+  def one(vocabulary, bos, size, anchor_layout=False):
     head = [] if bos is None else [bos]
     prompt_ids, prompt_ends = stream(vocabulary, head + [inputs])
     ids, ends = stream(vocabulary, [targets, vocabulary.eos_id],
@@ -338,13 +338,15 @@ def prefix_lm_features(anchor_vocabulary: Any, augment_vocabulary: Any, inputs: 
            'keys': np.zeros(size, np.int32), 'segments': np.zeros(size, np.int32),
            'prompt': np.zeros(size, np.int32), 'weights': np.zeros(size, np.int32)}
     out['targets'][:n] = all_ids
-    out['inputs'][1:n] = all_ids[:n - 1]
+    out['inputs'][1:] = out['targets'][:-1]  # As seqio: a padding input repeats EOS.
+    if not anchor_layout:
+      out['inputs'][n:] = 0  # The augment's padding is 0 (passed through, padded by seqio).
     out['keys'][:n] = decoder_read_keys(keys)
     out['segments'][:n] = 1
     out['prompt'][:min(n, len(prompt_ids) + 1)] = 1
     out['weights'][len(prompt_ids):n] = 1
     return out
-  anchor = one(anchor_vocabulary, anchor_bos, length)
+  anchor = one(anchor_vocabulary, anchor_bos, length, anchor_layout=True)
   augment = one(augment_vocabulary, augment_bos, augment_length or length)
   return {'decoder_input_tokens': anchor['inputs'], 'decoder_target_tokens': anchor['targets'],
           'decoder_loss_weights': anchor['weights'],

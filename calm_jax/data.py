@@ -42,9 +42,37 @@ def tasks_of(name: str) -> list[seqio.Task]:
   return list(task.tasks) if isinstance(task, seqio.Mixture) else [task]
 
 
-def feature_converter(task: seqio.Task | seqio.Mixture, pack: bool) -> seqio.FeatureConverter:
-  """Prefix-LM converter for input/target tasks, plain LM converter for target-only ones."""
+def is_aligned(task: seqio.Task | seqio.Mixture) -> bool:
+  """Whether `task` yields an own-tokenizer augment's stream (`memory_tasks.aligned_features`).
+
+  Raises:
+    ValueError: a mixture of aligned and plain tasks.
+  """
   tasks = task.tasks if isinstance(task, seqio.Mixture) else [task]
+  aligned = ['augment_input_tokens' in t.output_features for t in tasks]
+  if any(aligned) and not all(aligned):
+    raise ValueError(f'{task.name} mixes tasks with and without an augment stream.')
+  return all(aligned)
+
+
+def feature_converter(task: seqio.Task | seqio.Mixture, pack: bool) -> seqio.FeatureConverter:
+  """Prefix-LM converter for input/target tasks, plain LM converter for target-only ones; for
+  tasks with an augment stream the prefix-LM converter passes `alignment.STREAM_FEATURES`
+  through (unpacked only).
+
+  Raises:
+    ValueError: packing asked for tasks with an augment stream.
+  """
+  tasks = task.tasks if isinstance(task, seqio.Mixture) else [task]
+  if is_aligned(task):
+    from calm_jax import alignment  # pylint: disable=g-import-not-at-top
+    if pack:
+      raise ValueError(f'{task.name} carries an augment stream: packing is not supported; '
+                       'train it with pack=False.')
+    spec = seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)
+    return seqio.PrefixLMFeatureConverter(
+        pack=False, loss_on_targets_only=True,
+        passthrough_features={name: spec for name in alignment.STREAM_FEATURES})
   if all('inputs' in t.output_features for t in tasks):
     return seqio.PrefixLMFeatureConverter(pack=pack, loss_on_targets_only=True)
   return seqio.DecoderFeatureConverter(pack=pack)
@@ -62,6 +90,18 @@ def task_feature_names(name: str) -> tuple[str, ...]:
   """
   converter = feature_converter(get_task_or_mixture(name), pack=False)
   return tuple(sorted(converter.TASK_FEATURES))
+
+
+def aligned_lengths(task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
+  """{'inputs', 'targets'} (and optionally 'augment_input_tokens', default their sum) as the
+  lengths of every feature of a task with an augment stream."""
+  from calm_jax import alignment  # pylint: disable=g-import-not-at-top
+  total = int(task_feature_lengths['inputs']) + int(task_feature_lengths['targets'])
+  augment = int(task_feature_lengths.get('augment_input_tokens') or total)
+  lengths = {'inputs': int(task_feature_lengths['inputs']),
+             'targets': int(task_feature_lengths['targets']), 'decoder_read_keys': total}
+  lengths.update({name: augment for name in alignment.STREAM_FEATURES[1:]})
+  return lengths
 
 
 def get_dataset(name: str, task_feature_lengths: Mapping[str, int], split: str,
@@ -88,8 +128,11 @@ def get_dataset(name: str, task_feature_lengths: Mapping[str, int], split: str,
   task = get_task_or_mixture(name)
   processes = jax.process_count()
   validation.check_batch_per_process(batch_size, processes)
+  task_feature_lengths = dict(task_feature_lengths)
+  if is_aligned(task):
+    task_feature_lengths = aligned_lengths(task_feature_lengths)
   ds = seqio.get_dataset(
-      name, task_feature_lengths=dict(task_feature_lengths), dataset_split=split,
+      name, task_feature_lengths=task_feature_lengths, dataset_split=split,
       shuffle=shuffle, num_epochs=num_epochs, seed=seed, use_cached=False,
       shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=processes),
       feature_converter=feature_converter(task, pack))

@@ -302,3 +302,35 @@ def test_a_composition_step_trains_the_bridges_over_an_own_tokenizer_augment(voc
   assert losses[-1] < losses[0] - 0.1, losses  # The bridges learn through the aligned mask.
   assert set(state.params) == {'bridge'}  # Frozen means frozen: no state, no writes.
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, frozen), before)
+
+
+def test_a_seqio_task_yields_both_streams_through_the_prefix_lm_converter(vocabularies):
+  from calm_jax import data  # pylint: disable=g-import-not-at-top
+  from calm_tasks import memory_tasks  # pylint: disable=g-import-not-at-top
+  chars, words = vocabularies
+  pairs = [('Summary: the key', ' is 7'), ('Summary: héllo', ' wörld'),
+           ('Summary: a very long prompt that the anchor cannot keep whole', ' cut')]
+  rows = [{'inputs': a, 'targets': b} for a, b in pairs]
+  memory_tasks.aligned_seq2seq_task('aligned_test', chars, words, lambda split: rows,
+                                    splits=('validation',), keep_prompt_end=True)
+  lengths = {'inputs': 24, 'targets': 16}
+  assert data.task_feature_names('aligned_test') == ('inputs', 'targets')
+  batch = next(data.as_numpy_batches(data.get_dataset(
+      'aligned_test', lengths, 'validation', 3, shuffle=False, num_epochs=1)))
+  for name in ('decoder_input_tokens', 'decoder_target_tokens', 'decoder_read_keys',
+               'augment_input_tokens', 'augment_read_keys'):
+    assert batch[name].shape == (3, 40), name
+  for r, (a, b) in enumerate(pairs[:2]):  # Short enough: exactly the numpy features.
+    # These vocabularies define BOS 3, which the task puts first in both streams.
+    expected = alignment.prefix_lm_features(chars, words, a, b, length=40, anchor_bos=3,
+                                            augment_bos=3)
+    assert set(expected) - set(batch) == {'decoder_segment_ids'}  # seqio: packing only.
+    for name in set(expected) & set(batch):
+      np.testing.assert_array_equal(batch[name][r], expected[name], err_msg=f'{name}, row {r}')
+  # The long prompt kept its end; its keys still say what each kept token has read.
+  kept = batch['decoder_target_tokens'][2]
+  assert chars.decode(kept[:24].tolist()).endswith('keep whole')
+  keys = batch['decoder_read_keys'][2][batch['decoder_target_tokens'][2] != 0]
+  assert np.all(np.diff(keys) > 0)
+  with pytest.raises(ValueError, match='packing is not supported'):
+    data.feature_converter(seqio.get_mixture_or_task('aligned_test'), pack=True)
