@@ -57,6 +57,16 @@ def _text(value: Any) -> str:
   return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
 
+def summary_line(text: Any, example: Any = None, is_target: bool = False) -> str:
+  """code->text's seqio postprocessor: the first non-empty line, stripped (a summary is one
+  line; a pretrained model often opens a docstring with a newline and indentation)."""
+  del example, is_target
+  for line in _text(text).split('\n'):
+    if line.strip():
+      return line.strip()
+  return ''
+
+
 def humaneval_postprocess(output: Any, example: Mapping[str, Any] | None = None,
                           is_target: bool = False) -> Any:
   """HumanEval's seqio postprocessor: a target becomes its problem ({'id', 'prompt', 'test',
@@ -148,7 +158,7 @@ def register_code_to_text(file: str, *, vocabulary_path: str | seqio.Vocabulary,
     return code_to_text_rows(pairs, pairs, shots, seed, pool_is_pairs=True)
   memory_tasks.seq2seq_task(name, _vocabulary(vocabulary_path),
                             functools.lru_cache(maxsize=1)(rows),
-                            [text_metrics.chrf, text_metrics.bleu], lowres.first_line,
+                            [text_metrics.chrf, text_metrics.bleu], summary_line,
                             splits=('validation',), keep_prompt_end=True)
   return name
 
@@ -274,7 +284,7 @@ def register_stdlib(vocabulary_path: str | None = None, *, task: str = 'stdlib_d
     return code_to_text_rows(code_data.code_text(True), dc, shots)
   memory_tasks.seq2seq_task(f'{prefix}stdlib_code_to_text', vocabulary,
                             functools.lru_cache(maxsize=2)(code_to_text),
-                            [text_metrics.chrf, text_metrics.bleu], lowres.first_line,
+                            [text_metrics.chrf, text_metrics.bleu], summary_line,
                             keep_prompt_end=True)
   memory_tasks.seq2seq_task(
       f'{prefix}stdlib_text_to_code', vocabulary,

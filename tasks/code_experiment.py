@@ -87,7 +87,7 @@ def write_results(results: Mapping[str, Mapping[str, float]], out_dir: epath.Pat
                  f'{cell("en_ppl", model)} | {cell("code_ppl", model)} |')
   notes = [f'Held-out standard-library modules (Python {settings.get("python", "?")}): '
            f'{settings.get("pairs", {}).get("held_out", "?")} functions, code->text scored '
-           'up to the first newline with sacrebleu (chrF with beta 1, BLEU); HumanEval 0-shot, '
+           'on the first non-empty line with sacrebleu (chrF with beta 1, BLEU); HumanEval 0-shot, '
            'greedy, every completion run in calm_jax.sandbox; perplexities per token of the '
            'shared vocabulary on held-out English (KJV held-out books, held-out docstrings) '
            'and held-out code.']

@@ -173,3 +173,10 @@ def test_long_prompts_lose_their_beginning_not_their_cue(tmp_path):
   assert kept['inputs'].numpy().tolist() == [7, 8, 9]
   assert next(iter(memory_tasks.prepend_bos(memory_tasks.keep_inputs_end(
       ds, {'inputs': 4}, reserve=1), 2)))['inputs'].numpy().tolist() == [2, 7, 8, 9]
+
+
+def test_a_summary_is_scored_on_its_first_non_empty_line():
+  from calm_tasks import code  # pylint: disable=g-import-not-at-top
+  assert code.summary_line('\n    Return the key.\n    More.') == 'Return the key.'
+  assert code.summary_line('Return it.\nCode:') == 'Return it.'
+  assert code.summary_line(b'  \n\n') == ''
