@@ -34,6 +34,7 @@ def write_calm_run(model_dir: str | epath.Path, config: CalmConfig, anchor_check
       'augment_checkpoints': {k: str(v) for k, v in augment_checkpoints.items()},
       'bridges': {name: b.to_dict() for name, b in config.bridges},
       'augment_as_encoder': config.augment_as_encoder,
+      'own_tokenizer': list(config.own_tokenizer),
   }
   (epath.Path(model_dir) / CALM_RUN_FILE).write_text(json.dumps(document, indent=2))
 
@@ -48,7 +49,8 @@ def read_calm_run(model_dir: str | epath.Path) -> tuple[CalmConfig, dict[str, An
   config = CalmConfig(anchor=anchor_config, augments=augments,
                       bridges={k: BridgeConfig.from_dict(v)
                                for k, v in document['bridges'].items()},
-                      augment_as_encoder=document['augment_as_encoder'])
+                      augment_as_encoder=document['augment_as_encoder'],
+                      own_tokenizer=tuple(document.get('own_tokenizer', ())))
   return config, {'anchor': anchor, 'augments': augment_params}
 
 

@@ -334,3 +334,16 @@ def test_a_seqio_task_yields_both_streams_through_the_prefix_lm_converter(vocabu
   assert np.all(np.diff(keys) > 0)
   with pytest.raises(ValueError, match='packing is not supported'):
     data.feature_converter(seqio.get_mixture_or_task('aligned_test'), pack=True)
+
+
+def test_a_composition_run_records_which_augments_read_their_own_tokens(tmp_path):
+  from calm_jax import random_init, runs  # pylint: disable=g-import-not-at-top
+  config = _config(400, 900)
+  anchor = random_init.random_lm_checkpoint(config.anchor, tmp_path / 'anchor', 0)
+  augment = random_init.random_lm_checkpoint(dict(config.augments)['aug'], tmp_path / 'aug', 1)
+  (tmp_path / 'run').mkdir()
+  runs.write_calm_run(tmp_path / 'run', config, anchor, {'aug': augment})
+  loaded, frozen = runs.read_calm_run(tmp_path / 'run')
+  assert loaded == config and loaded.own_tokenizer == ('aug',)
+  sizes = {leaf.shape[0] for leaf in jax.tree.leaves(frozen['augments']['aug']['embedder'])}
+  assert sizes == {900}  # The augment's own vocabulary.
