@@ -355,3 +355,115 @@ def prefix_lm_features(anchor_vocabulary: Any, augment_vocabulary: Any, inputs: 
           'augment_input_tokens': augment['inputs'], 'augment_read_keys': augment['keys'],
           'augment_segment_ids': augment['segments'],
           'augment_causal_attention': augment['prompt']}
+
+
+# ---- The augment's own vocabulary: named in gin, found in the task, carried by the run. ----
+
+VOCABULARY_DIR = 'vocabularies'  # In MODEL_DIR / a composed checkpoint: each augment's own.
+
+
+def resolve_vocabulary(value: Any) -> Any:
+  """A seqio vocabulary from what gin gives: a vocabulary, a SentencePiece `.model` file, a
+  `vocab.bpe.json` file, or an LM checkpoint directory that carries its tokenizer.
+
+  Raises:
+    FileNotFoundError: a path that does not exist.
+    ValueError: a path that is none of these.
+  """
+  if not isinstance(value, (str, bytes)) and not hasattr(value, 'joinpath'):
+    return value  # Already a vocabulary.
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from calm_jax import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+  path = epath.Path(value)
+  if not path.exists():
+    raise FileNotFoundError(f'augment vocabulary {path} does not exist.')
+  if path.is_dir():
+    return vocab_lib.load_vocabulary(path)
+  if path.name.endswith('.bpe.json'):
+    from calm_jax import bpe  # pylint: disable=g-import-not-at-top
+    return bpe.ByteLevelBPEVocabulary(path)
+  if path.name.endswith('.model'):
+    import seqio  # pylint: disable=g-import-not-at-top
+    return seqio.SentencePieceVocabulary(str(path))
+  raise ValueError(f'augment vocabulary {path}: give a SentencePiece .model file, a '
+                   'vocab.bpe.json file or an LM checkpoint directory.')
+
+
+def task_augment_vocabulary(name: str) -> Any:
+  """The vocabulary of the augment stream ('augment_input_tokens') of task or mixture `name`,
+  or None where it yields none.
+
+  Raises:
+    ValueError: tasks of one mixture with different augment vocabularies, or a mixture of
+      tasks with and without an augment stream.
+  """
+  from calm_jax import data  # pylint: disable=g-import-not-at-top
+  if not data.is_aligned(data.get_task_or_mixture(name)):
+    return None
+  found = [t.output_features['augment_input_tokens'].vocabulary for t in data.tasks_of(name)]
+  if any(v != found[0] for v in found[1:]):
+    raise ValueError(f'the tasks of {name} tokenize the augment stream with different '
+                     'vocabularies.')
+  return found[0]
+
+
+def check_task_vocabularies(name: str, augment_vocabularies: Any) -> None:
+  """Checks that task `name` yields exactly the streams of `augment_vocabularies` ({augment:
+  vocabulary}): one own-tokenizer augment, whose vocabulary is the task's augment stream's.
+
+  Raises:
+    ValueError: a task without an augment stream, an aligned task with none given, more than
+      one own-tokenizer augment, or a vocabulary other than the task's.
+  """
+  task_vocabulary = task_augment_vocabulary(name)
+  given = dict(augment_vocabularies or {})
+  if not given:
+    if task_vocabulary is not None:
+      raise ValueError(f'{name} yields an augment stream in its own vocabulary: name the '
+                       'augment that reads it in '
+                       "augment_vocabularies (gin: {'augment': %AUGMENT_VOCABULARY}).")
+    return
+  if len(given) != 1:
+    raise ValueError(f'one augment may read its own tokenization (one stream per task); got '
+                     f'{sorted(given)}.')
+  if task_vocabulary is None:
+    raise ValueError(f'augment {next(iter(given))!r} reads its own tokenization but {name} '
+                     'yields no augment stream: register it with '
+                     'calm_tasks.memory_tasks.aligned_seq2seq_task.')
+  (augment, vocabulary), = given.items()
+  if not same_vocabulary(vocabulary, task_vocabulary):
+    raise ValueError(f'augment {augment!r}: its vocabulary ({vocabulary}) is not the one {name} '
+                     f'tokenizes the augment stream with ({task_vocabulary}).')
+
+
+def same_vocabulary(a: Any, b: Any) -> bool:
+  """Whether `a` and `b` tokenize alike: SentencePiece models by their serialised model (seqio's
+  equality also compares the file's path, and a run keeps its own copy), others by `==`."""
+  if hasattr(a, 'sp_model') and hasattr(b, 'sp_model'):
+    return (a.sp_model == b.sp_model and a.extra_ids == b.extra_ids
+            and type(a) is type(b))
+  return a == b
+
+
+def save_vocabulary(vocabulary: Any, directory: Any, name: str) -> str:
+  """Writes `vocabulary` (SentencePiece or byte-level BPE) as `directory/VOCABULARY_DIR/<name>.*`
+  atomically; returns the path's name relative to `directory`.
+
+  Raises:
+    ValueError: a vocabulary of another kind.
+  """
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  if hasattr(vocabulary, 'sp_model'):
+    data, suffix = vocabulary.sp_model, '.model'
+  elif hasattr(vocabulary, 'path') and str(vocabulary.path).endswith('.bpe.json'):
+    data, suffix = epath.Path(vocabulary.path).read_bytes(), '.bpe.json'
+  else:
+    raise ValueError(f'cannot save augment vocabulary {vocabulary!r}: SentencePiece and '
+                     'byte-level BPE vocabularies only.')
+  relative = f'{VOCABULARY_DIR}/{name}{suffix}'
+  path = epath.Path(directory) / relative
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / (path.name + '.tmp')
+  tmp.write_bytes(data)
+  tmp.rename(path)
+  return relative

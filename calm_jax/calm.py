@@ -400,8 +400,12 @@ class Calm(nn.Module):
 def abstract_params(config: CalmConfig) -> Any:
   """Shapes of the whole composed tree (boxed with logical axes), without allocating."""
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  return jax.eval_shape(lambda t: Calm(config).init(jax.random.key(0), t, prompt_mask=t),
-                        tokens)['params']
+
+  def init(t):
+    streams = {name: AugmentStream(t, t, t, prompt_mask=t) for name in config.own_tokenizer}
+    return Calm(config).init(jax.random.key(0), t, prompt_mask=t, streams=streams)
+
+  return jax.eval_shape(init, tokens)['params']
 
 
 def init_bridge_params(config: CalmConfig, rng: Array) -> dict[str, Any]:

@@ -5,7 +5,8 @@ Layout (local or `gs://`):
                 "metadata": {...}, "files": sizes and SHA-256 of params/ and vocabulary/};
                written last, so a directory without it is incomplete; loading verifies files
   params/      orbax tree {'anchor': ..., 'augments': {name: ...}, 'bridge': {name: ...}}
-  vocabulary/  a copy of the vocabulary's model file, where it has one (SentencePiece)
+  vocabulary/  a copy of the vocabulary's model file, where it has one (SentencePiece), and
+               of each own-tokenizer augment's ("augment_vocabularies" in calm.json)
   serving/     optional: the generate function through `jax.export` (`generate.jax`, with
                `signature.json`), and a TF SavedModel (`saved_model/`)
 
@@ -50,12 +51,14 @@ SIGNATURE_FILE = 'signature.json'
 SAVED_MODEL_DIR = 'saved_model'
 
 
-def vocabulary_reference(vocabulary: Any, directory: epath.Path) -> dict[str, Any] | None:
+def vocabulary_reference(vocabulary: Any, directory: epath.Path, stem: str = ''
+                         ) -> dict[str, Any] | None:
   """A JSON description of a seqio vocabulary, copying its model file into `directory`.
 
   Supported: SentencePiece and byte-level BPE (file copied), byte vocabularies, and any
   vocabulary class with a `reference_kwargs()` method (rebuilt as `Class(**kwargs)`, e.g.
-  calm_tasks' WordVocabulary).
+  calm_tasks' WordVocabulary). `stem` prefixes the copied file's name (an augment's own
+  vocabulary beside the anchor's).
   Anything else is an error: an export must be usable without the code that trained it.
   """
   if vocabulary is None:
@@ -63,18 +66,18 @@ def vocabulary_reference(vocabulary: Any, directory: epath.Path) -> dict[str, An
   import seqio  # pylint: disable=g-import-not-at-top
   if isinstance(vocabulary, seqio.SentencePieceVocabulary):
     (directory / VOCABULARY_DIR).mkdir(parents=True, exist_ok=True)
-    target = directory / VOCABULARY_DIR / 'spm.model'
+    target = directory / VOCABULARY_DIR / f'{stem}spm.model'
     target.write_bytes(epath.Path(vocabulary.sentencepiece_model_file).read_bytes())
-    return {'type': 'sentencepiece', 'file': f'{VOCABULARY_DIR}/spm.model',
+    return {'type': 'sentencepiece', 'file': f'{VOCABULARY_DIR}/{stem}spm.model',
             'extra_ids': vocabulary.extra_ids}
   if isinstance(vocabulary, seqio.ByteVocabulary):
     return {'type': 'byte', 'extra_ids': vocabulary.extra_ids}
   from calm_jax import bpe  # pylint: disable=g-import-not-at-top
   if isinstance(vocabulary, bpe.ByteLevelBPEVocabulary):
     (directory / VOCABULARY_DIR).mkdir(parents=True, exist_ok=True)
-    target = directory / VOCABULARY_DIR / 'vocab.bpe.json'
+    target = directory / VOCABULARY_DIR / f'{stem}vocab.bpe.json'
     target.write_bytes(vocabulary.path.read_bytes())
-    return {'type': 'byte_level_bpe', 'file': f'{VOCABULARY_DIR}/vocab.bpe.json',
+    return {'type': 'byte_level_bpe', 'file': f'{VOCABULARY_DIR}/{stem}vocab.bpe.json',
             'extra_ids': vocabulary.extra_ids}
   if hasattr(vocabulary, 'reference_kwargs'):
     cls = type(vocabulary)
@@ -106,7 +109,8 @@ def load_vocabulary(reference: Mapping[str, Any] | None, directory: epath.Path) 
 
 
 def save_composed(path: str | epath.Path, config: CalmConfig, params: Any, *,
-                  vocabulary: Any = None, metadata: Mapping[str, Any] | None = None) -> None:
+                  vocabulary: Any = None, metadata: Mapping[str, Any] | None = None,
+                  augment_vocabularies: Mapping[str, Any] | None = None) -> None:
   """Writes a composed checkpoint (module docstring).
 
   Args:
@@ -115,8 +119,14 @@ def save_composed(path: str | epath.Path, config: CalmConfig, params: Any, *,
     params: the whole tree {'anchor', 'augments', 'bridge'} (boxed or not).
     vocabulary: the seqio vocabulary shared by the models, or None.
     metadata: JSON-serialisable provenance (source run, step, ...).
+    augment_vocabularies: {augment: its own vocabulary} for each augment of
+      `config.own_tokenizer` (required for them, refused for the others).
   """
   path = epath.Path(path)
+  augment_vocabularies = dict(augment_vocabularies or {})
+  if set(augment_vocabularies) != set(config.own_tokenizer):
+    raise ValueError(f'own-tokenizer augments {list(config.own_tokenizer)} need their '
+                     f'vocabularies; got vocabularies of {sorted(augment_vocabularies)}.')
   if (path / CONFIG_FILE).exists() or (path / PARAMS_DIR).exists():
     raise CheckpointError(f'{path} already holds a composed checkpoint; choose a new directory.')
   params = nn.unbox(params)
@@ -128,6 +138,13 @@ def save_composed(path: str | epath.Path, config: CalmConfig, params: Any, *,
   document = {'format': FORMAT, 'config': config.to_dict(),
               'vocabulary': vocabulary_reference(vocabulary, path),
               'metadata': dict(metadata or {})}
+  if augment_vocabularies:
+    if vocabulary is None:
+      raise ValueError('a composition with an own-tokenizer augment needs the anchor '
+                       'vocabulary too (decoding turns its tokens into text).')
+    document['augment_vocabularies'] = {
+        name: vocabulary_reference(v, path, stem=f'augment_{name}_')
+        for name, v in sorted(augment_vocabularies.items())}
   document['files'] = integrity.manifest(path, parts=[PARAMS_DIR, VOCABULARY_DIR])
   tmp = path / (CONFIG_FILE + '.tmp')
   tmp.write_text(json.dumps(document, indent=2, sort_keys=True))
@@ -168,12 +185,14 @@ class Composed:
     params: {'anchor', 'augments', 'bridge'} of jax arrays.
     vocabulary: the seqio vocabulary, or None if none was exported.
     metadata: what the export recorded.
+    augment_vocabularies: {augment: its own vocabulary} of the own-tokenizer augments.
   """
 
   config: CalmConfig
   params: Any
   vocabulary: Any = None
   metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  augment_vocabularies: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def model(self) -> calm_lib.Calm:
@@ -200,7 +219,13 @@ class Composed:
 
     Returns:
       [B, max_decode_len] generated token ids.
+
+    Raises:
+      ValueError: an augment with its own tokenizer (it reads text: use `generate_text`).
     """
+    if self.config.own_tokenizer:
+      raise ValueError('an augment with its own tokenizer re-tokenizes the text as it is '
+                       'written: decode with generate_text.')
     if eos_id is None:
       eos_id = self.vocabulary.eos_id if self.vocabulary is not None else 1
     key = (max_decode_len, eos_id, sampling, num_beams)
@@ -239,6 +264,16 @@ class Composed:
       raise TypeError(f'generate_text takes a string or a sequence of strings, not {prompts!r}.')
     if not prompts:
       return []
+    if self.config.own_tokenizer:
+      if kwargs.get('num_beams', 1) > 1 or kwargs.get('sampling', decoding.Sampling()) != (
+          decoding.Sampling()):
+        raise ValueError('an augment with its own tokenizer decodes greedily only.')
+      (name,) = self.config.own_tokenizer
+      out = np.concatenate(list(decoding.generate_aligned_texts(
+          self.model, self.params, prompts, anchor_vocabulary=self.vocabulary,
+          augment_vocabulary=self.augment_vocabularies[name], max_decode_len=max_decode_len,
+          batch_size=len(prompts))))
+      return [self.vocabulary.decode(_until_eos(row, self.vocabulary)) for row in out]
     encoded = [self.vocabulary.encode(p) for p in prompts]
     if hasattr(self.vocabulary, 'unknown_words'):
       unknown = [(p, self.vocabulary.unknown_words(p)) for p in prompts]
@@ -304,7 +339,16 @@ def load_composed(path: str | epath.Path, *, shardings: Any = None,
   target = checkpoints.restore_target(abstract, shardings)
   params = ocp.StandardCheckpointer().restore(checkpoints.orbax_path(params_path), target)
   return Composed(config, params, load_vocabulary(document.get('vocabulary'), path),
-                  document.get('metadata', {}))
+                  document.get('metadata', {}),
+                  {name: load_vocabulary(reference, path)
+                   for name, reference in document.get('augment_vocabularies', {}).items()})
+
+
+def _until_eos(row: np.ndarray, vocabulary: Any) -> list[int]:
+  """The ids of `row` before its EOS, without padding (`calm-infer`'s texts)."""
+  ids = [int(t) for t in row]
+  ids = ids[:ids.index(vocabulary.eos_id)] if vocabulary.eos_id in ids else ids
+  return [i for i in ids if i != vocabulary.pad_id]
 
 
 def _serving_fn(config: CalmConfig, *, max_decode_len: int, eos_id: int,
@@ -334,7 +378,15 @@ def export_serving(path: str | epath.Path, composed: Composed, *, prompt_length:
 
   Returns:
     The signature written to `serving/signature.json`.
+
+  Raises:
+    ValueError: an augment with its own tokenizer (its decoding tokenizes text on the host,
+      which one exported program cannot hold).
   """
+  if composed.config.own_tokenizer:
+    raise ValueError('a composition whose augment has its own tokenizer has no serving '
+                     'artifact: its decoding re-tokenizes text on the host (use '
+                     'load_composed(...).generate_text).')
   serving = epath.Path(path) / SERVING_DIR
   serving.mkdir(parents=True, exist_ok=True)
   serve = _serving_fn(composed.config, max_decode_len=max_decode_len, eos_id=eos_id,

@@ -55,6 +55,16 @@ def is_aligned(task: seqio.Task | seqio.Mixture) -> bool:
   return all(aligned)
 
 
+class _AlignedFeatureConverter(seqio.PrefixLMFeatureConverter):
+  """The prefix-LM converter with the augment stream passed through, completing the lengths
+  (`aligned_lengths`) from 'inputs' and 'targets': seqio's Evaluator keeps only the lengths of
+  the task's own features."""
+
+  def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
+               ) -> tf.data.Dataset:
+    return super().__call__(ds, aligned_lengths(task_feature_lengths))
+
+
 def feature_converter(task: seqio.Task | seqio.Mixture, pack: bool) -> seqio.FeatureConverter:
   """Prefix-LM converter for input/target tasks, plain LM converter for target-only ones; for
   tasks with an augment stream the prefix-LM converter passes `alignment.STREAM_FEATURES`
@@ -70,7 +80,7 @@ def feature_converter(task: seqio.Task | seqio.Mixture, pack: bool) -> seqio.Fea
       raise ValueError(f'{task.name} carries an augment stream: packing is not supported; '
                        'train it with pack=False.')
     spec = seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)
-    return seqio.PrefixLMFeatureConverter(
+    return _AlignedFeatureConverter(
         pack=False, loss_on_targets_only=True,
         passthrough_features={name: spec for name in alignment.STREAM_FEATURES})
   if all('inputs' in t.output_features for t in tasks):

@@ -19,7 +19,8 @@ per sequence); the cached decoder must reproduce it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Iterator, Mapping
+import functools
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -332,6 +333,20 @@ def _bucket(n: int) -> int:
   return 1 << max(0, int(n - 1).bit_length())
 
 
+@functools.lru_cache(maxsize=16)
+def _aligned_fns(model: nn.Module, name: str, cache_length: int, augment_slots: int):
+  """generate_aligned's compiled calls, kept so that later batches reuse them."""
+  cls = type(model)
+  prefill = jax.jit(lambda p, t, m, s: model.apply(
+      {'params': p}, t, m, cache_length=cache_length, streams={name: s},
+      augment_cache_length=augment_slots, method=cls.prefill))
+  extend_augment = jax.jit(lambda p, *a: model.apply({'params': p}, name, *a,
+                                                     method=cls.extend_augment))
+  extend = jax.jit(lambda p, t, pos, c, k, i: model.apply(
+      {'params': p}, t, pos, c, read_keys=k, logits_index=i, method=cls.extend))
+  return prefill, extend_augment, extend
+
+
 def generate_aligned(model: nn.Module, params: Any, rows: list[Any], *, max_decode_len: int,
                      eos_id: int, augment_cache_length: int | None = None,
                      return_logits: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -369,8 +384,9 @@ def generate_aligned(model: nn.Module, params: Any, rows: list[Any], *, max_deco
   name = own[0]
   anchor = [row.anchor_inputs() for row in rows]
   augment = [row.augment_inputs() for row in rows]
-  length = max(len(t) for t, _ in anchor)
-  augment_length = max(len(t) for t, _ in augment)
+  # Prompt lengths in powers of two: batches of other prompts reuse the compiled prefill.
+  length = _bucket(max(len(t) for t, _ in anchor))
+  augment_length = _bucket(max(len(t) for t, _ in augment))
   cache_length = length + max_decode_len
   augment_slots = augment_cache_length or augment_length + 4 * max_decode_len
   prompt_mask = _pad_rows([np.ones(len(t)) for t, _ in anchor], length)
@@ -379,14 +395,7 @@ def generate_aligned(model: nn.Module, params: Any, rows: list[Any], *, max_deco
                          jnp.asarray(_pad_rows([k for _, k in augment], augment_length)),
                          jnp.asarray(_pad_rows([k for _, k in anchor], length)),
                          prompt_mask=jnp.asarray(augment_mask))
-  cls = type(model)
-  prefill = jax.jit(lambda p, t, m, s: model.apply(
-      {'params': p}, t, m, cache_length=cache_length, streams={name: s},
-      augment_cache_length=augment_slots, method=cls.prefill))
-  extend_augment = jax.jit(lambda p, *a: model.apply({'params': p}, name, *a,
-                                                     method=cls.extend_augment))
-  extend = jax.jit(lambda p, t, pos, c, k, i: model.apply(
-      {'params': p}, t, pos, c, read_keys=k, logits_index=i, method=cls.extend))
+  prefill, extend_augment, extend = _aligned_fns(model, name, cache_length, augment_slots)
   out = prefill(params, jnp.asarray(_pad_rows([t for t, _ in anchor], length)),
                 jnp.asarray(prompt_mask), stream)
   logits, cache = out.logits[:, 0], out.cache
@@ -449,3 +458,22 @@ def generate_aligned(model: nn.Module, params: Any, rows: list[Any], *, max_deco
     padded[:, :steps.shape[1]] = steps
     return tokens, padded
   return tokens
+
+
+def generate_aligned_texts(model: nn.Module, params: Any, prompts: Sequence[str], *,
+                           anchor_vocabulary: Any, augment_vocabulary: Any, max_decode_len: int,
+                           batch_size: int) -> Iterator[np.ndarray]:
+  """`generate_aligned` over text prompts, `batch_size` at a time: yields each batch's
+  [n, max_decode_len] tokens (0 after EOS). Each model reads its BOS first where its
+  vocabulary's models do (`vocab.model_bos_id`), as `calm_tasks` features do; a prompt is
+  read whole, tokenized by each model's vocabulary."""
+  from calm_jax import alignment  # pylint: disable=g-import-not-at-top
+  from calm_jax import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+  anchor_bos = vocab_lib.model_bos_id(anchor_vocabulary)
+  augment_bos = vocab_lib.model_bos_id(augment_vocabulary)
+  for start in range(0, len(prompts), batch_size):
+    rows = [alignment.DecodingRow(anchor_vocabulary, augment_vocabulary, prompt,
+                                  anchor_bos=anchor_bos, augment_bos=augment_bos)
+            for prompt in prompts[start:start + batch_size]]
+    yield generate_aligned(model, params, rows, max_decode_len=max_decode_len,
+                           eos_id=anchor_vocabulary.eos_id)

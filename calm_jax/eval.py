@@ -50,6 +50,63 @@ def predict_fn_of(generate_fn: Callable[..., Any], params_fn: Callable[[], Any],
   return predict_fn
 
 
+def augment_vocabulary_for(loaded: runs.Loaded, name: str, task_name: str) -> Any:
+  """The own vocabulary of augment `name` of `loaded` for decoding task `task_name`: the one
+  the checkpoint carries (else the task's augment stream's), which the task must not contradict.
+
+  Raises:
+    ValueError: neither carries one, or they differ.
+  """
+  from calm_jax import alignment  # pylint: disable=g-import-not-at-top
+  vocabulary = loaded.augment_vocabularies.get(name)
+  task_vocabulary = alignment.task_augment_vocabulary(task_name)
+  if vocabulary is None:
+    vocabulary = task_vocabulary
+  if vocabulary is None:
+    raise ValueError(f'augment {name!r} reads its own tokenization, but neither the checkpoint '
+                     f'nor task {task_name} carries its vocabulary.')
+  if task_vocabulary is not None and not alignment.same_vocabulary(task_vocabulary, vocabulary):
+    raise ValueError(f'task {task_name} tokenizes the augment stream in another vocabulary '
+                     f'than the one augment {name!r} was composed with.')
+  return vocabulary
+
+
+def prompt_texts(examples: Sequence[Mapping[str, Any]]) -> list[str]:
+  """Each task example's prompt text ('inputs_pretokenized'; '' for LM tasks)."""
+  out = []
+  for example in examples:
+    text = example.get('inputs_pretokenized', b'')
+    out.append(text.decode('utf-8') if isinstance(text, bytes) else str(text))
+  return out
+
+
+def make_aligned_predict_fn(evaluator: seqio.Evaluator, loaded: runs.Loaded, name: str,
+                            batch_size: int, max_decode_len: int):
+  """seqio predict_fn of a composition whose augment `name` reads its own tokenization:
+  greedy `decoding.generate_aligned_texts` from the prompt texts of the evaluator's task
+  examples (the model features do not hold the text the augment re-tokenizes)."""
+  def predict_fn(dataset, model_feature_shapes=None):
+    del model_feature_shapes
+    task_name = next(n for n, ds in evaluator.cached_model_datasets.items() if ds is dataset)
+    task = next(t for t in evaluator.eval_tasks if t.name == task_name)
+    indices = [int(i) for i, _ in dataset.as_numpy_iterator()]
+    examples = list(evaluator.cached_task_datasets[task_name].as_numpy_iterator())
+    prompts = prompt_texts([examples[i] for i in indices])
+    outputs = []
+    batches = decoding.generate_aligned_texts(
+        loaded.model, loaded.params, prompts,
+        anchor_vocabulary=task.output_features['targets'].vocabulary,
+        augment_vocabulary=augment_vocabulary_for(loaded, name, task_name),
+        max_decode_len=max_decode_len, batch_size=batch_size)
+    position = 0
+    for out in batches:
+      outputs.extend(zip(indices[position:position + len(out)], out.tolist()))
+      position += len(out)
+    return outputs
+
+  return predict_fn
+
+
 # A metric of this name carries per-example results (a seqio.metrics.Text of JSON lines: the
 # code domain's per-problem pass/fail), which ResultsLogger writes beside the predictions.
 RESULTS_METRIC = 'per_problem'
@@ -90,10 +147,12 @@ def make_evaluator(mixture_or_task_name: str, task_feature_lengths: Mapping[str,
   """
   task = data.get_task_or_mixture(mixture_or_task_name)
   log_dir.mkdir(parents=True, exist_ok=True)
+  lengths = (data.aligned_lengths(task_feature_lengths) if data.is_aligned(task)
+             else dict(task_feature_lengths))
   evaluator = seqio.Evaluator(
       mixture_or_task_name=mixture_or_task_name,
       feature_converter=data.feature_converter(task, pack=False), eval_split=split,
-      sequence_length=dict(task_feature_lengths), num_examples=num_examples,
+      sequence_length=lengths, num_examples=num_examples,
       logger_cls=list(loggers), log_dir=str(log_dir))
   return evaluator, next(iter(task.output_features.values())).vocabulary.eos_id
 
@@ -112,6 +171,9 @@ def evaluate(*, checkpoint: str, mixture_or_task_name: str,
              num_examples: int | None = None) -> dict[str, dict[str, float]]:
   """Evaluates a checkpoint on every task of a task or mixture.
 
+  A composition whose augment reads its own tokenization decodes greedily from each
+  example's prompt text (`make_aligned_predict_fn`).
+
   Args:
     checkpoint: LM checkpoint or composition run directory (CHECKPOINT).
     mixture_or_task_name: task or mixture to evaluate (MIXTURE_OR_TASK_NAME).
@@ -122,13 +184,19 @@ def evaluate(*, checkpoint: str, mixture_or_task_name: str,
     step: the step recorded with the metrics; default the checkpoint's training step.
     num_examples: evaluate only the first n examples of each task.
   """
-  model, params, description, checkpoint_step, _ = runs.load_checkpoint(checkpoint)
-  step = checkpoint_step if step is None else step
+  loaded = runs.load_checkpoint(checkpoint)
+  model, params, description = loaded.model, loaded.params, loaded.description
+  step = loaded.step if step is None else step
   evaluator, eos_id = make_evaluator(
       mixture_or_task_name, task_feature_lengths, split, num_examples,
       epath.Path(eval_dir or epath.Path(checkpoint) / 'eval'))
-  predict_fn = make_predict_fn(model, params, batch_size, task_feature_lengths['targets'],
-                               eos_id)
+  own = tuple(getattr(getattr(model, 'config', None), 'own_tokenizer', ()))
+  if own:
+    predict_fn = make_aligned_predict_fn(evaluator, loaded, own[0], batch_size,
+                                         task_feature_lengths['targets'])
+  else:
+    predict_fn = make_predict_fn(model, params, batch_size, task_feature_lengths['targets'],
+                                 eos_id)
   metrics, _ = evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict_fn)
   results = metric_values(metrics)
   logging.info('%s: %s', description, json.dumps(results))

@@ -58,7 +58,8 @@ def export(*, checkpoint: str, output_dir: str, mixture_or_task_name: str | None
           f'{checkpoint} is an LM checkpoint; calm-export exports compositions.')
     composed.save_composed(out, loaded.model.config, jax.device_get(loaded.params),
                            vocabulary=vocabulary or loaded.vocabulary,
-                           metadata={'source': str(checkpoint), 'step': loaded.step})
+                           metadata={'source': str(checkpoint), 'step': loaded.step},
+                           augment_vocabularies=loaded.augment_vocabularies)
     log(f'wrote composed checkpoint {out} (step {loaded.step})')
   result = composed.load_composed(out)
   if serving_prompt_length is not None:

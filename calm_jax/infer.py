@@ -50,10 +50,22 @@ def infer(*, checkpoint: str, mixture_or_task_name: str, task_feature_lengths: M
     seed: PRNG seed of sampling (batch i uses fold_in(seed, i)).
     log: progress sink.
 
+  A composition whose augment reads its own tokenization (`CalmConfig.own_tokenizer`)
+  decodes greedily from each example's prompt text (`decoding.generate_aligned_texts`): the
+  augment re-tokenizes the text as the anchor writes it, in the vocabulary the run carries.
+
   Returns:
     {task name: path of its JSONL file}.
+
+  Raises:
+    ValueError: sampling or beam search asked of an own-tokenizer composition, or a task whose
+      augment stream is in another vocabulary than the run's.
   """
   loaded = runs.load_checkpoint(checkpoint)
+  own = tuple(getattr(getattr(loaded.model, 'config', None), 'own_tokenizer', ()))
+  if own and (temperature > 0 or num_beams > 1):
+    raise ValueError(f'{checkpoint}: an augment with its own tokenizer decodes greedily only '
+                     '(temperature 0, num_beams 1).')
   sampling = decoding.Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
   out_dir = epath.Path(output_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +74,7 @@ def infer(*, checkpoint: str, mixture_or_task_name: str, task_feature_lengths: M
   for task in data.tasks_of(mixture_or_task_name):
     vocabulary = task.output_features['targets'].vocabulary
     key = vocabulary.eos_id
-    if key not in generate_fns:
+    if key not in generate_fns and not own:
       generate_fns[key] = decoding.make_generate_fn(
           loaded.model, max_decode_len=task_feature_lengths['targets'], eos_id=vocabulary.eos_id,
           sampling=sampling, num_beams=num_beams, length_penalty=length_penalty)
@@ -72,13 +84,18 @@ def infer(*, checkpoint: str, mixture_or_task_name: str, task_feature_lengths: M
     if num_examples is not None:
       raw = raw.take(num_examples)
     examples = list(raw.as_numpy_iterator())
-    features = converter(raw, dict(task_feature_lengths)).batch(batch_size)
+    if own:
+      batches = _aligned_batches(loaded, own[0], task, examples,
+                                 task_feature_lengths['targets'], batch_size)
+    else:
+      features = converter(raw, dict(task_feature_lengths)).batch(batch_size)
+      batches = decoding.decode_batches(generate_fns[key], loaded.params,
+                                        features.as_numpy_iterator(), batch_size, seed)
     path = out_dir / f'{task.name}-{loaded.step:06d}.jsonl'
     tmp = path.parent / (path.name + '.tmp')
     start, count = time.perf_counter(), 0
     with tmp.open('w') as f:
-      for n, out in decoding.decode_batches(generate_fns[key], loaded.params,
-                                            features.as_numpy_iterator(), batch_size, seed):
+      for n, out in batches:
         for example, tokens in zip(examples[count:count + n], out):
           record = {'prediction': _text(vocabulary, tokens),
                     'prediction_tokens': [int(t) for t in tokens]}
@@ -94,3 +111,16 @@ def infer(*, checkpoint: str, mixture_or_task_name: str, task_feature_lengths: M
         f'({count / max(seconds, 1e-9):.1f} examples/s, compilation included) -> {path}')
     written[task.name] = str(path)
   return written
+
+
+def _aligned_batches(loaded: runs.Loaded, name: str, task, examples, max_decode_len: int,
+                     batch_size: int):
+  """(n, tokens) per batch of an own-tokenizer composition, decoded from the prompt texts."""
+  from calm_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
+  outs = decoding.generate_aligned_texts(
+      loaded.model, loaded.params, eval_lib.prompt_texts(examples),
+      anchor_vocabulary=task.output_features['targets'].vocabulary,
+      augment_vocabulary=eval_lib.augment_vocabulary_for(loaded, name, task.name),
+      max_decode_len=max_decode_len, batch_size=batch_size)
+  for out in outs:
+    yield len(out), out

@@ -18,7 +18,7 @@ from typing import Any, Mapping, NamedTuple
 
 from etils import epath
 
-from calm_jax import checkpoints, composed, trainable, vocab
+from calm_jax import alignment, checkpoints, composed, trainable, vocab
 from calm_jax.calm import Calm
 from calm_jax.configs import BridgeConfig, CalmConfig
 from calm_jax.transformer import Transformer
@@ -27,14 +27,28 @@ CALM_RUN_FILE = 'calm_run.json'
 
 
 def write_calm_run(model_dir: str | epath.Path, config: CalmConfig, anchor_checkpoint: str,
-                   augment_checkpoints: Mapping[str, str]) -> None:
-  """Records in MODEL_DIR what a composition run composes, so eval/export need MODEL_DIR only."""
+                   augment_checkpoints: Mapping[str, str],
+                   augment_vocabularies: Mapping[str, Any] | None = None) -> None:
+  """Records in MODEL_DIR what a composition run composes, so eval/export need MODEL_DIR only.
+
+  `augment_vocabularies`: {augment: its own vocabulary} of the `config.own_tokenizer`
+  augments, copied into MODEL_DIR (`alignment.save_vocabulary`).
+
+  Raises:
+    ValueError: an own-tokenizer augment without its vocabulary, or the reverse.
+  """
+  vocabularies = dict(augment_vocabularies or {})
+  if set(vocabularies) != set(config.own_tokenizer):
+    raise ValueError(f'own-tokenizer augments {list(config.own_tokenizer)} need their '
+                     f'vocabularies; got vocabularies of {sorted(vocabularies)}.')
   document = {
       'anchor_checkpoint': str(anchor_checkpoint),
       'augment_checkpoints': {k: str(v) for k, v in augment_checkpoints.items()},
       'bridges': {name: b.to_dict() for name, b in config.bridges},
       'augment_as_encoder': config.augment_as_encoder,
       'own_tokenizer': list(config.own_tokenizer),
+      'augment_vocabularies': {name: alignment.save_vocabulary(v, model_dir, name)
+                               for name, v in sorted(vocabularies.items())},
   }
   (epath.Path(model_dir) / CALM_RUN_FILE).write_text(json.dumps(document, indent=2))
 
@@ -65,6 +79,8 @@ class Loaded(NamedTuple):
     vocabulary: the model's own vocabulary where it carries one: the exported vocabulary of a
       composed checkpoint, the `vocab.model` of an LM checkpoint (GGUF imports) or of a
       composition's anchor; else None.
+    augment_vocabularies: {augment: its own vocabulary} of the augments that read their own
+      tokenization (`CalmConfig.own_tokenizer`); empty otherwise.
   """
 
   model: Any
@@ -72,6 +88,7 @@ class Loaded(NamedTuple):
   description: str
   step: int
   vocabulary: Any = None
+  augment_vocabularies: Mapping[str, Any] = {}
 
 
 def load_checkpoint(checkpoint: str | epath.Path) -> Loaded:
@@ -95,14 +112,16 @@ def _load(path: epath.Path) -> Loaded:
     checkpointer = checkpoints.RunCheckpointer(path)
     step = checkpointer.latest_step()
     bridges = checkpointer.restore_params()
-    anchor = json.loads((path / CALM_RUN_FILE).read_text())['anchor_checkpoint']
+    document = json.loads((path / CALM_RUN_FILE).read_text())
     return Loaded(Calm(config), trainable.merge_params(bridges, frozen),
-                  f'composition {path} step {step}', int(step or 0), _lm_vocabulary(anchor))
+                  f'composition {path} step {step}', int(step or 0),
+                  _lm_vocabulary(document['anchor_checkpoint']),
+                  read_augment_vocabularies(path, document.get('augment_vocabularies', {})))
   if composed.is_composed(path):
     loaded = composed.load_composed(path)
     step = int(loaded.metadata.get('step', 0))
     return Loaded(loaded.model, loaded.params, f'composed checkpoint {path}', step,
-                  loaded.vocabulary)
+                  loaded.vocabulary, dict(loaded.augment_vocabularies))
   if (path / checkpoints.CONFIG_FILE).exists():
     config, params = checkpoints.load_lm(path)
     return Loaded(Transformer(config), params, f'LM {path}', 0, _lm_vocabulary(path))
@@ -111,6 +130,23 @@ def _load(path: epath.Path) -> Loaded:
   raise checkpoints.CheckpointError(
       f'{path} is neither an LM checkpoint ({checkpoints.CONFIG_FILE}), a composition run '
       f'({CALM_RUN_FILE}) nor a composed checkpoint ({composed.CONFIG_FILE}).')
+
+
+def read_augment_vocabularies(directory: str | epath.Path, recorded: Mapping[str, str]
+                              ) -> dict[str, Any]:
+  """{augment: vocabulary} of the files `recorded` ({augment: path relative to directory}).
+
+  Raises:
+    checkpoints.CheckpointError: a recorded vocabulary file is missing.
+  """
+  out = {}
+  for name, relative in recorded.items():
+    path = epath.Path(directory) / relative
+    if not path.exists():
+      raise checkpoints.CheckpointError(f'{directory}: the vocabulary of augment {name!r} '
+                                        f'({relative}) is missing.')
+    out[name] = alignment.resolve_vocabulary(path)
+  return out
 
 
 def _lm_vocabulary(path: str | epath.Path) -> Any:

@@ -45,6 +45,7 @@ import numpy as np
 
 from jax.experimental import multihost_utils
 
+from calm_jax import alignment
 from calm_jax import calm as calm_lib
 from calm_jax import checkpoints, data, lora as lora_lib, optim, partitioning, runs, train_eval
 from calm_jax import trainable
@@ -87,7 +88,8 @@ def build_setup(mode: str, *, seed: int, model_config: TransformerConfig | None,
                 augment_configs: Mapping[str, TransformerConfig] | None,
                 mesh: jax.sharding.Mesh | None = None,
                 rules: partitioning.Rules = partitioning.STANDARD_RULES,
-                remat: str = 'none', lora: lora_lib.LoRAConfig | None = None) -> Setup:
+                remat: str = 'none', lora: lora_lib.LoRAConfig | None = None,
+                own_tokenizer: Sequence[str] = ()) -> Setup:
   """Builds the model and parameter trees of `mode` (see the module docstring).
 
   Every parameter is created or restored directly in its sharding on `mesh` (default: a mesh
@@ -96,6 +98,7 @@ def build_setup(mode: str, *, seed: int, model_config: TransformerConfig | None,
   `remat` is the model's rematerialisation ('none', 'full', 'dots'): a composition's anchor
   layers above the first bridge, or every layer of a pretrained / fine-tuned LM. `lora`: the
   adapters of 'lora' mode (A random, B zero: the model starts as exactly the anchor).
+  `own_tokenizer`: compose: the augments that read the text in their own tokenization.
   """
   mesh = mesh or partitioning.make_mesh()
 
@@ -137,7 +140,7 @@ def build_setup(mode: str, *, seed: int, model_config: TransformerConfig | None,
     augments[name], augment_params[name] = checkpoints.load_lm(
         path, config=(augment_configs or {}).get(name), shardings=lm_shardings)
   config = CalmConfig(anchor=anchor_cfg, augments=augments, bridges=dict(bridges),
-                      augment_as_encoder=augment_as_encoder)
+                      augment_as_encoder=augment_as_encoder, own_tokenizer=tuple(own_tokenizer))
   bridge_shardings = partitioning.param_shardings(
       calm_lib.abstract_params(config), mesh, rules)['bridge']
   trained = jax.jit(lambda key: calm_lib.init_bridge_params(config, key),
@@ -180,6 +183,8 @@ def run_definition(setup: Setup, optimizer: Any, *, mode: str,
                               for name, path in sorted(augment_checkpoints.items())}
     definition['bridges'] = {name: b.to_dict() for name, b in config.bridges}
     definition['augment_as_encoder'] = config.augment_as_encoder
+    if config.own_tokenizer:  # Absent otherwise: runs from before it resume unchanged.
+      definition['own_tokenizer'] = list(config.own_tokenizer)
   return json.loads(json.dumps(definition))  # As it reads back from the file (tuples: lists).
 
 
@@ -261,7 +266,8 @@ def _periodic_eval(model_dir: epath.Path, setup: Setup, train_state_shardings: T
 def _vocab_sizes(mode: str, model_config: TransformerConfig | None,
                  anchor_checkpoint: str | None, anchor_config: TransformerConfig | None,
                  augment_checkpoints: Mapping[str, str] | None,
-                 augment_configs: Mapping[str, TransformerConfig] | None) -> dict[str, Any]:
+                 augment_configs: Mapping[str, TransformerConfig] | None,
+                 own_tokenizer: Sequence[str] = ()) -> dict[str, Any]:
   """`validation.validate_run`'s vocabulary arguments, from configs alone (no weights read)."""
   if mode == 'pretrain':
     return {'model_vocab_size': model_config.vocab_size if model_config else None}
@@ -273,6 +279,7 @@ def _vocab_sizes(mode: str, model_config: TransformerConfig | None,
     sizes['augment_vocab_sizes'] = {
         name: ((augment_configs or {}).get(name) or checkpoints.load_lm_config(path)).vocab_size
         for name, path in (augment_checkpoints or {}).items()}
+    sizes['own_tokenizer'] = tuple(own_tokenizer)
   return sizes
 
 
@@ -412,6 +419,7 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
           lora: lora_lib.LoRAConfig | None = None,
           anchor_config: TransformerConfig | None = None,
           augment_configs: Mapping[str, TransformerConfig] | None = None,
+          augment_vocabularies: Mapping[str, Any] | None = None,
           optimizer_fn: Callable[..., Any] = optim.make_optimizer, z_loss: float = 0.0,
           seed: int = 0, pack: bool = False, split: str = 'train', log_every: int = 50,
           save_every: int = 500, keep_checkpoints: int = 3,
@@ -445,6 +453,12 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
     lora: lora: the adapters (`calm_jax.lora.LoRAConfig`; gin/runs/lora.gin).
     anchor_config: if set, the anchor checkpoint must have exactly this architecture.
     augment_configs: {augment name: the architecture its checkpoint must have}.
+    augment_vocabularies: compose: {augment name: its own vocabulary} for an augment that
+      reads the text in its own tokenization (a seqio vocabulary, a SentencePiece `.model`,
+      a `vocab.bpe.json` or an LM checkpoint that carries one; None entries are dropped). The
+      task must yield that augment's stream in this vocabulary
+      (`calm_tasks.memory_tasks.aligned_seq2seq_task`); the run keeps a copy
+      (MODEL_DIR/vocabularies/), which evaluation, inference and export read.
     optimizer_fn: `(total_steps=...) -> (optax transformation, schedule)`; configure
       `optim.make_optimizer` in gin.
     z_loss: z-loss coefficient.
@@ -494,6 +508,22 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   mesh_config = mesh or partitioning.MeshConfig()
   device_mesh = partitioning.make_mesh(mesh_config)
   rules = mesh_config.rules()
+  vocabularies = {name: alignment.resolve_vocabulary(v)
+                  for name, v in (augment_vocabularies or {}).items() if v is not None}
+  if mode == 'compose':
+    unknown = sorted(set(vocabularies) - set(augment_checkpoints or {}))
+    if unknown:
+      raise validation.ConfigError(
+          f'augment_vocabularies names {unknown}, not augments of this run '
+          f'({sorted(augment_checkpoints or {})}).')
+    try:
+      alignment.check_task_vocabularies(mixture_or_task_name, vocabularies)
+    except (ValueError, KeyError) as e:
+      if isinstance(e, data.UnknownTaskError):
+        raise
+      raise validation.ConfigError(str(e)) from e
+  elif vocabularies:
+    raise validation.ConfigError(f'augment_vocabularies is for compose runs, not {mode}.')
   log(f'mesh {dict(device_mesh.shape)} over {jax.device_count()} devices, '
       f'{jax.process_count()} process(es); {"FSDP" if mesh_config.fsdp else "standard"} rules')
   validation.validate_run(
@@ -501,7 +531,7 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
       task_feature_lengths=task_feature_lengths, batch_size=batch_size, split=split,
       mesh=device_mesh, rules=rules, log=warn, **_vocab_sizes(
           mode, model_config, anchor_checkpoint, anchor_config, augment_checkpoints,
-          augment_configs))
+          augment_configs, tuple(vocabularies)))
   if is_chief:
     model_dir.mkdir(parents=True, exist_ok=True)
   checkpointer = checkpoints.RunCheckpointer(model_dir, keep_checkpoints)
@@ -511,7 +541,7 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
       bridges={k: v for k, v in (bridges or {}).items() if v is not None},
       augment_as_encoder=augment_as_encoder, trainable_patterns=trainable_patterns,
       anchor_config=anchor_config, augment_configs=augment_configs, mesh=device_mesh,
-      rules=rules, remat=remat, lora=lora)
+      rules=rules, remat=remat, lora=lora, own_tokenizer=tuple(vocabularies))
   optimizer, schedule = optimizer_fn(total_steps=train_steps)
   definition = run_definition(
       setup, optimizer, mode=mode, anchor_checkpoint=anchor_checkpoint,
@@ -525,7 +555,8 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
     (model_dir / CONFIG_FILE).write_text(config_text)
     _write_definition(model_dir, definition, checkpoint_paths)
     if mode == 'compose':
-      runs.write_calm_run(model_dir, setup.model.config, anchor_checkpoint, augment_checkpoints)
+      runs.write_calm_run(model_dir, setup.model.config, anchor_checkpoint, augment_checkpoints,
+                          augment_vocabularies=vocabularies)
   state, train_state_shardings, consumed = _initial_state(setup, optimizer, device_mesh,
                                                           checkpointer, log, warn)
   first = int(np.asarray(state.step.addressable_data(0)))

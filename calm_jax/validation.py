@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -79,7 +79,8 @@ def check_feature_lengths(task_name: str, task_feature_lengths: Any) -> None:
       f'{task_feature_lengths!r}' + (f' ({problem})' if problem else ''))
 
 
-def check_vocabulary(model_vocab_size: int, task_name: str, what: str) -> None:
+def check_vocabulary(model_vocab_size: int, task_name: str, what: str,
+                     features: Sequence[str] | None = None) -> None:
   """Checks that a model's vocabulary covers every token id of the task's features.
 
   A larger model vocabulary is fine (padded vocabularies are common); a smaller one makes the
@@ -89,6 +90,8 @@ def check_vocabulary(model_vocab_size: int, task_name: str, what: str) -> None:
     model_vocab_size: the model's `vocab_size`.
     task_name: a registered task or mixture.
     what: the model, as the message names it: 'model', 'anchor', "augment 'm_a'".
+    features: the output features the model reads (default: all but an own-tokenizer
+      augment's stream, 'augment_input_tokens').
 
   Raises:
     ConfigError: some output feature vocabulary of some task of `task_name` is larger.
@@ -96,6 +99,9 @@ def check_vocabulary(model_vocab_size: int, task_name: str, what: str) -> None:
   larger = []
   for task in data.tasks_of(task_name):
     for feature, spec in task.output_features.items():
+      if (feature not in features) if features is not None else (
+          feature == 'augment_input_tokens'):
+        continue
       size = spec.vocabulary.vocab_size
       if size > model_vocab_size:
         larger.append((size, task.name, feature))
@@ -249,6 +255,7 @@ def validate_run(*, mode: str, mixture_or_task_name: str, task_feature_lengths: 
                  rules: partitioning.Rules, model_vocab_size: int | None,
                  log: Callable[[str], None],
                  augment_vocab_sizes: Mapping[str, int] | None = None,
+                 own_tokenizer: Sequence[str] = (),
                  max_examples: int = 1000) -> None:
   """Checks a training run's configuration before any model is built (`train.train`).
 
@@ -268,7 +275,8 @@ def validate_run(*, mode: str, mixture_or_task_name: str, task_feature_lengths: 
       check.
     log: the warning sink of the truncation lines (train: its `warn`).
     augment_vocab_sizes: compose: {augment name: vocab_size}, checked like the anchor's (the
-      augments read the same tokens).
+      augments read the same tokens, an augment of `own_tokenizer` its own stream).
+    own_tokenizer: compose: the augments that read their own tokenization.
     max_examples: examples read per task for the truncation count.
 
   Raises:
@@ -281,7 +289,8 @@ def validate_run(*, mode: str, mixture_or_task_name: str, task_feature_lengths: 
     check_vocabulary(model_vocab_size, mixture_or_task_name,
                      'model' if mode == 'pretrain' else 'anchor')
   for name, size in (augment_vocab_sizes or {}).items():
-    check_vocabulary(size, mixture_or_task_name, f'augment {name!r}')
+    check_vocabulary(size, mixture_or_task_name, f'augment {name!r}',
+                     ('augment_input_tokens',) if name in own_tokenizer else None)
   check_batch_size(batch_size, mesh, rules)
   check_split(mixture_or_task_name, split)
   for task in data.tasks_of(mixture_or_task_name):

@@ -336,14 +336,113 @@ def test_a_seqio_task_yields_both_streams_through_the_prefix_lm_converter(vocabu
     data.feature_converter(seqio.get_mixture_or_task('aligned_test'), pack=True)
 
 
-def test_a_composition_run_records_which_augments_read_their_own_tokens(tmp_path):
+def test_a_composition_run_records_which_augments_read_their_own_tokens(tmp_path, vocabularies):
   from calm_jax import random_init, runs  # pylint: disable=g-import-not-at-top
   config = _config(400, 900)
   anchor = random_init.random_lm_checkpoint(config.anchor, tmp_path / 'anchor', 0)
   augment = random_init.random_lm_checkpoint(dict(config.augments)['aug'], tmp_path / 'aug', 1)
   (tmp_path / 'run').mkdir()
-  runs.write_calm_run(tmp_path / 'run', config, anchor, {'aug': augment})
+  with pytest.raises(ValueError, match='need their vocabularies'):
+    runs.write_calm_run(tmp_path / 'run', config, anchor, {'aug': augment})
+  chars = vocabularies[0]  # Any SentencePiece model: the file is copied into the run.
+  runs.write_calm_run(tmp_path / 'run', config, anchor, {'aug': augment},
+                      augment_vocabularies={'aug': chars})
+  copied = runs.read_augment_vocabularies(tmp_path / 'run', {'aug': 'vocabularies/aug.model'})
+  assert list(copied) == ['aug'] and copied['aug'].sp_model == chars.sp_model
   loaded, frozen = runs.read_calm_run(tmp_path / 'run')
   assert loaded == config and loaded.own_tokenizer == ('aug',)
   sizes = {leaf.shape[0] for leaf in jax.tree.leaves(frozen['augments']['aug']['embedder'])}
   assert sizes == {900}  # The augment's own vocabulary.
+
+
+PAIRS = [('Summary: the key', ' is seven'), ('Summary: the lazy dog', ' sleeps'),
+         ('Summary: def f(x)', ' returns x'), ('Summary: a b c', ' d e f'),
+         ('Summary: quick brown', ' fox jumps'), ('Summary: over the', ' lazy dog')]
+
+
+def _register_aligned(name, chars, words, metric_fns=()):
+  from calm_tasks import memory_tasks  # pylint: disable=g-import-not-at-top
+  rows = [{'inputs': a, 'targets': b} for a, b in PAIRS]
+  memory_tasks.aligned_seq2seq_task(name, chars, words, lambda split: rows,
+                                    metric_fns=metric_fns)
+
+
+def test_calm_train_and_calm_infer_compose_an_augment_with_its_own_vocabulary(
+    vocabularies, tmp_path):
+  import functools as ft  # pylint: disable=g-import-not-at-top
+  import calm_jax  # pylint: disable=g-import-not-at-top
+  from calm_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
+  from calm_jax import export as export_lib  # pylint: disable=g-import-not-at-top
+  from calm_jax import infer as infer_lib  # pylint: disable=g-import-not-at-top
+  from calm_jax import optim, random_init, runs, validation  # pylint: disable=g-import-not-at-top
+  from calm_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  chars, words = vocabularies
+  _register_aligned('aligned_run', chars, words)
+  config = _config(chars.vocab_size, words.vocab_size)
+  anchor = random_init.random_lm_checkpoint(config.anchor, tmp_path / 'anchor', 0)
+  augment = random_init.random_lm_checkpoint(dict(config.augments)['aug'], tmp_path / 'aug', 1)
+  run = functools.partial(
+      train_lib.train, mixture_or_task_name='aligned_run',
+      task_feature_lengths={'inputs': 24, 'targets': 16}, train_steps=6, batch_size=2,
+      mode='compose', anchor_checkpoint=anchor, augment_checkpoints={'aug': augment},
+      bridges={'aug': BridgeConfig(connections=((1, 1), (2, 2)))},
+      optimizer_fn=ft.partial(optim.make_optimizer, learning_rate=3e-2), log_every=3,
+      log=lambda _: None, warn=lambda _: None)
+  # The task's augment stream is in `words`: naming no vocabulary, or another, is an error.
+  with pytest.raises(validation.ConfigError, match='own vocabulary'):
+    run(model_dir=str(tmp_path / 'none'))
+  with pytest.raises(validation.ConfigError, match='not the one'):
+    run(model_dir=str(tmp_path / 'other'), augment_vocabularies={'aug': chars})
+  model_dir = tmp_path / 'run'
+  run(model_dir=str(model_dir), augment_vocabularies={'aug': words.sentencepiece_model_file})
+  assert json.loads((model_dir / 'run_definition.json').read_text())[
+      'definition']['own_tokenizer'] == ['aug']
+  loaded = runs.load_checkpoint(model_dir)
+  assert loaded.model.config.own_tokenizer == ('aug',) and loaded.step == 6
+  # The run carries its own copy.
+  assert {k: v.sp_model for k, v in loaded.augment_vocabularies.items()} == {'aug': words.sp_model}
+  bridge = loaded.params['bridge']
+  assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(bridge))
+  written = infer_lib.infer(
+      checkpoint=str(model_dir), mixture_or_task_name='aligned_run',
+      task_feature_lengths={'inputs': 24, 'targets': 10}, output_dir=str(tmp_path / 'infer'),
+      batch_size=4, log=lambda _: None)
+  records = [json.loads(line) for line in open(written['aligned_run'])]
+  assert len(records) == len(PAIRS)
+  # Independent of the caches: greedy decoding by a full forward pass over the text so far.
+  for (prompt, _), record in zip(PAIRS, records):
+    row = alignment.DecodingRow(chars, words, prompt, anchor_bos=3, augment_bos=3)
+    expected = []
+    for _ in range(10):
+      token = int(np.argmax(_full_forward_last(loaded.model.config, loaded.params, row)))
+      expected.append(token)
+      if token == chars.eos_id:
+        break
+      row.push(token)
+    got = record['prediction_tokens']
+    assert got[:len(expected)] == expected, prompt
+    assert record['inputs'] == prompt
+  predictions = [r['prediction'] for r in records]
+  # calm-eval decodes the same way through seqio's evaluator (the metric sees the texts).
+  seen = []
+  _register_aligned('aligned_run_eval', chars, words,
+                    metric_fns=[lambda targets, predictions: seen.extend(predictions) or {
+                        'n': float(len(predictions))}])
+  scores = eval_lib.evaluate(checkpoint=str(model_dir), mixture_or_task_name='aligned_run_eval',
+                             task_feature_lengths={'inputs': 24, 'targets': 10}, batch_size=4,
+                             eval_dir=str(tmp_path / 'eval'))
+  assert scores == {'aligned_run_eval': {'n': float(len(PAIRS))}} and seen == predictions
+  # calm-export: the composed checkpoint carries both vocabularies and decodes alike.
+  composed = export_lib.export(checkpoint=str(model_dir), output_dir=str(tmp_path / 'export'),
+                               mixture_or_task_name='aligned_run', log=lambda _: None)
+  again = calm_jax.load_composed(tmp_path / 'export')
+  assert {k: v.sp_model for k, v in again.augment_vocabularies.items()} == {'aug': words.sp_model}
+  assert again.vocabulary.sp_model == chars.sp_model
+  assert composed.generate_text([p for p, _ in PAIRS], max_decode_len=10) == predictions
+  with pytest.raises(ValueError, match='no serving artifact'):
+    export_lib.export(checkpoint=str(tmp_path / 'export'), output_dir=str(tmp_path / 'export'),
+                      serving_prompt_length=16, log=lambda _: None)
+  with pytest.raises(ValueError, match='greedily'):
+    infer_lib.infer(checkpoint=str(model_dir), mixture_or_task_name='aligned_run',
+                    task_feature_lengths={'inputs': 24, 'targets': 10},
+                    output_dir=str(tmp_path / 'x'), temperature=0.7)
