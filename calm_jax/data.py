@@ -141,11 +141,20 @@ def get_dataset(name: str, task_feature_lengths: Mapping[str, int], split: str,
   task_feature_lengths = dict(task_feature_lengths)
   if is_aligned(task):
     task_feature_lengths = aligned_lengths(task_feature_lengths)
-  ds = seqio.get_dataset(
-      name, task_feature_lengths=task_feature_lengths, dataset_split=split,
-      shuffle=shuffle, num_epochs=num_epochs, seed=seed, use_cached=False,
-      shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=processes),
-      feature_converter=feature_converter(task, pack))
+  shard_info = seqio.ShardInfo(index=jax.process_index(), num_shards=processes)
+  if is_aligned(task) and isinstance(task, seqio.Mixture):
+    # A mixture keeps only its output features unless told otherwise: keep the stream's.
+    from calm_jax import alignment  # pylint: disable=g-import-not-at-top
+    ds = task.get_dataset(task_feature_lengths, split=split, use_cached=False,
+                          shuffle=shuffle, seed=seed, shard_info=shard_info,
+                          num_epochs=num_epochs,
+                          passthrough_features=list(alignment.STREAM_FEATURES))
+    ds = feature_converter(task, pack)(ds, task_feature_lengths=task_feature_lengths)
+  else:
+    ds = seqio.get_dataset(
+        name, task_feature_lengths=task_feature_lengths, dataset_split=split,
+        shuffle=shuffle, num_epochs=num_epochs, seed=seed, use_cached=False,
+        shard_info=shard_info, feature_converter=feature_converter(task, pack))
   ds = ds.batch(batch_size // processes, drop_remainder=True)
   if skip_batches:
     ds = ds.skip(skip_batches)

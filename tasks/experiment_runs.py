@@ -83,9 +83,11 @@ def seed_statistics(per_seed: Sequence[Mapping[str, Mapping[str, float]]],
 
 def bridge_count(anchor: TransformerConfig, augment: TransformerConfig,
                  bridge: BridgeConfig) -> int:
-  """The composition's trained parameter count (its bridges)."""
+  """The composition's trained parameter count (its bridges; an augment of another vocabulary
+  reads its own tokenization, which changes no bridge shape)."""
+  own = ('augment',) if augment.vocab_size != anchor.vocab_size else ()
   config = CalmConfig(anchor=anchor, augments={'augment': augment},
-                      bridges={'augment': bridge})
+                      bridges={'augment': bridge}, own_tokenizer=own)
   return trainable.count_params(calm_lib.abstract_params(config)['bridge'])
 
 
@@ -109,14 +111,17 @@ def train_rows(phase: PhaseRunner, *, models: Sequence[str], seed: int,
                m_a_steps: int, m_b_steps: int, compose_steps: int, finetune_steps: int,
                lora_steps: int, learning_rate: float, compose_learning_rate: float,
                finetune_learning_rate: float, lora_learning_rate: float,
-               pack_pretraining: bool, anchor_checkpoint: str | None = None
+               pack_pretraining: bool, anchor_checkpoint: str | None = None,
+               compose_task: str | None = None, augment_vocabulary: str | None = None
                ) -> dict[str, Any]:
   """Trains what the rows `models` (of ROW_PATHS) need, each phase under `phase.root`.
 
   m_A pretrains on `augment_task`, m_B on `anchor_task` (unless `anchor_checkpoint` is m_B);
-  the compositions, m_B's full fine-tuning and LoRA train on `dc_task`; LoRA's rank is the
-  one whose adapter count comes closest to the bridges'. Returns {'paths': {row: checkpoint},
-  'lora_rank', 'bridge_parameters', 'lora_parameters'}.
+  the compositions train on `compose_task` (default `dc_task`), m_B's full fine-tuning and
+  LoRA on `dc_task`; LoRA's rank is the one whose adapter count comes closest to the
+  bridges'. With `augment_vocabulary` (m_A's own vocabulary) the compositions' augment reads
+  its own tokenization (`compose_task` must yield that stream). Returns {'paths': {row:
+  checkpoint}, 'lora_rank', 'bridge_parameters', 'lora_parameters'}.
   """
   root = phase.root
   paths = {model: str(root / path) for model, path in ROW_PATHS.items()}
@@ -128,9 +133,11 @@ def train_rows(phase: PhaseRunner, *, models: Sequence[str], seed: int,
   if anchor_checkpoint is None and set(models) - {'m_A'}:
     phase('m_b', mode='pretrain', mixture_or_task_name=anchor_task, model_config=m_b_config,
           train_steps=m_b_steps, learning_rate=learning_rate, pack=pack_pretraining)
-  compose = dict(mode='compose', mixture_or_task_name=dc_task, anchor_checkpoint=anchor,
-                 bridges={'augment': bridge}, train_steps=compose_steps,
-                 learning_rate=compose_learning_rate)
+  compose = dict(mode='compose', mixture_or_task_name=compose_task or dc_task,
+                 anchor_checkpoint=anchor, bridges={'augment': bridge},
+                 train_steps=compose_steps, learning_rate=compose_learning_rate)
+  if augment_vocabulary is not None:
+    compose.update(augment_vocabularies={'augment': augment_vocabulary}, pack=False)
   if 'calm' in models:
     phase('calm', augment_checkpoints={'augment': paths['m_A']}, **compose)
   if 'm_B + D_C' in models:

@@ -61,16 +61,23 @@ def cache_dir() -> str:
                                                           'calm_jax')
 
 
-def bible_vocabulary(path: str | None = None,
-                     vocab_size: int = VOCAB_SIZE) -> seqio.Vocabulary:
+def bible_vocabulary(path: str | None = None, vocab_size: int = VOCAB_SIZE,
+                     languages: Sequence[str] = bible_data.LANGUAGES) -> seqio.Vocabulary:
   """The SentencePiece vocabulary at `path`, trained there first if it does not exist.
 
-  Trained (unigram, byte fallback, pad 0 / EOS 1 / UNK 2, no BOS: T5X's ids) on the Chichewa
-  and English verses of the training books only; deterministic for a given `vocab_size`.
-  Default path: `cache_dir()/bible_spm_<vocab_size>.model`. A `path` that is an LM checkpoint
-  with a vocabulary (e.g. `calm-convert`'s Gemma 3 270M) gives that checkpoint's vocabulary.
+  Trained (unigram, byte fallback, pad 0 / EOS 1 / UNK 2, no BOS: T5X's ids) on the verses of
+  the training books only in `languages` (default Chichewa and English; ('nya',) gives an
+  augment's own Chichewa vocabulary); deterministic for a given `vocab_size`. Default path:
+  `cache_dir()/bible_spm_<vocab_size>.model` (`_<languages>` before `.model` for other
+  languages). A `path` that is an LM checkpoint with a vocabulary (e.g. `calm-convert`'s
+  Gemma 3 270M) gives that checkpoint's vocabulary.
   """
-  path = path or os.path.join(cache_dir(), f'bible_spm_{vocab_size}.model')
+  languages = tuple(languages)
+  unknown = sorted(set(languages) - set(bible_data.LANGUAGES))
+  if unknown or not languages:
+    raise ValueError(f'Bible languages {list(languages)}: known {list(bible_data.LANGUAGES)}.')
+  suffix = '' if languages == tuple(bible_data.LANGUAGES) else '_' + '_'.join(languages)
+  path = path or os.path.join(cache_dir(), f'bible_spm_{vocab_size}{suffix}.model')
   if vocab_lib.has_vocabulary(epath.Path(path)):
     return vocab_lib.load_vocabulary(epath.Path(path))
   if not epath.Path(path).exists():
@@ -79,7 +86,7 @@ def bible_vocabulary(path: str | None = None,
     with tempfile.TemporaryDirectory() as tmp:
       corpus = os.path.join(tmp, 'train.txt')
       with open(corpus, 'w', encoding='utf-8') as f:
-        for language in bible_data.LANGUAGES:
+        for language in languages:
           f.writelines(t + '\n' for t in bible_data.monolingual(language, held_out=False))
       prefix = os.path.join(tmp, 'spm')
       spm.SentencePieceTrainer.train(
@@ -170,12 +177,7 @@ def register_bible(vocabulary_path: str | None = None, *, task: str = 'bible_dc'
         lang=language))
 
   def translation(name: str, train: Sequence[tuple[str, str]]):
-    def rows(split: str):
-      if split == 'train':
-        return translation_rows(train, pairs['dc'], shots, 'nya', 'en',
-                                pool_is_pairs=train is pairs['dc'])
-      return translation_rows(pairs['held_out'], pairs['dc'], shots, 'nya', 'en')
-    memory_tasks.seq2seq_task(name, vocabulary, functools.lru_cache(maxsize=2)(rows),
+    memory_tasks.seq2seq_task(name, vocabulary, _translation_split_rows(pairs, train, shots),
                               [text_metrics.chrf, text_metrics.bleu], first_line)
   translation(f'{prefix}bible_nya_en', pairs['dc'])
   translation(f'{prefix}bible_nya_en_slice', pairs['slice'])
@@ -185,6 +187,57 @@ def register_bible(vocabulary_path: str | None = None, *, task: str = 'bible_dc'
   memory_tasks.replace_mixture(prefix + 'bible_eval', {f'{prefix}bible_nya_en': 1.0,
                                                        f'{prefix}bible_en_lm': 1.0})
   return prefix + task
+
+
+def _translation_split_rows(pairs: dict[str, tuple[tuple[str, str], ...]],
+                            train: Sequence[tuple[str, str]], shots: int):
+  """rows(split) of a nya->en task: `train` for 'train', the held-out books otherwise."""
+  def rows(split: str):
+    if split == 'train':
+      return translation_rows(train, pairs['dc'], shots, 'nya', 'en',
+                              pool_is_pairs=train is pairs['dc'])
+    return translation_rows(pairs['held_out'], pairs['dc'], shots, 'nya', 'en')
+  return functools.lru_cache(maxsize=2)(rows)
+
+
+ALIGNED_NAMES = ('bible_en_lm', 'bible_nya_en', 'bible_dc')
+
+
+def register_bible_aligned(vocabulary_path: str | None, augment_vocabulary_path: str, *,
+                           shots: int = 0, dc_share: float = DC_SHARE,
+                           rates: dict[str, dict[str, float]] | None = None,
+                           prefix: str = 'aligned_') -> str:
+  """Registers the Bible tasks a composition reads when its augment has its own tokenizer
+  (`memory_tasks.aligned_seq2seq_task`: the anchor's features in `vocabulary_path`'s
+  vocabulary, the augment's stream in `augment_vocabulary_path`'s); returns `prefix +
+  'bible_dc'`.
+
+  Registered: `{prefix}bible_en_lm`, `{prefix}bible_nya_en` (D_C and the held-out books, as
+  `register_bible`'s) and the mixture `{prefix}bible_dc` (its rates).
+
+  Args:
+    vocabulary_path: the anchor's vocabulary (as `register_bible` takes it).
+    augment_vocabulary_path: the augment's own SentencePiece model or LM checkpoint.
+    shots, dc_share, rates: as `register_bible`'s.
+    prefix: prepended to every name (not empty: the plain tasks keep theirs).
+  """
+  if not prefix:
+    raise ValueError('register_bible_aligned needs a prefix: the plain Bible tasks keep their '
+                     'names.')
+  vocabulary = bible_vocabulary(vocabulary_path)
+  augment_vocabulary = bible_vocabulary(augment_vocabulary_path)
+  pairs = bible_splits(dc_share)
+  memory_tasks.aligned_seq2seq_task(
+      f'{prefix}bible_en_lm', vocabulary, augment_vocabulary,
+      lambda split: [{'inputs': '', 'targets': t} for t in bible_data.monolingual(
+          'en', held_out=split == 'validation')])
+  memory_tasks.aligned_seq2seq_task(
+      f'{prefix}bible_nya_en', vocabulary, augment_vocabulary,
+      _translation_split_rows(pairs, pairs['dc'], shots),
+      [text_metrics.chrf, text_metrics.bleu], first_line)
+  memory_tasks.replace_mixture(prefix + 'bible_dc', {
+      prefix + task_name: rate for task_name, rate in mixture_rates('bible_dc', rates).items()})
+  return prefix + 'bible_dc'
 
 
 def register_flores(root: str, language: str, *, vocabulary_path: str, shots: int = 5,

@@ -45,6 +45,11 @@ from calm_jax.configs import BridgeConfig, TransformerConfig
 from calm_tasks import experiment_runs, lowres
 
 MODELS = experiment_runs.ROW_PATHS
+# With augment_vocab_size: m_A's tasks in its own vocabulary, and the compositions' (both
+# streams).
+AUGMENT_PREFIX = 'augment_'
+ALIGNED_PREFIX = 'aligned_'
+
 COLORS = {'m_A': '#888', 'm_B': '#888', 'calm': '#1f77b4', 'm_B + D_C': '#ff7f0e',
           'lora': '#2ca02c', 'calm_random_m_A': '#bbb', 'calm_encoder': '#bbb'}
 METRICS = {'chrf': 'nya->en chrF1', 'bleu': 'nya->en BLEU', 'en_ppl': 'English perplexity'}
@@ -98,6 +103,11 @@ def write_results(results: Mapping[str, Mapping[str, float]], out_dir: epath.Pat
            'token (of the shared vocabulary) of the English verses.']
   if settings.get('anchor_checkpoint'):
     notes.append(f'm_B: the pretrained {settings["anchor_checkpoint"]}, in its vocabulary.')
+  if settings.get('augment_vocab_size'):
+    notes.append(f'm_A reads its own Chichewa SentencePiece vocabulary '
+                 f'({settings["augment_vocab_size"]} pieces, augment_vocab.model); the '
+                 'compositions read each text in both tokenizations (own_tokenizer). m_A\'s '
+                 'perplexity is per token of its own vocabulary.')
   if spread is not None:
     notes.append(f'Seeds {list(spread["seeds"])}: mean ± sample standard deviation (min-max).')
   if settings.get('seconds'):
@@ -143,6 +153,7 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
                    seeds: Sequence[int] | None = None, log_every: int = 100,
                    anchor_checkpoint: str | None = None,
                    models: Sequence[str] | None = None,
+                   augment_vocab_size: int | None = None,
                    config_text: str | None = None) -> dict[str, dict[str, float]]:
   """Runs every phase (module docstring); returns {metric: {model: value}}.
 
@@ -173,6 +184,10 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
     anchor_checkpoint: a pretrained LM checkpoint to use as m_B (its architecture and
       vocabulary; m_B is not pretrained and vocab_size is unused).
     models: the rows to run and evaluate, of MODELS (default all); the phases they need run.
+    augment_vocab_size: give m_A a SentencePiece vocabulary of its own, of this many pieces,
+      trained on the training books' Chichewa (EXPERIMENT_DIR/augment_vocab.model): m_A
+      pretrains in it and the compositions read each text in both tokenizations
+      (`lowres.register_bible_aligned`); m_a_config.vocab_size must be this.
     config_text: the resolved configuration (the command line passes gin's).
 
   Raises:
@@ -187,10 +202,11 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
     vocab_size = m_b_config.vocab_size
   elif m_b_config is None:
     raise ValueError('Give m_b_config (the anchor to pretrain) or anchor_checkpoint.')
-  for name, config in (('m_a_config', m_a_config), ('m_b_config', m_b_config)):
-    if config.vocab_size != vocab_size:
-      raise ValueError(f'{name}.vocab_size is {config.vocab_size}, but the vocabulary has '
-                       f'{vocab_size} pieces.')
+  for name, config, size in (('m_a_config', m_a_config, augment_vocab_size or vocab_size),
+                             ('m_b_config', m_b_config, vocab_size)):
+    if config.vocab_size != size:
+      raise ValueError(f'{name}.vocab_size is {config.vocab_size}, but its vocabulary has '
+                       f'{size} pieces.')
   models = list(models or MODELS)
   unknown = sorted(set(models) - set(MODELS))
   if unknown:
@@ -208,7 +224,8 @@ def run_experiment(*, experiment_dir: str, m_a_config: TransformerConfig,
                   vocab_size=vocab_size, shots=shots,
                   eval_examples=eval_examples, eval_batch_size=eval_batch_size,
                   perplexity_batch_size=perplexity_batch_size, log_every=log_every,
-                  anchor_checkpoint=anchor_checkpoint, models=models, config_text=config_text)
+                  anchor_checkpoint=anchor_checkpoint, models=models,
+                  augment_vocab_size=augment_vocab_size, config_text=config_text)
   return experiment_runs.run_seeds(
       functools.partial(_run_one, **settings), root, seed=seed, seeds=seeds,
       metrics=list(METRICS), models=models, write_results=write_results)
@@ -224,6 +241,7 @@ def _run_one(root: epath.Path, *, seed: int, m_a_config: TransformerConfig,
              eval_examples: int | None,
              eval_batch_size: int, perplexity_batch_size: int, log_every: int,
              anchor_checkpoint: str | None, models: Sequence[str],
+             augment_vocab_size: int | None,
              config_text: str | None) -> dict[str, dict[str, float]]:
   """One seed of `run_experiment`, under `root`."""
   root.mkdir(parents=True, exist_ok=True)
@@ -233,6 +251,14 @@ def _run_one(root: epath.Path, *, seed: int, m_a_config: TransformerConfig,
   vocabulary = anchor_checkpoint or str(root / 'vocab.model')
   lowres.bible_vocabulary(vocabulary, vocab_size)
   lowres.register_bible(vocabulary, shots=shots)  # Every Bible task and mixture, once.
+  augment_vocabulary, own = None, {}
+  if augment_vocab_size is not None:
+    augment_vocabulary = str(root / 'augment_vocab.model')
+    lowres.bible_vocabulary(augment_vocabulary, augment_vocab_size, languages=('nya',))
+    lowres.register_bible(augment_vocabulary, shots=shots, prefix=AUGMENT_PREFIX)
+    own = {'compose_task': lowres.register_bible_aligned(
+        vocabulary, augment_vocabulary, shots=shots, prefix=ALIGNED_PREFIX),
+        'augment_vocabulary': augment_vocabulary}
   timings['vocabulary'] = time.perf_counter() - tick
 
   phase = experiment_runs.PhaseRunner(
@@ -244,26 +270,34 @@ def _run_one(root: epath.Path, *, seed: int, m_a_config: TransformerConfig,
 
   trained = experiment_runs.train_rows(
       phase, models=models, seed=seed, m_a_config=m_a_config, m_b_config=m_b_config,
-      bridge=bridge, augment_task='bible_nya_lm', anchor_task='bible_anchor',
+      bridge=bridge, augment_task=('bible_nya_lm' if augment_vocabulary is None
+                                   else AUGMENT_PREFIX + 'bible_nya_lm'),
+      anchor_task='bible_anchor',
       dc_task='bible_dc', m_a_steps=m_a_steps, m_b_steps=m_b_steps,
       compose_steps=compose_steps, finetune_steps=finetune_steps, lora_steps=lora_steps,
       learning_rate=learning_rate, compose_learning_rate=compose_learning_rate,
       finetune_learning_rate=finetune_learning_rate, lora_learning_rate=lora_learning_rate,
-      pack_pretraining=pack_pretraining, anchor_checkpoint=anchor_checkpoint)
+      pack_pretraining=pack_pretraining, anchor_checkpoint=anchor_checkpoint, **own)
   paths = trained['paths']
 
   results: dict[str, dict[str, float]] = {metric: {} for metric in METRICS}
   tick = time.perf_counter()
-  translation = 'bible_nya_en'
   for model in models:
     path = paths[model]
+    prefix = ''  # The tasks each row reads: its own vocabulary, or both streams.
+    if augment_vocabulary is not None and model == 'm_A':
+      prefix = AUGMENT_PREFIX
+    elif augment_vocabulary is not None and model in ('calm', 'calm_random_m_A', 'calm_encoder'):
+      prefix = ALIGNED_PREFIX
+    translation = prefix + 'bible_nya_en'
     metrics = eval_lib.evaluate(
         checkpoint=path, mixture_or_task_name=translation,
         task_feature_lengths=task_feature_lengths, batch_size=eval_batch_size,
         eval_dir=str(root / 'eval' / model.replace(' ', '_').replace('+', 'plus')),
         num_examples=eval_examples)[translation]
     results['chrf'][model], results['bleu'][model] = metrics['chrf'], metrics['bleu']
-    results['en_ppl'][model] = perplexity(path, task_feature_lengths, perplexity_batch_size)
+    results['en_ppl'][model] = perplexity(path, task_feature_lengths, perplexity_batch_size,
+                                          prefix + 'bible_en_lm')
     logging.info('%s: chrF1 %.1f, BLEU %.1f, English ppl %.2f', model,
                  results['chrf'][model], results['bleu'][model], results['en_ppl'][model])
   timings['eval'] = time.perf_counter() - tick
@@ -276,6 +310,7 @@ def _run_one(root: epath.Path, *, seed: int, m_a_config: TransformerConfig,
                         'finetune': finetune_steps, 'lora': lora_steps},
               'pairs': {k: len(v) for k, v in splits.items()}, 'shots': shots,
               'batch_size': batch_size, 'anchor_checkpoint': anchor_checkpoint,
+              'augment_vocab_size': augment_vocab_size,
               'connections': bridge.connections or f'every {bridge.every}',
               'rates': {m: lowres.mixture_rates(m) for m in ('bible_anchor', 'bible_dc')}}
   write_results(results, root, settings)

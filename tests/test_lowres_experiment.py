@@ -118,3 +118,40 @@ def test_a_pretrained_anchor_is_composed_as_it_is_and_only_the_chosen_rows_run(g
   assert saved['settings']['anchor_checkpoint'] == gemma_anchor
   table = (out / 'results.md').read_text()
   assert '| calm |' in table and '| lora |' not in table and 'pretrained' in table
+
+
+@pytest.mark.slow
+def test_an_augment_with_its_own_chichewa_vocabulary_is_composed_with_the_pretrained_anchor(
+    gemma_anchor, tmp_path):
+  import seqio  # pylint: disable=g-import-not-at-top
+  import gguf_fixtures as fx  # pylint: disable=g-import-not-at-top
+  from calm_jax import alignment, checkpoints, runs  # pylint: disable=g-import-not-at-top
+  from calm_jax.configs import BridgeConfig, TransformerConfig  # pylint: disable=g-import-not-at-top
+  m_a = TransformerConfig(vocab_size=400, embed_dim=32, num_layers=2, num_heads=2,
+                          num_kv_heads=2, head_dim=8, mlp_dim=64)
+  out = tmp_path / 'own'
+  common = dict(m_a_config=m_a, m_b_config=None, bridge=BridgeConfig(connections=((1, 3),)),
+                task_feature_lengths={'inputs': 24, 'targets': 24}, m_a_steps=4, m_b_steps=4,
+                compose_steps=4, batch_size=4, warmup_steps=2, eval_examples=4,
+                eval_batch_size=4, anchor_checkpoint=gemma_anchor, log_every=2)
+  with pytest.raises(ValueError, match='m_a_config.vocab_size is 400'):
+    lowres_experiment.run_experiment(experiment_dir=str(out), models=['calm'], **common)
+  results = lowres_experiment.run_experiment(
+      experiment_dir=str(out), models=['m_A', 'calm'], augment_vocab_size=400, **common)
+  assert set(results['chrf']) == {'m_A', 'calm'}
+  assert all(math.isfinite(v) for metric in results.values() for v in metric.values())
+  # m_A pretrained in its own vocabulary, trained on Chichewa only: no English piece of the
+  # anchor's kind, and its embedding has the vocabulary's 400 rows.
+  own = seqio.SentencePieceVocabulary(str(out / 'augment_vocab.model'))
+  assert own.vocab_size == 400 and checkpoints.load_lm_config(out / 'm_a' / 'lm').vocab_size == 400
+  assert fx.vocab_size('gemma3') != 400
+  # The composition read both streams: the run records it and keeps the vocabulary's copy.
+  config, _ = runs.read_calm_run(out / 'calm')
+  assert config.own_tokenizer == ('augment',)
+  copied = runs.load_checkpoint(str(out / 'calm')).augment_vocabularies['augment']
+  assert alignment.same_vocabulary(copied, own)
+  stream = alignment.task_augment_vocabulary(lowres_experiment.ALIGNED_PREFIX + 'bible_dc')
+  assert alignment.same_vocabulary(stream, own)
+  saved = json.loads((out / 'results.json').read_text())
+  assert saved['settings']['augment_vocab_size'] == 400
+  assert 'own Chichewa SentencePiece vocabulary' in (out / 'results.md').read_text()
