@@ -147,12 +147,10 @@ def make_evaluator(mixture_or_task_name: str, task_feature_lengths: Mapping[str,
   """
   task = data.get_task_or_mixture(mixture_or_task_name)
   log_dir.mkdir(parents=True, exist_ok=True)
-  lengths = (data.aligned_lengths(task_feature_lengths) if data.is_aligned(task)
-             else dict(task_feature_lengths))
   evaluator = seqio.Evaluator(
       mixture_or_task_name=mixture_or_task_name,
       feature_converter=data.feature_converter(task, pack=False), eval_split=split,
-      sequence_length=lengths, num_examples=num_examples,
+      sequence_length=dict(task_feature_lengths), num_examples=num_examples,
       logger_cls=list(loggers), log_dir=str(log_dir))
   return evaluator, next(iter(task.output_features.values())).vocabulary.eos_id
 
