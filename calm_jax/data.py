@@ -58,30 +58,74 @@ def is_aligned(task: seqio.Task | seqio.Mixture) -> bool:
 class _AlignedFeatureConverter(seqio.PrefixLMFeatureConverter):
   """The prefix-LM converter with the augment stream passed through, completing the lengths
   (`aligned_lengths`) from 'inputs' and 'targets': seqio's Evaluator keeps only the lengths of
-  the task's own features."""
+  the task's own features.
+
+  Packed, seqio's packer packs every feature together (an example joins a row only if both
+  streams fit), so example k of a row is segment k of both streams; the augment's segments
+  and positions are the packer's of 'augment_input_tokens' ('augment_positions' is added).
+  Read keys restart at 0 in each example: the cross mask compares them within a segment only.
+  seqio refuses pass-through features when packing because its packer takes a 0 for padding
+  and cuts each feature at its count of non-zeros; the stream features hold real zeros (the
+  shifted-in input, key 0, the prompt mask's 0s), so they are packed shifted up by one and
+  shifted back after (the test of packed rows against the examples alone guards this).
+  """
+
+  PACKING_FEATURE_DTYPES = {**seqio.PrefixLMFeatureConverter.PACKING_FEATURE_DTYPES,
+                            'augment_segment_ids': tf.int32, 'augment_positions': tf.int32}
+
+  def __init__(self, pack: bool, **kwargs):
+    passthrough = dict(kwargs.pop('passthrough_features'))
+    if pack:  # Made by the packer (whose own outputs are named '*_segment_ids').
+      passthrough.pop('augment_segment_ids')
+    super().__init__(pack=False, passthrough_features=passthrough, **kwargs)
+    self._pack = bool(pack)
 
   def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
                ) -> tf.data.Dataset:
-    return super().__call__(ds, aligned_lengths(task_feature_lengths))
+    lengths = aligned_lengths(task_feature_lengths)
+    if self.pack:
+      lengths.pop('augment_segment_ids')
+    return super().__call__(ds, lengths)
+
+  def _convert_features(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
+                        ) -> tf.data.Dataset:
+    if self.pack:
+      names = list(self._passthrough_features)
+      ds = ds.map(lambda ex: {**ex, **{k: ex[k] + 1 for k in names}},
+                  num_parallel_calls=tf.data.AUTOTUNE)
+    return super()._convert_features(ds, task_feature_lengths)
+
+  def _convert_example(self, features: Mapping[str, tf.Tensor]) -> Mapping[str, tf.Tensor]:
+    d = dict(super()._convert_example(features))
+    if self.pack:
+      augment = features['augment_input_tokens_segment_ids']
+      for k in self._passthrough_features:
+        segments = features['targets_segment_ids'] if k == 'decoder_read_keys' else augment
+        d[k] = tf.where(segments > 0, features[k] - 1, tf.zeros_like(features[k]))
+      d['augment_segment_ids'] = augment
+      d['augment_positions'] = features['augment_input_tokens_positions']
+    return d
+
+  def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]
+                                ) -> Mapping[str, int]:
+    lengths = dict(super().get_model_feature_lengths(task_feature_lengths))
+    if self.pack:
+      lengths['augment_segment_ids'] = lengths['augment_input_tokens']
+      lengths['augment_positions'] = lengths['augment_input_tokens']
+    return lengths
 
 
 def feature_converter(task: seqio.Task | seqio.Mixture, pack: bool) -> seqio.FeatureConverter:
   """Prefix-LM converter for input/target tasks, plain LM converter for target-only ones; for
   tasks with an augment stream the prefix-LM converter passes `alignment.STREAM_FEATURES`
-  through (unpacked only).
-
-  Raises:
-    ValueError: packing asked for tasks with an augment stream.
+  through, packed (with 'augment_positions') or padded.
   """
   tasks = task.tasks if isinstance(task, seqio.Mixture) else [task]
   if is_aligned(task):
     from calm_jax import alignment  # pylint: disable=g-import-not-at-top
-    if pack:
-      raise ValueError(f'{task.name} carries an augment stream: packing is not supported; '
-                       'train it with pack=False.')
     spec = seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)
     return _AlignedFeatureConverter(
-        pack=False, loss_on_targets_only=True,
+        pack=pack, loss_on_targets_only=True,
         passthrough_features={name: spec for name in alignment.STREAM_FEATURES})
   if all('inputs' in t.output_features for t in tasks):
     return seqio.PrefixLMFeatureConverter(pack=pack, loss_on_targets_only=True)

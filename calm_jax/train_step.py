@@ -68,7 +68,8 @@ def apply_fn_for(model: nn.Module) -> ApplyFn:
                            'their own tokenizer.')
         kwargs['streams'] = {own[0]: AugmentStream(
             batch['augment_input_tokens'], batch['augment_read_keys'],
-            batch['decoder_read_keys'], segment_ids=batch['augment_segment_ids'],
+            batch['decoder_read_keys'], positions=batch.get('augment_positions'),
+            segment_ids=batch['augment_segment_ids'],
             prompt_mask=batch['augment_causal_attention'])}
     return model.apply({'params': params}, tokens, **kwargs).logits
   return apply

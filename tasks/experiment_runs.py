@@ -137,7 +137,7 @@ def train_rows(phase: PhaseRunner, *, models: Sequence[str], seed: int,
                  anchor_checkpoint=anchor, bridges={'augment': bridge},
                  train_steps=compose_steps, learning_rate=compose_learning_rate)
   if augment_vocabulary is not None:
-    compose.update(augment_vocabularies={'augment': augment_vocabulary}, pack=False)
+    compose.update(augment_vocabularies={'augment': augment_vocabulary})
   if 'calm' in models:
     phase('calm', augment_checkpoints={'augment': paths['m_A']}, **compose)
   if 'm_B + D_C' in models:

@@ -332,8 +332,66 @@ def test_a_seqio_task_yields_both_streams_through_the_prefix_lm_converter(vocabu
   assert chars.decode(kept[:24].tolist()).endswith('keep whole')
   keys = batch['decoder_read_keys'][2][batch['decoder_target_tokens'][2] != 0]
   assert np.all(np.diff(keys) > 0)
-  with pytest.raises(ValueError, match='packing is not supported'):
-    data.feature_converter(seqio.get_mixture_or_task('aligned_test'), pack=True)
+
+
+def test_packing_both_streams_equals_the_examples_run_alone(vocabularies):
+  from calm_jax import data, train_step  # pylint: disable=g-import-not-at-top
+  from calm_tasks import memory_tasks  # pylint: disable=g-import-not-at-top
+  chars, words = vocabularies
+  rows = [{'inputs': a, 'targets': b} for a, b in PAIRS]
+  memory_tasks.aligned_seq2seq_task('aligned_pack', chars, words, lambda split: rows,
+                                    splits=('validation',))
+  # Unpacked, the anchor (characters) reads 28, 31, 30, 23, 33, 29 tokens of the six
+  # examples and the augment (coarser pieces) 16, 21, 19, 15, 25, 19.
+  for augment_length in (None, 36):
+    lengths = {'inputs': 48, 'targets': 32}
+    if augment_length:
+      lengths['augment_input_tokens'] = augment_length
+    get = lambda pack, batch: next(data.as_numpy_batches(data.get_dataset(
+        'aligned_pack', lengths, 'validation', batch, shuffle=False, num_epochs=1, pack=pack)))
+    single = get(False, len(PAIRS))
+    packed = get(True, 3)
+    per_row = packed['decoder_segment_ids'].max(1).tolist()
+    # 80 anchor slots take two examples a row; 36 augment slots do not take the first two
+    # (16 + 21), though the anchor could: an example joins a row only if both streams fit.
+    assert per_row == ([2, 2, 2] if augment_length is None else [1, 1, 2]), per_row
+    # Example k of a row is segment k of both streams, each exactly its unpacked features.
+    seen = 0
+    for r in range(3):
+      for k in range(1, per_row[r] + 1):
+        anchor = packed['decoder_segment_ids'][r] == k
+        aug = packed['augment_segment_ids'][r] == k
+        assert aug.any()
+        np.testing.assert_array_equal(packed['decoder_positions'][r][anchor],
+                                      np.arange(anchor.sum()))
+        np.testing.assert_array_equal(packed['augment_positions'][r][aug], np.arange(aug.sum()))
+        for name, where in (('decoder_target_tokens', anchor), ('decoder_input_tokens', anchor),
+                            ('decoder_loss_weights', anchor),
+                            ('decoder_causal_attention', anchor), ('decoder_read_keys', anchor),
+                            ('augment_input_tokens', aug), ('augment_read_keys', aug),
+                            ('augment_causal_attention', aug)):
+          alone = single[name][seen][:where.sum()]
+          np.testing.assert_array_equal(packed[name][r][where], alone, err_msg=name)
+        seen += 1
+    # The composition on the packed rows gives each example the logits it has alone.
+    config = _config(chars.vocab_size, words.vocab_size)
+    params = _params(config, seed=3)
+    apply = train_step.apply_fn_for(Calm(config))
+    packed_logits = np.asarray(apply(params, {k: jnp.asarray(v) for k, v in packed.items()}))
+    single_logits = np.asarray(apply(params, {k: jnp.asarray(v) for k, v in single.items()}))
+    seen = 0
+    for r in range(3):
+      for k in range(1, per_row[r] + 1):
+        anchor = packed['decoder_segment_ids'][r] == k
+        np.testing.assert_allclose(packed_logits[r][anchor],
+                                   single_logits[seen][:anchor.sum()], atol=1e-5, rtol=1e-5)
+        seen += 1
+    # Negative control: the augment's segments ignored (one segment per row), a packed
+    # example's anchor reads the earlier examples' augment tokens and its logits change.
+    merged = dict(packed, augment_segment_ids=np.where(packed['augment_segment_ids'] > 0, 1, 0))
+    wrong = np.asarray(apply(params, {k: jnp.asarray(v) for k, v in merged.items()}))
+    later = packed['decoder_segment_ids'] >= 2
+    assert np.abs(wrong[later] - packed_logits[later]).max() > 1e-3
 
 
 def test_a_composition_run_records_which_augments_read_their_own_tokens(tmp_path, vocabularies):
