@@ -241,6 +241,14 @@ class DecodingRow:
     self.generated: list[int] = []
     self.rollbacks = 0
 
+  def copy(self) -> 'DecodingRow':
+    """An independent copy (a new beam): the same text so far, sharing the vocabularies."""
+    other = object.__new__(DecodingRow)
+    other.__dict__.update(self.__dict__)
+    for name in ('anchor_ids', '_anchor_ends', 'augment_ids', '_augment_ends', 'generated'):
+      setattr(other, name, list(getattr(self, name)))
+    return other
+
   def anchor_inputs(self) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, read keys) of the anchor's decoder inputs so far, each [1 + tokens]."""
     keys = read_keys(self._anchor_ends)
@@ -465,5 +473,5 @@ def save_vocabulary(vocabulary: Any, directory: Any, name: str) -> str:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / (path.name + '.tmp')
   tmp.write_bytes(data)
-  tmp.rename(path)
+  tmp.replace(path)
   return relative

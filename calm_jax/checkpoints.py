@@ -112,7 +112,7 @@ def save_lm(path: str | epath.Path, config: TransformerConfig, params: Any,
                 'files': integrity.manifest(path, parts=[PARAMS_DIR])}
     tmp = path / (CONFIG_FILE + '.tmp')
     tmp.write_text(json.dumps(document, indent=2, sort_keys=True))
-    tmp.rename(path / CONFIG_FILE)
+    tmp.replace(path / CONFIG_FILE)
 
 
 def check_new_lm_dir(path: str | epath.Path) -> None:

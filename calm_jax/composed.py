@@ -148,7 +148,7 @@ def save_composed(path: str | epath.Path, config: CalmConfig, params: Any, *,
   document['files'] = integrity.manifest(path, parts=[PARAMS_DIR, VOCABULARY_DIR])
   tmp = path / (CONFIG_FILE + '.tmp')
   tmp.write_text(json.dumps(document, indent=2, sort_keys=True))
-  tmp.rename(path / CONFIG_FILE)
+  tmp.replace(path / CONFIG_FILE)
 
 
 def _check_params(config: CalmConfig, tree: Any, where: str) -> dict[str, Any]:
@@ -265,14 +265,14 @@ class Composed:
     if not prompts:
       return []
     if self.config.own_tokenizer:
-      if kwargs.get('num_beams', 1) > 1 or kwargs.get('sampling', decoding.Sampling()) != (
-          decoding.Sampling()):
-        raise ValueError('an augment with its own tokenizer decodes greedily only.')
       (name,) = self.config.own_tokenizer
+      eos_id = kwargs.pop('eos_id', None)
+      if eos_id not in (None, self.vocabulary.eos_id):
+        raise ValueError('an augment with its own tokenizer stops at the vocabulary\'s EOS.')
       out = np.concatenate(list(decoding.generate_aligned_texts(
           self.model, self.params, prompts, anchor_vocabulary=self.vocabulary,
           augment_vocabulary=self.augment_vocabularies[name], max_decode_len=max_decode_len,
-          batch_size=len(prompts))))
+          batch_size=len(prompts), **kwargs)))
       return [self.vocabulary.decode(_until_eos(row, self.vocabulary)) for row in out]
     encoded = [self.vocabulary.encode(p) for p in prompts]
     if hasattr(self.vocabulary, 'unknown_words'):

@@ -347,10 +347,104 @@ def _aligned_fns(model: nn.Module, name: str, cache_length: int, augment_slots: 
   return prefill, extend_augment, extend
 
 
+class _AlignedDecoder:
+  """The cached state of decoding rows of `alignment.DecodingRow` (`generate_aligned`,
+  `beam_search_aligned`): the composition's caches, each row's anchor position, and the
+  compiled calls. `start` prefills the prompts, `step` feeds one anchor token per row,
+  `reorder` gathers rows (beams)."""
+
+  def __init__(self, model: nn.Module, params: Any, rows: list[Any], *, max_decode_len: int,
+               augment_cache_length: int | None):
+    from calm_jax.calm import AugmentStream  # pylint: disable=g-import-not-at-top
+    own = model.config.own_tokenizer
+    if len(own) != 1:
+      raise ValueError(f'generate_aligned decodes a composition with one own-tokenizer '
+                       f'augment, got {list(own)}.')
+    self.params, self.rows = params, list(rows)
+    anchor = [row.anchor_inputs() for row in rows]
+    augment = [row.augment_inputs() for row in rows]
+    # Prompt lengths in powers of two: batches of other prompts reuse the compiled prefill.
+    length = _bucket(max(len(t) for t, _ in anchor))
+    augment_length = _bucket(max(len(t) for t, _ in augment))
+    self.augment_slots = augment_cache_length or augment_length + 4 * max_decode_len
+    self._prefill, self._extend_augment, self._extend = _aligned_fns(
+        model, own[0], length + max_decode_len, self.augment_slots)
+    self._stream = AugmentStream(
+        jnp.asarray(_pad_rows([t for t, _ in augment], augment_length)),
+        jnp.asarray(_pad_rows([k for _, k in augment], augment_length)),
+        jnp.asarray(_pad_rows([k for _, k in anchor], length)),
+        prompt_mask=jnp.asarray(_pad_rows([np.ones(len(t)) for t, _ in augment],
+                                          augment_length)))
+    self._tokens = jnp.asarray(_pad_rows([t for t, _ in anchor], length))
+    self._prompt_mask = jnp.asarray(_pad_rows([np.ones(len(t)) for t, _ in anchor], length))
+    self.positions = np.asarray([len(t) for t, _ in anchor], np.int32)
+    self.cache = None
+
+  def start(self) -> np.ndarray:
+    """Prefills the prompts; returns the logits [B, V] (float32) of each row's next token."""
+    out = self._prefill(self.params, self._tokens, self._prompt_mask, self._stream)
+    self.cache = out.cache
+    return np.asarray(out.logits[:, 0], np.float32)
+
+  def reorder(self, index: np.ndarray) -> None:
+    """Row r becomes a copy of row index[r] (its text, caches and position)."""
+    index = np.asarray(index)
+    self.rows = [self.rows[i].copy() for i in index]
+    take = jnp.asarray(index)
+    self.cache = jax.tree.map(lambda x: jnp.take(x, take, axis=0), self.cache)
+    self.positions = self.positions[index]
+
+  def step(self, token: np.ndarray, active: np.ndarray) -> np.ndarray:
+    """Feeds `token` [B] to the active rows (the others' outputs are not read); returns the
+    logits [B, V] of each row's next token."""
+    rows, positions, batch = self.rows, self.positions, len(self.rows)
+    updates = [row.push(t) if a else None for row, t, a in zip(rows, token, active)]
+    width = max([len(u.augment_tokens) for u in updates if u is not None] + [0])
+    cache = self.cache
+    if width:
+      width = _bucket(width)
+      new = np.zeros((batch, width), np.int32)
+      slots = np.zeros((batch, width), np.int32)
+      new_keys = np.full((batch, width), np.iinfo(np.int32).max, np.int32)
+      valid = np.zeros(batch, np.int32)
+      for r, update in enumerate(updates):
+        valid[r] = len(rows[r].augment_ids) + 1
+        start = valid[r] if update is None else update.augment_from
+        n = 0 if update is None else len(update.augment_tokens)
+        slots[r] = start + np.arange(width)
+        if n:
+          new[r, :n], new_keys[r, :n] = update.augment_tokens, update.augment_keys
+      if valid.max() > self.augment_slots:
+        raise ValueError(f'the augment needs {valid.max()} cache slots, more than the '
+                         f'{self.augment_slots} given (augment_cache_length).')
+      cache = self._extend_augment(self.params, jnp.asarray(new), jnp.asarray(slots),
+                                   jnp.asarray(new_keys), jnp.asarray(valid), cache)
+    # The anchor's step: its new token, and any earlier one whose bridges' reads changed.
+    froms = np.asarray([u.anchor_from if u is not None else positions[r]
+                        for r, u in enumerate(updates)], np.int32)
+    width = _bucket(int((positions - froms).max()) + 1)
+    run = np.zeros((batch, width), np.int32)
+    run_keys = np.zeros((batch, width), np.int32)
+    slots = froms[:, None] + np.arange(width)[None, :]
+    for r in range(batch):
+      inputs, input_keys = rows[r].anchor_inputs()
+      n = positions[r] - froms[r] + 1
+      if updates[r] is not None:
+        run[r, :n], run_keys[r, :n] = inputs[froms[r]:], input_keys[froms[r]:]
+      else:  # A finished row: its step is not read.
+        run[r, :n], run_keys[r, :n] = 0, np.iinfo(np.int32).max
+    out = self._extend(self.params, jnp.asarray(run), jnp.asarray(slots), cache,
+                       jnp.asarray(run_keys), jnp.asarray(positions - froms))
+    self.cache = out.cache
+    self.positions = positions + 1
+    return np.asarray(out.logits[:, 0], np.float32)
+
+
 def generate_aligned(model: nn.Module, params: Any, rows: list[Any], *, max_decode_len: int,
                      eos_id: int, augment_cache_length: int | None = None,
-                     return_logits: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-  """Greedy cached decoding of a composition whose augment has its own tokenizer.
+                     return_logits: bool = False, sampling: Sampling = Sampling(),
+                     rng: Array | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+  """Cached decoding (greedy or sampled) of a composition whose augment has its own tokenizer.
 
   Each step: the anchor's new token extends the text (`alignment.DecodingRow.push`); where
   the augment's tokens of the new text differ from those in its cache (a merge across the
@@ -369,6 +463,9 @@ def generate_aligned(model: nn.Module, params: Any, rows: list[Any], *, max_deco
     augment_cache_length: slots of the augment's cache (default: its longest prompt + 4 per
       generated token).
     return_logits: also return each step's logits [B, max_decode_len, V] (float32).
+    sampling: how each token is picked (greedy by default); step i samples the batch's logits
+      with `sample_tokens(jax.random.fold_in(rng, i), ...)`.
+    rng: the sampling key (default `jax.random.key(0)`).
 
   Returns:
     [B, max_decode_len] int32 generated tokens (and the logits).
@@ -376,82 +473,26 @@ def generate_aligned(model: nn.Module, params: Any, rows: list[Any], *, max_deco
   Raises:
     ValueError: not exactly one own-tokenizer augment, or an augment cache too short.
   """
-  from calm_jax.calm import AugmentStream  # pylint: disable=g-import-not-at-top
-  own = model.config.own_tokenizer
-  if len(own) != 1:
-    raise ValueError(f'generate_aligned decodes a composition with one own-tokenizer augment, '
-                     f'got {list(own)}.')
-  name = own[0]
-  anchor = [row.anchor_inputs() for row in rows]
-  augment = [row.augment_inputs() for row in rows]
-  # Prompt lengths in powers of two: batches of other prompts reuse the compiled prefill.
-  length = _bucket(max(len(t) for t, _ in anchor))
-  augment_length = _bucket(max(len(t) for t, _ in augment))
-  cache_length = length + max_decode_len
-  augment_slots = augment_cache_length or augment_length + 4 * max_decode_len
-  prompt_mask = _pad_rows([np.ones(len(t)) for t, _ in anchor], length)
-  augment_mask = _pad_rows([np.ones(len(t)) for t, _ in augment], augment_length)
-  stream = AugmentStream(jnp.asarray(_pad_rows([t for t, _ in augment], augment_length)),
-                         jnp.asarray(_pad_rows([k for _, k in augment], augment_length)),
-                         jnp.asarray(_pad_rows([k for _, k in anchor], length)),
-                         prompt_mask=jnp.asarray(augment_mask))
-  prefill, extend_augment, extend = _aligned_fns(model, name, cache_length, augment_slots)
-  out = prefill(params, jnp.asarray(_pad_rows([t for t, _ in anchor], length)),
-                jnp.asarray(prompt_mask), stream)
-  logits, cache = out.logits[:, 0], out.cache
+  decoder = _AlignedDecoder(model, params, rows, max_decode_len=max_decode_len,
+                            augment_cache_length=augment_cache_length)
+  rng = jax.random.key(0) if rng is None else rng
+  logits = decoder.start()
   batch = len(rows)
-  positions = np.asarray([len(t) for t, _ in anchor], np.int32)
   done = np.zeros(batch, bool)
   tokens = np.zeros((batch, max_decode_len), np.int32)
   all_logits = []
   for i in range(max_decode_len):
-    step = np.asarray(logits, np.float32)
     if return_logits:
-      all_logits.append(step)
-    token = np.where(done, 0, np.argmax(step, axis=-1)).astype(np.int32)
+      all_logits.append(logits)
+    picked = np.asarray(sample_tokens(jax.random.fold_in(rng, i), jnp.asarray(logits),
+                                      sampling))
+    token = np.where(done, 0, picked).astype(np.int32)
     tokens[:, i] = token
     active = ~done
     done = done | (token == eos_id)
     if i == max_decode_len - 1 or done.all():
       break
-    updates = [row.push(t) if a else None for row, t, a in zip(rows, token, active)]
-    width = max([len(u.augment_tokens) for u in updates if u is not None] + [0])
-    if width:
-      width = _bucket(width)
-      new = np.zeros((batch, width), np.int32)
-      slots = np.zeros((batch, width), np.int32)
-      new_keys = np.full((batch, width), np.iinfo(np.int32).max, np.int32)
-      valid = np.zeros(batch, np.int32)
-      for r, update in enumerate(updates):
-        valid[r] = len(rows[r].augment_ids) + 1
-        start = valid[r] if update is None else update.augment_from
-        n = 0 if update is None else len(update.augment_tokens)
-        slots[r] = start + np.arange(width)
-        if n:
-          new[r, :n], new_keys[r, :n] = update.augment_tokens, update.augment_keys
-      if valid.max() > augment_slots:
-        raise ValueError(f'the augment needs {valid.max()} cache slots, more than the '
-                         f'{augment_slots} given (augment_cache_length).')
-      cache = extend_augment(params, jnp.asarray(new), jnp.asarray(slots),
-                             jnp.asarray(new_keys), jnp.asarray(valid), cache)
-    # The anchor's step: its new token, and any earlier one whose bridges' reads changed.
-    froms = np.asarray([u.anchor_from if u is not None else positions[r]
-                        for r, u in enumerate(updates)], np.int32)
-    width = _bucket(int((positions - froms).max()) + 1)
-    run = np.zeros((batch, width), np.int32)
-    run_keys = np.zeros((batch, width), np.int32)
-    slots = froms[:, None] + np.arange(width)[None, :]
-    for r in range(batch):
-      inputs, input_keys = rows[r].anchor_inputs()
-      n = positions[r] - froms[r] + 1
-      if updates[r] is not None:
-        run[r, :n], run_keys[r, :n] = inputs[froms[r]:], input_keys[froms[r]:]
-      else:  # A finished row: its step is not read.
-        run[r, :n], run_keys[r, :n] = 0, np.iinfo(np.int32).max
-    out = extend(params, jnp.asarray(run), jnp.asarray(slots), cache, jnp.asarray(run_keys),
-                 jnp.asarray(positions - froms))
-    logits, cache = out.logits[:, 0], out.cache
-    positions = positions + 1
+    logits = decoder.step(token, active)
   if return_logits:
     steps = np.stack(all_logits, axis=1)
     padded = np.zeros((batch, max_decode_len, steps.shape[-1]), np.float32)
@@ -460,20 +501,96 @@ def generate_aligned(model: nn.Module, params: Any, rows: list[Any], *, max_deco
   return tokens
 
 
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+  shifted = logits - logits.max(axis=-1, keepdims=True)
+  return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def beam_search_aligned(model: nn.Module, params: Any, rows: list[Any], *, max_decode_len: int,
+                        eos_id: int, num_beams: int, length_penalty: float = 0.0,
+                        augment_cache_length: int | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+  """Beam search of a composition whose augment has its own tokenizer, as `beam_search` ranks
+  beams (sum of log-probabilities; a finished beam continues with padding at no cost; the
+  best maximises score / ((5 + length) / 6) ** length_penalty).
+
+  Each beam is a `alignment.DecodingRow` of its own (its text, so its augment tokenization,
+  rollbacks and caches are its own); choosing beams copies rows and gathers their caches.
+
+  Args:
+    model, params, max_decode_len, eos_id, augment_cache_length: as in `generate_aligned`.
+    rows: one `alignment.DecodingRow` per prompt (not changed).
+    num_beams: W beams per prompt (W <= vocabulary size).
+    length_penalty: alpha of the final choice's length normalisation (0: none).
+
+  Returns:
+    ([B, max_decode_len] int32 tokens of each prompt's best beam, [B] its log-probability).
+  """
+  batch, width = len(rows), num_beams
+  decoder = _AlignedDecoder(model, params, rows, max_decode_len=max_decode_len,
+                            augment_cache_length=augment_cache_length)
+  log_probs = _log_softmax(decoder.start())
+  vocab = log_probs.shape[-1]
+  if width > vocab:
+    raise ValueError(f'num_beams {width} exceeds the vocabulary size {vocab}.')
+  decoder.reorder(np.repeat(np.arange(batch), width))  # Every beam starts from its prompt.
+  log_probs = np.repeat(log_probs, width, axis=0)
+  scores = np.full((batch, width), _NEG_INF, np.float64)
+  scores[:, 0] = 0.0
+  done = np.zeros((batch, width), bool)
+  seqs = np.zeros((batch, width, max_decode_len), np.int32)
+  pad_only = np.full(vocab, _NEG_INF)
+  pad_only[0] = 0.0
+  for i in range(max_decode_len):
+    step = np.where(done[:, :, None], pad_only, log_probs.reshape(batch, width, vocab))
+    candidates = (scores[:, :, None] + step).reshape(batch, width * vocab)
+    top = np.argpartition(-candidates, width - 1, axis=-1)[:, :width]
+    order = np.argsort(-np.take_along_axis(candidates, top, axis=-1), axis=-1, kind='stable')
+    flat = np.take_along_axis(top, order, axis=-1)
+    scores = np.take_along_axis(candidates, flat, axis=-1)
+    beam, token = flat // vocab, (flat % vocab).astype(np.int32)
+    rows_index = np.arange(batch)[:, None]
+    parent_done = done[rows_index, beam]
+    done = parent_done | (token == eos_id)
+    seqs = seqs[rows_index, beam]
+    seqs[:, :, i] = token
+    if i == max_decode_len - 1 or done.all():
+      break
+    decoder.reorder((rows_index * width + beam).reshape(-1))
+    # A beam that had finished adds padding and reads nothing new.
+    log_probs = _log_softmax(decoder.step(token.reshape(-1), ~parent_done.reshape(-1)))
+  is_eos = seqs == eos_id
+  length = np.where(is_eos.any(-1), is_eos.argmax(-1) + 1, max_decode_len)
+  normalised = scores / ((5.0 + length) / 6.0) ** length_penalty
+  best = normalised.argmax(-1)
+  return seqs[np.arange(batch), best], scores[np.arange(batch), best].astype(np.float32)
+
+
 def generate_aligned_texts(model: nn.Module, params: Any, prompts: Sequence[str], *,
                            anchor_vocabulary: Any, augment_vocabulary: Any, max_decode_len: int,
-                           batch_size: int) -> Iterator[np.ndarray]:
-  """`generate_aligned` over text prompts, `batch_size` at a time: yields each batch's
-  [n, max_decode_len] tokens (0 after EOS). Each model reads its BOS first where its
-  vocabulary's models do (`vocab.model_bos_id`), as `calm_tasks` features do; a prompt is
-  read whole, tokenized by each model's vocabulary."""
+                           batch_size: int, sampling: Sampling = Sampling(), num_beams: int = 1,
+                           length_penalty: float = 0.0, seed: int = 0) -> Iterator[np.ndarray]:
+  """`generate_aligned` (or, with num_beams > 1, `beam_search_aligned`) over text prompts,
+  `batch_size` at a time: yields each batch's [n, max_decode_len] tokens (0 after EOS). Each
+  model reads its BOS first where its vocabulary's models do (`vocab.model_bos_id`), as
+  `calm_tasks` features do; a prompt is read whole, tokenized by each model's vocabulary.
+  Batch k samples with `jax.random.fold_in(jax.random.key(seed), k)`."""
   from calm_jax import alignment  # pylint: disable=g-import-not-at-top
   from calm_jax import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+  if num_beams > 1 and sampling.temperature > 0:
+    raise ValueError('beam search is deterministic: give num_beams > 1 or a temperature, '
+                     'not both.')
   anchor_bos = vocab_lib.model_bos_id(anchor_vocabulary)
   augment_bos = vocab_lib.model_bos_id(augment_vocabulary)
-  for start in range(0, len(prompts), batch_size):
+  for k, start in enumerate(range(0, len(prompts), batch_size)):
     rows = [alignment.DecodingRow(anchor_vocabulary, augment_vocabulary, prompt,
                                   anchor_bos=anchor_bos, augment_bos=augment_bos)
             for prompt in prompts[start:start + batch_size]]
-    yield generate_aligned(model, params, rows, max_decode_len=max_decode_len,
-                           eos_id=anchor_vocabulary.eos_id)
+    if num_beams > 1:
+      yield beam_search_aligned(model, params, rows, max_decode_len=max_decode_len,
+                                eos_id=anchor_vocabulary.eos_id, num_beams=num_beams,
+                                length_penalty=length_penalty)[0]
+    else:
+      yield generate_aligned(model, params, rows, max_decode_len=max_decode_len,
+                             eos_id=anchor_vocabulary.eos_id, sampling=sampling,
+                             rng=jax.random.fold_in(jax.random.key(seed), k))

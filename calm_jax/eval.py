@@ -127,7 +127,7 @@ class ResultsLogger(seqio.Logger):
     path = epath.Path(self.output_dir) / f'{task_name}-{step:06}-results.jsonl'
     tmp = path.parent / (path.name + '.tmp')
     tmp.write_text(value.textdata.rstrip('\n') + '\n')
-    tmp.rename(path)
+    tmp.replace(path)
 
 
 def make_evaluator(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],

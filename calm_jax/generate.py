@@ -208,6 +208,6 @@ def generate_to(generator: TextGenerator, prompts: Sequence[str], *, batch_size:
     tmp = path.parent / (path.name + '.tmp')
     tmp.write_text(''.join(json.dumps({'prompt': c.prompt, 'text': c.text, 'tokens': c.tokens},
                                       ensure_ascii=False) + '\n' for c in results))
-    tmp.rename(path)
+    tmp.replace(path)
     log(f'wrote {len(results)} completions to {output_file}')
   return results

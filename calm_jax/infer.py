@@ -51,21 +51,18 @@ def infer(*, checkpoint: str, mixture_or_task_name: str, task_feature_lengths: M
     log: progress sink.
 
   A composition whose augment reads its own tokenization (`CalmConfig.own_tokenizer`)
-  decodes greedily from each example's prompt text (`decoding.generate_aligned_texts`): the
-  augment re-tokenizes the text as the anchor writes it, in the vocabulary the run carries.
+  decodes from each example's prompt text (`decoding.generate_aligned_texts`; greedy, sampled
+  or beam search alike): the augment re-tokenizes the text as the anchor writes it, in the
+  vocabulary the run carries.
 
   Returns:
     {task name: path of its JSONL file}.
 
   Raises:
-    ValueError: sampling or beam search asked of an own-tokenizer composition, or a task whose
-      augment stream is in another vocabulary than the run's.
+    ValueError: a task whose augment stream is in another vocabulary than the run's.
   """
   loaded = runs.load_checkpoint(checkpoint)
   own = tuple(getattr(getattr(loaded.model, 'config', None), 'own_tokenizer', ()))
-  if own and (temperature > 0 or num_beams > 1):
-    raise ValueError(f'{checkpoint}: an augment with its own tokenizer decodes greedily only '
-                     '(temperature 0, num_beams 1).')
   sampling = decoding.Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
   out_dir = epath.Path(output_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +83,8 @@ def infer(*, checkpoint: str, mixture_or_task_name: str, task_feature_lengths: M
     examples = list(raw.as_numpy_iterator())
     if own:
       batches = _aligned_batches(loaded, own[0], task, examples,
-                                 task_feature_lengths['targets'], batch_size)
+                                 task_feature_lengths['targets'], batch_size, sampling=sampling,
+                                 num_beams=num_beams, length_penalty=length_penalty, seed=seed)
     else:
       features = converter(raw, dict(task_feature_lengths)).batch(batch_size)
       batches = decoding.decode_batches(generate_fns[key], loaded.params,
@@ -105,7 +103,7 @@ def infer(*, checkpoint: str, mixture_or_task_name: str, task_feature_lengths: M
                                       example[feature])
           f.write(json.dumps(record) + '\n')
         count += n
-    tmp.rename(path)  # A complete file or none.
+    tmp.replace(path)  # A complete file or none.
     seconds = time.perf_counter() - start
     log(f'{task.name}: {count} predictions in {seconds:.1f}s '
         f'({count / max(seconds, 1e-9):.1f} examples/s, compilation included) -> {path}')
@@ -114,13 +112,13 @@ def infer(*, checkpoint: str, mixture_or_task_name: str, task_feature_lengths: M
 
 
 def _aligned_batches(loaded: runs.Loaded, name: str, task, examples, max_decode_len: int,
-                     batch_size: int):
+                     batch_size: int, **decode_kwargs):
   """(n, tokens) per batch of an own-tokenizer composition, decoded from the prompt texts."""
   from calm_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
   outs = decoding.generate_aligned_texts(
       loaded.model, loaded.params, eval_lib.prompt_texts(examples),
       anchor_vocabulary=task.output_features['targets'].vocabulary,
       augment_vocabulary=eval_lib.augment_vocabulary_for(loaded, name, task.name),
-      max_decode_len=max_decode_len, batch_size=batch_size)
+      max_decode_len=max_decode_len, batch_size=batch_size, **decode_kwargs)
   for out in outs:
     yield len(out), out

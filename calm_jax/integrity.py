@@ -98,7 +98,7 @@ def write_manifest(root: str | epath.Path) -> None:
   document = {'format': FORMAT, 'files': manifest(root, exclude=(MANIFEST_FILE,))}
   tmp = root / (MANIFEST_FILE + '.tmp')
   tmp.write_text(json.dumps(document, indent=1, sort_keys=True))
-  tmp.rename(root / MANIFEST_FILE)
+  tmp.replace(root / MANIFEST_FILE)
 
 
 def read_manifest(root: str | epath.Path) -> dict[str, dict[str, Any]] | None:

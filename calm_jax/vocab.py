@@ -140,7 +140,7 @@ def save_vocabulary(directory: str | epath.Path, tokenizer: GGUFTokenizer) -> ep
   path = epath.Path(directory) / tokenizer.file
   tmp = path.parent / (path.name + '.tmp')
   tmp.write_bytes(tokenizer.data)
-  tmp.rename(path)
+  tmp.replace(path)
   return path
 
 

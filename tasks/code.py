@@ -238,7 +238,7 @@ def code_vocabulary(path: str | None = None, vocab_size: int = VOCAB_SIZE
           input_sentence_size=100_000, shuffle_input_sentence=True, num_threads=1,
           minloglevel=2)
       epath.Path(prefix + '.model').copy(epath.Path(path + '.tmp'), overwrite=True)
-      epath.Path(path + '.tmp').rename(path)
+      epath.Path(path + '.tmp').replace(path)
   return seqio.SentencePieceVocabulary(str(path))
 
 

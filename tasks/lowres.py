@@ -94,7 +94,7 @@ def bible_vocabulary(path: str | None = None, vocab_size: int = VOCAB_SIZE,
           character_coverage=1.0, byte_fallback=True, pad_id=0, eos_id=1, unk_id=2,
           bos_id=-1, num_threads=1, minloglevel=2)
       epath.Path(prefix + '.model').copy(epath.Path(path + '.tmp'), overwrite=True)
-      epath.Path(path + '.tmp').rename(path)
+      epath.Path(path + '.tmp').replace(path)
   return seqio.SentencePieceVocabulary(str(path))
 
 

@@ -252,6 +252,96 @@ def test_cached_decoding_equals_the_full_forward_at_every_step(vocabularies):
   assert [row.augment_ids for row in replay] == [row.augment_ids for row in rows]
 
 
+def test_sampled_decoding_samples_the_full_forwards_logits(vocabularies):
+  chars, words = vocabularies
+  config = _config(chars.vocab_size, words.vocab_size)
+  params = _params(config, seed=2)
+  prompts = ['The composition of', 'héllo wörld, then']
+  make = lambda: [alignment.DecodingRow(chars, words, p, anchor_bos=3, augment_bos=3)
+                  for p in prompts]
+  steps, rng = 16, jax.random.key(7)
+  sampling = decoding.Sampling(temperature=1.5, top_k=40)
+  tokens, logits = decoding.generate_aligned(Calm(config), params, make(), max_decode_len=steps,
+                                             eos_id=-1, return_logits=True, sampling=sampling,
+                                             rng=rng)
+  greedy = decoding.generate_aligned(Calm(config), params, make(), max_decode_len=steps,
+                                     eos_id=-1)
+  assert (tokens != greedy).any()  # It samples.
+  replay = make()
+  for i in range(steps):
+    # Step i's logits are a full forward pass over the text sampled so far, and its tokens
+    # are the batch's sample of them under fold_in(rng, i).
+    full = np.stack([_full_forward_last(config, params, row) for row in replay])
+    np.testing.assert_allclose(logits[:, i], full, rtol=0, atol=1e-5, err_msg=f'step {i}')
+    expected = decoding.sample_tokens(jax.random.fold_in(rng, i), jnp.asarray(logits[:, i]),
+                                      sampling)
+    np.testing.assert_array_equal(tokens[:, i], np.asarray(expected))
+    for r, row in enumerate(replay):
+      row.push(int(tokens[r, i]))
+
+
+def _reference_beam_search(config, params, row, steps, width, eos_id, length_penalty):
+  """Beam search by full forward passes over each beam's text (no caches): (tokens, score)."""
+  log_softmax = lambda x: np.asarray(jax.nn.log_softmax(jnp.asarray(x)))
+  beams = [(0.0, row.copy(), [], False)]
+  for _ in range(steps):
+    candidates = []
+    for b, (score, beam_row, seq, done) in enumerate(beams):
+      if done:
+        candidates.append((score, b, 0))
+        continue
+      lp = log_softmax(_full_forward_last(config, params, beam_row))
+      candidates.extend((score + float(lp[t]), b, t) for t in range(len(lp)))
+    candidates.sort(key=lambda c: -c[0])
+    new = []
+    for score, b, t in candidates[:width]:
+      _, beam_row, seq, done = beams[b]
+      beam_row = beam_row.copy()
+      if not done:
+        beam_row.push(t)
+      new.append((score, beam_row, seq + [t], done or t == eos_id))
+    beams = new
+    if all(done for *_, done in beams):
+      break
+  def normalised(beam):
+    seq = beam[2]
+    length = seq.index(eos_id) + 1 if eos_id in seq else steps
+    return beam[0] / ((5.0 + length) / 6.0) ** length_penalty
+  best = max(beams, key=normalised)
+  return best[2] + [0] * (steps - len(best[2])), best[0]
+
+
+def test_beam_search_with_an_own_tokenizer_equals_a_full_forward_beam_search(vocabularies):
+  chars, words = vocabularies
+  config = _config(chars.vocab_size, words.vocab_size)
+  params = _params(config, seed=2)
+  prompts = ['The composition of', 'héllo wörld, then']
+  make = lambda: [alignment.DecodingRow(chars, words, p, anchor_bos=3, augment_bos=3)
+                  for p in prompts]
+  steps = 8
+  greedy = decoding.generate_aligned(Calm(config), params, make(), max_decode_len=steps,
+                                     eos_id=-1)
+  one, _ = decoding.beam_search_aligned(Calm(config), params, make(), max_decode_len=steps,
+                                        eos_id=-1, num_beams=1)
+  np.testing.assert_array_equal(one, greedy)  # One beam is greedy decoding.
+  # An EOS the beams emit early (greedy's third token of the first prompt) exercises finished
+  # beams and the length penalty.
+  for eos_id, alpha in ((-1, 0.0), (int(greedy[0, 2]), 0.6)):
+    rows = make()
+    tokens, scores = decoding.beam_search_aligned(Calm(config), params, rows,
+                                                  max_decode_len=steps, eos_id=eos_id,
+                                                  num_beams=3, length_penalty=alpha)
+    assert [row.generated for row in rows] == [[], []]  # The prompts' rows are left alone.
+    for r, row in enumerate(make()):
+      expected, score = _reference_beam_search(config, params, row, steps, 3, eos_id, alpha)
+      assert tokens[r].tolist() == expected, (eos_id, r)
+      np.testing.assert_allclose(scores[r], score, rtol=1e-4, atol=1e-4)
+    if eos_id == -1:
+      assert (tokens != greedy).any()  # The beams found something greedy decoding did not.
+    else:
+      assert (tokens == eos_id).any()  # Some best beam finished.
+
+
 def test_prefix_lm_features_follow_seqios_layout(vocabularies):
   chars, words = vocabularies
   f = alignment.prefix_lm_features(chars, words, 'Summary:', ' ok', length=16, anchor_bos=3)
@@ -500,7 +590,23 @@ def test_calm_train_and_calm_infer_compose_an_augment_with_its_own_vocabulary(
   with pytest.raises(ValueError, match='no serving artifact'):
     export_lib.export(checkpoint=str(tmp_path / 'export'), output_dir=str(tmp_path / 'export'),
                       serving_prompt_length=16, log=lambda _: None)
-  with pytest.raises(ValueError, match='greedily'):
-    infer_lib.infer(checkpoint=str(model_dir), mixture_or_task_name='aligned_run',
-                    task_feature_lengths={'inputs': 24, 'targets': 10},
-                    output_dir=str(tmp_path / 'x'), temperature=0.7)
+  # Beam search and sampling reach the own-tokenizer decoders from calm-infer and the export.
+  make_rows = lambda: [alignment.DecodingRow(chars, words, p, anchor_bos=3, augment_bos=3)
+                       for p, _ in PAIRS[:4]]
+  beams = decoding.beam_search_aligned(loaded.model, loaded.params, make_rows(),
+                                       max_decode_len=10, eos_id=chars.eos_id, num_beams=2)[0]
+  sampled = decoding.generate_aligned(loaded.model, loaded.params, make_rows(),
+                                      max_decode_len=10, eos_id=chars.eos_id,
+                                      sampling=decoding.Sampling(temperature=0.7),
+                                      rng=jax.random.fold_in(jax.random.key(5), 0))
+  for kwargs, expected in ((dict(num_beams=2), beams), (dict(temperature=0.7, seed=5), sampled)):
+    out = infer_lib.infer(checkpoint=str(model_dir), mixture_or_task_name='aligned_run',
+                          task_feature_lengths={'inputs': 24, 'targets': 10},
+                          output_dir=str(tmp_path / 'x'), batch_size=4, log=lambda _: None,
+                          **kwargs)
+    got = [json.loads(line)['prediction_tokens'] for line in open(out['aligned_run'])][:4]
+    assert got == expected.tolist(), kwargs
+  until_eos = lambda row: [t for t in (row.tolist() + [chars.eos_id])[
+      :(row.tolist() + [chars.eos_id]).index(chars.eos_id)] if t]
+  assert composed.generate_text([p for p, _ in PAIRS[:4]], max_decode_len=10, num_beams=2) == [
+      chars.decode(until_eos(row)) for row in beams]
