@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from calm_jax import lora
-from calm_jax.layers import RMSNorm, apply_rope
+from calm_jax.layers import RMSNorm, apply_rope, dense
 
 Array = jax.Array
 
@@ -135,7 +135,7 @@ class SelfAttention(nn.Module):
     kernel = self.param(name, nn.with_logical_partitioning(init, ('embed', axis, 'kv')),
                         (self.embed_dim, heads, self.head_dim), self.param_dtype)
     # [B, T, heads, H]
-    y = jnp.einsum('BTD,DNH->BTNH', x, kernel.astype(self.dtype))
+    y = dense('BTD,DNH->BTNH', x, kernel.astype(self.dtype))
     adapted = self._lora(name, x, (self.embed_dim,), (heads, self.head_dim), ('embed',),
                          (axis, 'kv'))
     if adapted is not None:
@@ -182,7 +182,7 @@ class SelfAttention(nn.Module):
     kernel = self.param('out', nn.with_logical_partitioning(init, ('heads', 'kv', 'embed')),
                         (self.num_heads, self.head_dim, self.embed_dim), self.param_dtype)
     # [B, T, D]
-    y = jnp.einsum('BTNH,NHD->BTD', out, kernel.astype(self.dtype))
+    y = dense('BTNH,NHD->BTD', out, kernel.astype(self.dtype))
     adapted = self._lora('out', out, (self.num_heads, self.head_dim), (self.embed_dim,),
                          ('heads', 'kv'), ('embed',))
     if adapted is not None:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from calm_jax.attention import dot_product_attention
 from calm_jax.configs import CalmConfig
-from calm_jax.layers import RMSNorm, apply_rope, rope_inverse_frequencies
+from calm_jax.layers import RMSNorm, apply_rope, dense, rope_inverse_frequencies
 
 Array = jax.Array
 
@@ -86,13 +86,13 @@ class Bridge(nn.Module):
                   positions: Array | None = None) -> tuple[Array, Array]:
     """Projects augment states [B, S, E] (at `positions` [B, S]) to keys, values [B, S, K, H]."""
     # [B, S, D]
-    p = jnp.einsum('BSE,ED->BSD', augment_states.astype(self.dtype),
+    p = dense('BSE,ED->BSD', augment_states.astype(self.dtype),
                    self.proj.astype(self.dtype))
     if self.use_kv_norm:
       p = self.kv_norm(p)
     # [B, S, K, H] each
-    keys = self._rope(jnp.einsum('BSD,DKH->BSKH', p, self.key.astype(self.dtype)), positions)
-    values = jnp.einsum('BSD,DKH->BSKH', p, self.value.astype(self.dtype))
+    keys = self._rope(dense('BSD,DKH->BSKH', p, self.key.astype(self.dtype)), positions)
+    values = dense('BSD,DKH->BSKH', p, self.value.astype(self.dtype))
     return keys, values
 
   def attend(self, anchor_states: Array, keys: Array, values: Array, mask: Array,
@@ -106,11 +106,11 @@ class Bridge(nn.Module):
     if self.use_query_norm:
       x = self.query_norm(x)
     # [B, T, N, H]
-    q = self._rope(jnp.einsum('BTD,DNH->BTNH', x, self.query.astype(self.dtype)), positions)
+    q = self._rope(dense('BTD,DNH->BTNH', x, self.query.astype(self.dtype)), positions)
     q = q * jnp.asarray(self.head_dim ** -0.5, self.dtype)
     out = dot_product_attention(q, keys, values, mask)
     # [B, T, D]
-    y = jnp.einsum('BTNH,NHD->BTD', out, self.out.astype(self.dtype))
+    y = dense('BTNH,NHD->BTD', out, self.out.astype(self.dtype))
     return y.astype(anchor_states.dtype)
 
   def __call__(self, anchor_states: Array, augment_states: Array, mask: Array,

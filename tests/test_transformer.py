@@ -129,3 +129,21 @@ def test_parameter_names_mirror_the_importer(params):
   assert set(params) == {'embedder', 'final_norm', 'layer_0', 'layer_1', 'layer_2'}
   assert set(params['layer_0']['attn']) == {'query', 'key', 'value', 'out', 'query_norm',
                                             'key_norm'}
+
+
+@pytest.mark.parametrize('spec,x_shape,k_shape', [
+    ('BTD,DNH->BTNH', (2, 5, 8), (8, 3, 4)), ('BTNH,NHD->BTD', (2, 5, 3, 4), (3, 4, 8)),
+    ('BTI,IO->BTO', (3, 4, 6), (6, 7)), ('BTD,VD->BTV', (2, 3, 8), (11, 8))])
+def test_dense_is_the_einsum_and_so_is_its_gradient(spec, x_shape, k_shape):
+  from calm_jax.layers import dense  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  kernel = jax.random.normal(jax.random.key(1), k_shape)
+  np.testing.assert_allclose(dense(spec, x, kernel), jnp.einsum(spec, x, kernel),
+                             rtol=1e-6, atol=1e-6)
+  loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(spec, a, b)))
+  ours = jax.grad(loss(dense), argnums=(0, 1))(x, kernel)
+  reference = jax.grad(loss(jnp.einsum), argnums=(0, 1))(x, kernel)
+  for a, b in zip(ours, reference):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='projection'):
+    dense('BTD,BD->BT', x[..., :8] if x.ndim == 3 else x, kernel)
