@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calm_jax import lora
+from calm_jax import lora, masks
+from calm_jax.blocked_attention import blocked_attention
 from calm_jax.layers import RMSNorm, apply_rope, dense
 
 Array = jax.Array
@@ -81,6 +82,16 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,
   # [B, T, K, G, H]
   out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v)
   return out.reshape(b, t, n, h)
+
+
+def attend(q: Array, k: Array, v: Array, mask: Any, softcap: float | None = None) -> Array:
+  """`dot_product_attention` over a [B, T, S] mask, or blocked attention over a
+  `masks.KeyedMask` (same result, memory linear in length)."""
+  if isinstance(mask, masks.KeyedMask):
+    return blocked_attention(q, k, v, mask.q_keys, mask.kv_keys, mask.q_segment_ids,
+                             mask.kv_segment_ids, window=mask.window, softcap=softcap,
+                             kv_mask=mask.kv_mask, block_size=mask.block_size)
+  return dot_product_attention(q, k, v, mask, softcap)
 
 
 class SelfAttention(nn.Module):
@@ -176,8 +187,8 @@ class SelfAttention(nn.Module):
       kv = {'keys': k, 'values': v}
     else:
       kv = write_cache(cache, k, v, positions)
-    out = dot_product_attention(q, kv['keys'].astype(self.dtype),
-                                kv['values'].astype(self.dtype), mask, self.softcap)
+    out = attend(q, kv['keys'].astype(self.dtype), kv['values'].astype(self.dtype), mask,
+                 self.softcap)
     init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
     kernel = self.param('out', nn.with_logical_partitioning(init, ('heads', 'kv', 'embed')),
                         (self.num_heads, self.head_dim, self.embed_dim), self.param_dtype)

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from calm_jax.attention import dot_product_attention
+from calm_jax.attention import attend
 from calm_jax.configs import CalmConfig
 from calm_jax.layers import RMSNorm, apply_rope, dense, rope_inverse_frequencies
 
@@ -108,7 +108,7 @@ class Bridge(nn.Module):
     # [B, T, N, H]
     q = self._rope(dense('BTD,DNH->BTNH', x, self.query.astype(self.dtype)), positions)
     q = q * jnp.asarray(self.head_dim ** -0.5, self.dtype)
-    out = dot_product_attention(q, keys, values, mask)
+    out = attend(q, keys, values, mask)
     # [B, T, D]
     y = dense('BTNH,NHD->BTD', out, self.out.astype(self.dtype))
     return y.astype(anchor_states.dtype)

@@ -78,9 +78,11 @@ class Augments(nn.Module):
   """
 
   configs: tuple[tuple[str, TransformerConfig], ...]
+  attention_block_size: int | None = None
 
   def setup(self):
-    self.lms = {name: Transformer(config, name=name) for name, config in self.configs}
+    self.lms = {name: Transformer(config, attention_block_size=self.attention_block_size,
+                                  name=name) for name, config in self.configs}
 
 
 class Bridges(nn.Module):
@@ -121,16 +123,20 @@ class Calm(nn.Module):
     remat: rematerialisation of the anchor layers above the first bridge in training ('none',
       'full', 'dots'; see `Transformer`). The layers below it and the augments run forward
       only, so there is nothing of theirs to recompute.
+    attention_block_size: the anchor, the augments and the bridges attend in blocks of this
+      many keys in full forward passes and prefills (see `Transformer`), or None.
   """
 
   config: CalmConfig
   remat: str = 'none'
+  attention_block_size: int | None = None
 
   def setup(self):
     cfg = self.config
     self.anchor = Transformer(cfg.anchor, remat=self.remat,
-                              remat_from=cfg.first_bridged_layer())
-    self.augments = Augments(cfg.augments)
+                              remat_from=cfg.first_bridged_layer(),
+                              attention_block_size=self.attention_block_size)
+    self.augments = Augments(cfg.augments, attention_block_size=self.attention_block_size)
     self.bridge = Bridges(tuple((name, len(cfg.connections(name)), bridge_kwargs(cfg, name))
                                 for name, _ in cfg.augments))
 
@@ -209,7 +215,8 @@ class Calm(nn.Module):
     if encoder and prompt_mask is None:
       raise ValueError('augment_as_encoder needs a prompt_mask ([B, T], 1 on the prompt).')
     streams = self._check_streams(streams)
-    shared = masks.cross_mask(segment_ids, prompt_mask if encoder else None)
+    block = self.attention_block_size
+    shared = masks.cross_mask(segment_ids, prompt_mask if encoder else None, block)
     inputs, cross_masks = {}, {}
     for name, _ in self.config.augments:
       if name not in streams:
@@ -223,7 +230,7 @@ class Calm(nn.Module):
       inputs[name] = (stream.tokens, s_positions, s_segments)
       cross_masks[name] = masks.aligned_cross_mask(
           stream.anchor_read_keys, stream.read_keys, segment_ids, s_segments,
-          stream.prompt_mask if encoder else None)
+          stream.prompt_mask if encoder else None, block)
     augments = self._run_augments(lambda lm, layers: lm(
         *inputs[lm.name], return_hidden=layers, compute_logits=False))
     keys_values = {name: {j: self.bridge.get(name, j).keys_values(
@@ -258,7 +265,8 @@ class Calm(nn.Module):
     streams = self._check_streams(streams)
     positions, segment_ids = default_positions_and_segments(tokens)
     encoder = self.config.augment_as_encoder
-    shared = masks.cross_mask(segment_ids, prompt_mask if encoder else None)
+    block = self.attention_block_size
+    shared = masks.cross_mask(segment_ids, prompt_mask if encoder else None, block)
     inputs, cross_masks, lengths = {}, {}, {}
     for name, _ in self.config.augments:
       if name not in streams:
@@ -271,7 +279,8 @@ class Calm(nn.Module):
       inputs[name] = (stream.tokens, stream.prompt_mask)
       lengths[name] = augment_cache_length or cache_length
       cross_masks[name] = masks.aligned_cross_mask(stream.anchor_read_keys, stream.read_keys,
-                                                   prompt_mask, stream.prompt_mask)
+                                                   prompt_mask, stream.prompt_mask,
+                                                   block_size=block)
     augments = self._run_augments(lambda lm, layers: lm.prefill(
         *inputs[lm.name], cache_length=lengths[lm.name], return_hidden=layers,
         compute_logits=False))

@@ -15,10 +15,44 @@ ablation restricts the keys to the prompt.
 
 from __future__ import annotations
 
+from flax import struct
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+
+
+@struct.dataclass
+class KeyedMask:
+  """A full-forward-pass mask given by what it is made of, for blocked attention
+  (`calm_jax.blocked_attention`): `attention_mask(q_keys, kv_keys, q_segment_ids,
+  kv_segment_ids, window) & kv_mask`, never materialised unless asked (`materialize`).
+
+  Built by `sequence_mask`, `cross_mask` and `aligned_cross_mask` when given a block size.
+
+  Attributes:
+    q_keys, kv_keys: [B, T], [B, S] indices, or read keys (two tokenizations).
+    q_segment_ids, kv_segment_ids: [B, T], [B, S]; 0 marks padding.
+    kv_mask: [B, S] bool keys no query may see are False, or None.
+    window: sliding window, or None (static).
+    block_size: keys per block of the attention that reads it (static).
+  """
+
+  q_keys: Array
+  kv_keys: Array
+  q_segment_ids: Array
+  kv_segment_ids: Array
+  kv_mask: Array | None = None
+  window: int | None = struct.field(pytree_node=False, default=None)
+  block_size: int = struct.field(pytree_node=False, default=512)
+
+  def materialize(self) -> Array:
+    """The [B, T, S] boolean mask."""
+    mask = attention_mask(self.q_keys, self.kv_keys, self.q_segment_ids, self.kv_segment_ids,
+                          self.window)
+    if self.kv_mask is not None:
+      mask &= self.kv_mask[:, None, :].astype(bool)
+    return mask
 
 
 def attention_mask(q_index: Array, kv_index: Array, q_segment_ids: Array,
@@ -44,20 +78,32 @@ def attention_mask(q_index: Array, kv_index: Array, q_segment_ids: Array,
   return mask
 
 
-def sequence_mask(segment_ids: Array, window: int | None = None) -> Array:
-  """[B, T, T] mask of a full forward pass over `segment_ids` [B, T] (0: padding)."""
+def sequence_mask(segment_ids: Array, window: int | None = None,
+                  block_size: int | None = None) -> Array | KeyedMask:
+  """[B, T, T] mask of a full forward pass over `segment_ids` [B, T] (0: padding); with
+  `block_size`, the same as a `KeyedMask` for blocked attention."""
   index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+  if block_size:
+    return KeyedMask(index, index, segment_ids, segment_ids, window=window,
+                     block_size=block_size)
   return attention_mask(index, index, segment_ids, segment_ids, window)
 
 
-def cross_mask(segment_ids: Array, prompt_mask: Array | None = None) -> Array:
+def cross_mask(segment_ids: Array, prompt_mask: Array | None = None,
+               block_size: int | None = None) -> Array | KeyedMask:
   """[B, T, S] mask of the bridges' cross-attention in a full forward pass.
 
   Args:
     segment_ids: [B, T] segments of the tokens both models read (0: padding).
     prompt_mask: [B, T] 1 on prompt tokens: the keys are then the prompt's only (the
       `augment_as_encoder` ablation); None: every earlier augment position.
+    block_size: return a `KeyedMask` for blocked attention instead.
   """
+  if block_size:
+    index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+    return KeyedMask(index, index, segment_ids, segment_ids,
+                     None if prompt_mask is None else prompt_mask.astype(bool),
+                     block_size=block_size)
   mask = sequence_mask(segment_ids)
   if prompt_mask is not None:
     mask &= prompt_mask[:, None, :].astype(bool)
@@ -66,7 +112,8 @@ def cross_mask(segment_ids: Array, prompt_mask: Array | None = None) -> Array:
 
 def aligned_cross_mask(anchor_read_keys: Array, augment_read_keys: Array,
                        anchor_segment_ids: Array, augment_segment_ids: Array,
-                       augment_prompt_mask: Array | None = None) -> Array:
+                       augment_prompt_mask: Array | None = None,
+                       block_size: int | None = None) -> Array | KeyedMask:
   """[B, T, S] cross mask between two tokenizations of one text (`calm_jax.alignment`).
 
   Anchor input t may read augment input s when the augment's read key is at or below the
@@ -78,7 +125,13 @@ def aligned_cross_mask(anchor_read_keys: Array, augment_read_keys: Array,
     anchor_read_keys: [B, T]; augment_read_keys: [B, S] (int32).
     anchor_segment_ids: [B, T]; augment_segment_ids: [B, S] (0: padding).
     augment_prompt_mask: [B, S] 1 on the augment's prompt tokens, or None.
+    block_size: return a `KeyedMask` for blocked attention instead.
   """
+  if block_size:
+    return KeyedMask(anchor_read_keys, augment_read_keys, anchor_segment_ids,
+                     augment_segment_ids,
+                     None if augment_prompt_mask is None else augment_prompt_mask.astype(bool),
+                     block_size=block_size)
   mask = attention_mask(anchor_read_keys, augment_read_keys, anchor_segment_ids,
                         augment_segment_ids)
   if augment_prompt_mask is not None:

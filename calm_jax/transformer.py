@@ -12,7 +12,7 @@ Einsum letters: B batch, T length, D width, V vocab.
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -118,12 +118,16 @@ class Transformer(nn.Module):
     remat_from: only layers i >= remat_from are rematerialised (a composition sets its first
       bridge: nothing below it is differentiated).
     lora: LoRA adapters on every layer's projections (`calm_jax.lora`), or None.
+    attention_block_size: full forward passes and prefills attend in blocks of this many keys
+      (`calm_jax.blocked_attention`: the same result, activation memory linear in length),
+      or None: over a materialised [B, T, T] mask. Decoding steps are unchanged.
   """
 
   config: TransformerConfig
   remat: str = 'none'
   remat_from: int = 0
   lora: LoRAConfig | None = None
+  attention_block_size: int | None = None
 
   def setup(self):
     cfg = self.config
@@ -183,9 +187,11 @@ class Transformer(nn.Module):
       logits = cap * jnp.tanh(logits / cap)
     return logits
 
-  def sequence_masks(self, segment_ids: Array) -> dict[int | None, Array]:
-    """{window: [B, T, T] mask} of a full forward pass, one per distinct layer window."""
-    return {w: masks.sequence_mask(segment_ids, w) for w in self.config.layer_windows()}
+  def sequence_masks(self, segment_ids: Array) -> dict[int | None, Any]:
+    """{window: [B, T, T] mask (a `masks.KeyedMask` with `attention_block_size`)} of a full
+    forward pass, one per distinct layer window."""
+    return {w: masks.sequence_mask(segment_ids, w, self.attention_block_size)
+            for w in self.config.layer_windows()}
 
   def cache_masks(self, positions: Array, cache_length: int) -> dict[int | None, Array]:
     """{window: [B, K, L] mask} of a decoding step at `positions` [B, K]."""

@@ -100,3 +100,88 @@ def test_the_blocks_bound_the_logits_kept_for_the_backward_pass():
   logits_bytes = b * n * t * t * 4
   assert reference >= logits_bytes  # The probabilities (and more) are kept.
   assert blocked < logits_bytes / 8, (blocked, logits_bytes)
+
+
+def _lm_config(**kwargs):
+  from calm_jax.configs import TransformerConfig  # pylint: disable=g-import-not-at-top
+  return TransformerConfig(**{**dict(
+      vocab_size=97, embed_dim=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
+      mlp_dim=64, attention_types=('local', 'global', 'local'), sliding_window=5,
+      attn_logit_softcap=3.0, final_logit_softcap=20.0, norm_plus_one=True,
+      sandwich_norms=True, activation='gelu_tanh', dtype='float32'), **kwargs})
+
+
+def _close(a, b):
+  """Equal to float32 rounding at the tensor's own scale (these gradients reach ~60)."""
+  b = np.asarray(b)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(b).max())))
+
+
+def _packed_tokens(vocab, b=2, t=24):
+  tokens = np.array(jax.random.randint(jax.random.key(5), (b, t), 1, vocab))
+  segments = np.ones((b, t), np.int32)
+  segments[0, 10:] = 2  # Two sequences in row 0; row 1 padded.
+  segments[1, 19:] = 0
+  positions = np.concatenate([np.arange(10), np.arange(t - 10)])[None].repeat(b, 0)
+  positions[1] = np.arange(t)
+  tokens[segments == 0] = 0
+  return jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments)
+
+
+def test_a_transformer_with_blocked_attention_is_the_same_model():
+  from calm_jax.transformer import Transformer  # pylint: disable=g-import-not-at-top
+  config = _lm_config()
+  tokens, positions, segments = _packed_tokens(config.vocab_size)
+  params = Transformer(config).init(jax.random.key(0), tokens)['params']
+  weights = jax.random.normal(jax.random.key(6), tokens.shape + (config.vocab_size,))
+
+  def run(block):
+    model = Transformer(config, attention_block_size=block)
+    f = lambda p: model.apply({'params': p}, tokens, positions, segments).logits
+    loss = lambda p: jnp.sum(f(p) * weights * (segments > 0)[..., None])
+    # The blocked kernel is what runs (and only then).
+    assert ('custom_vjp_call' in str(jax.make_jaxpr(f)(params))) == (block is not None)
+    return f(params), jax.grad(loss)(params)
+
+  expected, expected_grads = run(None)
+  for block in (4, 7, 64):  # Smaller than the window, not dividing the length, all at once.
+    logits, grads = run(block)
+    real = np.asarray(segments) > 0
+    np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(expected)[real],
+                               rtol=1e-5, atol=1e-5)
+    jax.tree.map(_close, grads, expected_grads)
+
+
+@pytest.mark.parametrize('encoder', [False, True])
+def test_a_composition_with_blocked_attention_is_the_same_model(encoder):
+  from calm_jax.calm import Calm  # pylint: disable=g-import-not-at-top
+  from calm_jax.configs import BridgeConfig, CalmConfig  # pylint: disable=g-import-not-at-top
+  config = CalmConfig(anchor=_lm_config(), augments={'aug': _lm_config(embed_dim=16)},
+                      bridges={'aug': BridgeConfig(connections=((1, 1), (3, 3)),
+                                                   zero_init_out=False)},
+                      augment_as_encoder=encoder)
+  tokens, positions, segments = _packed_tokens(97)
+  prompt = jnp.asarray((np.arange(24) < 14)[None].repeat(2, 0).astype(np.int32))
+  params = Calm(config).init(jax.random.key(0), tokens, prompt_mask=prompt)['params']
+  weights = jax.random.normal(jax.random.key(6), tokens.shape + (97,))
+
+  def run(block):
+    model = Calm(config, attention_block_size=block)
+    f = lambda b: model.apply({'params': {**params, 'bridge': b}}, tokens, positions, segments,
+                              prompt_mask=prompt).logits
+    loss = lambda b: jnp.sum(f(b) * weights * (segments > 0)[..., None])
+    jaxpr = str(jax.make_jaxpr(f)(params['bridge']))
+    # Blocked: every attention (3 + 3 layers, 2 bridges) runs the blocked kernel.
+    assert jaxpr.count('custom_vjp_call') == (8 if block else 0), jaxpr.count('custom_vjp_call')
+    return f(params['bridge']), jax.grad(loss)(params['bridge'])
+
+  expected, expected_grads = run(None)
+  logits, grads = run(6)
+  real = np.asarray(segments) > 0
+  np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(expected)[real],
+                             rtol=1e-5, atol=1e-5)
+  jax.tree.map(_close, grads, expected_grads)
+  # Prefill (decoding's first step) too.
+  prefill = lambda block: Calm(config, attention_block_size=block).apply(
+      {'params': params}, tokens, prompt, cache_length=32, method=Calm.prefill)
+  np.testing.assert_allclose(prefill(6).logits, prefill(None).logits, rtol=1e-5, atol=1e-5)
