@@ -89,7 +89,8 @@ def build_setup(mode: str, *, seed: int, model_config: TransformerConfig | None,
                 mesh: jax.sharding.Mesh | None = None,
                 rules: partitioning.Rules = partitioning.STANDARD_RULES,
                 remat: str = 'none', lora: lora_lib.LoRAConfig | None = None,
-                own_tokenizer: Sequence[str] = ()) -> Setup:
+                own_tokenizer: Sequence[str] = (),
+                attention_block_size: int | None = None) -> Setup:
   """Builds the model and parameter trees of `mode` (see the module docstring).
 
   Every parameter is created or restored directly in its sharding on `mesh` (default: a mesh
@@ -99,7 +100,10 @@ def build_setup(mode: str, *, seed: int, model_config: TransformerConfig | None,
   layers above the first bridge, or every layer of a pretrained / fine-tuned LM. `lora`: the
   adapters of 'lora' mode (A random, B zero: the model starts as exactly the anchor).
   `own_tokenizer`: compose: the augments that read the text in their own tokenization.
+  `attention_block_size`: the models attend in blocks of that many keys (None: materialised
+  masks; see `Transformer`).
   """
+  block = attention_block_size
   mesh = mesh or partitioning.make_mesh()
 
   def lm_shardings(cfg):
@@ -110,7 +114,7 @@ def build_setup(mode: str, *, seed: int, model_config: TransformerConfig | None,
   if mode == 'pretrain':
     if model_config is None:
       raise ValueError('pretrain needs a model_config (e.g. MODEL_CONFIG from gin/models/).')
-    model = Transformer(model_config, remat=remat)
+    model = Transformer(model_config, remat=remat, attention_block_size=block)
     tokens = jnp.zeros((1, 1), jnp.int32)
     init = jax.jit(lambda key: nn.unbox(model.init(key, tokens)['params']),
                    out_shardings=lm_shardings(model_config))
@@ -122,7 +126,8 @@ def build_setup(mode: str, *, seed: int, model_config: TransformerConfig | None,
   if mode == 'finetune':
     patterns = tuple(trainable_patterns or (r'.*',))
     trained, frozen = trainable.split_params(anchor, patterns)
-    return Setup(Transformer(anchor_cfg, remat=remat), trained, frozen, anchor_cfg)
+    return Setup(Transformer(anchor_cfg, remat=remat, attention_block_size=block), trained,
+                 frozen, anchor_cfg)
   if mode == 'lora':
     if lora is None:
       raise ValueError('lora mode needs a LoRAConfig (gin: train.lora = @lora.LoRAConfig()).')
@@ -131,8 +136,8 @@ def build_setup(mode: str, *, seed: int, model_config: TransformerConfig | None,
     adapter_shardings, _ = trainable.split_params(shardings, lora_lib.ADAPTER_PATTERNS)
     trained = jax.jit(lambda key: lora_lib.init_adapters(abstract, key),
                       out_shardings=adapter_shardings)(jax.random.key(seed))
-    return Setup(Transformer(anchor_cfg, remat=remat, lora=lora), trained, anchor, anchor_cfg,
-                 lora)
+    return Setup(Transformer(anchor_cfg, remat=remat, lora=lora, attention_block_size=block),
+                 trained, anchor, anchor_cfg, lora)
   if not augment_checkpoints:
     raise ValueError('compose needs AUGMENT_CHECKPOINT (or augment_checkpoints).')
   augments, augment_params = {}, {}
@@ -145,7 +150,7 @@ def build_setup(mode: str, *, seed: int, model_config: TransformerConfig | None,
       calm_lib.abstract_params(config), mesh, rules)['bridge']
   trained = jax.jit(lambda key: calm_lib.init_bridge_params(config, key),
                     out_shardings={'bridge': bridge_shardings})(jax.random.key(seed))
-  return Setup(calm_lib.Calm(config, remat=remat), trained,
+  return Setup(calm_lib.Calm(config, remat=remat, attention_block_size=block), trained,
                {'anchor': anchor, 'augments': augment_params})
 
 
@@ -424,7 +429,8 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
           seed: int = 0, pack: bool = False, split: str = 'train', log_every: int = 50,
           save_every: int = 500, keep_checkpoints: int = 3,
           mesh: partitioning.MeshConfig | None = None, remat: str = 'none',
-          max_param_abs: float | None = 1e10, allow_definition_change: bool = False,
+          attention_block_size: int | None = None, max_param_abs: float | None = 1e10,
+          allow_definition_change: bool = False,
           train_eval_mixture_or_task_name: str | None = None,
           infer_eval_mixture_or_task_name: str | None = None, eval_period: int | None = None,
           eval_steps: int = 20, eval_batch_size: int | None = None,
@@ -473,6 +479,8 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
     remat: 'none', 'full' (recompute) or 'dots' (keep the weight matmuls): rematerialise the
       layers that are differentiated (compose: the anchor layers above the first bridge) to
       trade about one extra forward of them for their activation memory.
+    attention_block_size: attend in blocks of this many keys (flash-style; the same
+      result, activation memory linear in length), or None: over materialised masks.
     max_param_abs: the run stops (TrainingDivergedError) when a trained parameter's
       magnitude exceeds this (a diverged run with a finite loss); None: never.
     allow_definition_change: resume MODEL_DIR even if the run's definition (models,
@@ -501,6 +509,10 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   if config_text is None:
     config_text = _call_record({k: v for k, v in locals().items() if k != 'config_text'})
   check_remat(remat)
+  if attention_block_size is not None and (not isinstance(attention_block_size, int)
+                                           or attention_block_size <= 0):
+    raise validation.ConfigError(
+        f'ATTENTION_BLOCK_SIZE must be a positive int or None, got {attention_block_size!r}.')
   model_dir = epath.Path(model_dir)
   is_chief = jax.process_index() == 0
   if not is_chief:
@@ -541,7 +553,8 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
       bridges={k: v for k, v in (bridges or {}).items() if v is not None},
       augment_as_encoder=augment_as_encoder, trainable_patterns=trainable_patterns,
       anchor_config=anchor_config, augment_configs=augment_configs, mesh=device_mesh,
-      rules=rules, remat=remat, lora=lora, own_tokenizer=tuple(vocabularies))
+      rules=rules, remat=remat, lora=lora, own_tokenizer=tuple(vocabularies),
+      attention_block_size=attention_block_size)
   optimizer, schedule = optimizer_fn(total_steps=train_steps)
   definition = run_definition(
       setup, optimizer, mode=mode, anchor_checkpoint=anchor_checkpoint,

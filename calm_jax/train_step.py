@@ -191,7 +191,9 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
 def lower_composition_step(config: CalmConfig, mesh: jax.sharding.Mesh,
                            rules: partitioning.Rules, optimizer: optax.GradientTransformation,
                            batch: int, length: int, *, remat: str = 'none',
-                           constrain_activations: bool = True) -> tuple[Any, dict[str, int]]:
+                           constrain_activations: bool = True,
+                           attention_block_size: int | None = None
+                           ) -> tuple[Any, dict[str, int]]:
   """Lowers the composition train step on `mesh` from shapes alone (nothing is allocated).
 
   The arguments carry the shardings `calm_jax.train` gives the same run
@@ -209,6 +211,7 @@ def lower_composition_step(config: CalmConfig, mesh: jax.sharding.Mesh,
     remat: the anchor's rematerialisation (`Calm.remat`).
     constrain_activations: trace in `partitioning.activation_context` as training does;
       False leaves the activations' shardings to XLA, for comparison only.
+    attention_block_size: blocked attention (`Calm.attention_block_size`), or None.
 
   Returns:
     (the `jax.stages.Lowered` step, {'frozen': parameters, 'trained': parameters}).
@@ -229,7 +232,8 @@ def lower_composition_step(config: CalmConfig, mesh: jax.sharding.Mesh,
   batch_structs = {name: jax.ShapeDtypeStruct((batch, length), dtype, sharding=batch_sharding)
                    for name, dtype in features.items()}
   step_fn = make_sharded_train_step(
-      Calm(config, remat=remat), optimizer, 0.0, mesh=mesh, rules=rules,
+      Calm(config, remat=remat, attention_block_size=attention_block_size), optimizer, 0.0,
+      mesh=mesh, rules=rules,
       train_state_shardings=train_state_shardings, frozen_shardings=frozen_shardings,
       constrain_activations=constrain_activations)
   return (step_fn.lower(state, frozen, batch_structs),

@@ -185,8 +185,8 @@ def build_config(anchor: str, augment: str, size: str = 'preset',
 
 def lower_train_step(config: CalmConfig, mesh: jax.sharding.Mesh, rules: partitioning.Rules,
                      optimizer_name: str, batch: int, length: int,
-                     constrain_activations: bool = True,
-                     remat: str = 'none') -> tuple[Any, dict[str, int]]:
+                     constrain_activations: bool = True, remat: str = 'none',
+                     attention_block_size: int | None = None) -> tuple[Any, dict[str, int]]:
   """`train_step.lower_composition_step` with `optim.make_optimizer(name=optimizer_name)`.
 
   The shardings are those `calm_jax.train` gives the same run (see there).
@@ -196,7 +196,8 @@ def lower_train_step(config: CalmConfig, mesh: jax.sharding.Mesh, rules: partiti
   """
   optimizer, _ = optim.make_optimizer(name=optimizer_name)
   return lower_composition_step(config, mesh, rules, optimizer, batch, length, remat=remat,
-                                constrain_activations=constrain_activations)
+                                constrain_activations=constrain_activations,
+                                attention_block_size=attention_block_size)
 
 
 def memory_report(compiled: Any, chip: Chip) -> dict[str, Any]:
@@ -285,13 +286,15 @@ def compile_run(args: argparse.Namespace) -> dict[str, Any]:
       'processes': len({d.process_index for d in devices}),
       'mesh': dict(mesh.shape), 'rules': 'fsdp' if args.fsdp else 'standard',
       'activation_constraints': args.constrain_activations, 'remat': args.remat,
+      'attention_block_size': args.attention_block_size,
       'dtype': args.dtype, 'optimizer': args.optimizer, 'batch': batch, 'length': args.length,
       'connections': [list(c) for c in config.connections(AUGMENT_NAME)],
       'versions': {name: importlib.metadata.version(name) for name in ('jax', 'jaxlib', 'libtpu')},
   }
   start = time.perf_counter()
   lowered, counts = lower_train_step(config, mesh, rules, args.optimizer, batch, args.length,
-                                     args.constrain_activations, args.remat)
+                                     args.constrain_activations, args.remat,
+                                     args.attention_block_size)
   lower_seconds = time.perf_counter() - start
   report['params'] = counts
   model_flops = flops_lib.composition_step_flops(config, batch, args.length)
@@ -326,6 +329,11 @@ def compile_run(args: argparse.Namespace) -> dict[str, Any]:
   return report
 
 
+def _blocks_text(report: dict[str, Any]) -> str:
+  block = report.get('attention_block_size')
+  return f', attention blocks of {block}' if block else ''
+
+
 def summary(report: dict[str, Any]) -> str:
   """A few human-readable lines about one run."""
   mesh = 'x'.join(f'{k}={v}' for k, v in report['mesh'].items())
@@ -333,7 +341,8 @@ def summary(report: dict[str, Any]) -> str:
            f'({report["chips"]} chips, {report["processes"]} hosts), mesh {mesh}, '
            f'{report["rules"]} rules'
            f'{"" if report.get("activation_constraints") else ", no activation constraints"}'
-           f'{", remat " + report["remat"] if report.get("remat", "none") != "none" else ""}, '
+           f'{", remat " + report["remat"] if report.get("remat", "none") != "none" else ""}'
+           f'{_blocks_text(report)}, '
            f'{report["dtype"]}, {report["optimizer"]}, '
            f'batch {report["batch"]} x {report["length"]}']
   memory = report['memory_per_chip']
@@ -367,7 +376,7 @@ def summary(report: dict[str, Any]) -> str:
 def _run_key(report: dict[str, Any]) -> tuple:
   return tuple(json.dumps(report.get(k), sort_keys=True) for k in (
       'anchor', 'augment', 'topology', 'num_slices', 'mesh', 'rules', 'activation_constraints',
-      'remat', 'dtype', 'optimizer', 'batch', 'length'))
+      'remat', 'attention_block_size', 'dtype', 'optimizer', 'batch', 'length'))
 
 
 def add_to_results(path: str, report: dict[str, Any]) -> None:
@@ -407,6 +416,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--remat', default='none', choices=REMAT_CHOICES,
                       help='rematerialise the anchor layers above the first bridge '
                            '(full: keep nothing; dots: keep the weight matmuls)')
+  parser.add_argument('--attention-block-size', type=int, default=None,
+                      help='blocked (flash-style) attention over blocks of this many keys '
+                           '(default: materialised masks)')
   parser.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float32'),
                       help='parameter and compute dtype of every model')
   parser.add_argument('--optimizer', default='adamw', choices=optim.OPTIMIZERS)
