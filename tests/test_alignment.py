@@ -228,13 +228,19 @@ def _full_forward_last(config, params, row, length=80):
   return np.asarray(out.logits[0, len(a_tokens) - 1])
 
 
-def test_cached_decoding_equals_the_full_forward_at_every_step(vocabularies):
+def _decoding_setup(vocabularies):
+  """(config, params, make): `make()` gives fresh decoding rows of two prompts whose augment
+  tokenization changes at the boundary as text is generated."""
   chars, words = vocabularies
   config = _config(chars.vocab_size, words.vocab_size)
-  params = _params(config, seed=2)
   prompts = ['The composition of', 'héllo wörld, then']
   make = lambda: [alignment.DecodingRow(chars, words, p, anchor_bos=3, augment_bos=3)
                   for p in prompts]
+  return config, _params(config, seed=2), make
+
+
+def test_cached_decoding_equals_the_full_forward_at_every_step(vocabularies):
+  config, params, make = _decoding_setup(vocabularies)
   rows = make()
   steps = 24
   tokens, logits = decoding.generate_aligned(Calm(config), params, rows, max_decode_len=steps,
@@ -253,12 +259,7 @@ def test_cached_decoding_equals_the_full_forward_at_every_step(vocabularies):
 
 
 def test_sampled_decoding_samples_the_full_forwards_logits(vocabularies):
-  chars, words = vocabularies
-  config = _config(chars.vocab_size, words.vocab_size)
-  params = _params(config, seed=2)
-  prompts = ['The composition of', 'héllo wörld, then']
-  make = lambda: [alignment.DecodingRow(chars, words, p, anchor_bos=3, augment_bos=3)
-                  for p in prompts]
+  config, params, make = _decoding_setup(vocabularies)
   steps, rng = 16, jax.random.key(7)
   sampling = decoding.Sampling(temperature=1.5, top_k=40)
   tokens, logits = decoding.generate_aligned(Calm(config), params, make(), max_decode_len=steps,
@@ -312,12 +313,7 @@ def _reference_beam_search(config, params, row, steps, width, eos_id, length_pen
 
 
 def test_beam_search_with_an_own_tokenizer_equals_a_full_forward_beam_search(vocabularies):
-  chars, words = vocabularies
-  config = _config(chars.vocab_size, words.vocab_size)
-  params = _params(config, seed=2)
-  prompts = ['The composition of', 'héllo wörld, then']
-  make = lambda: [alignment.DecodingRow(chars, words, p, anchor_bos=3, augment_bos=3)
-                  for p in prompts]
+  config, params, make = _decoding_setup(vocabularies)
   steps = 8
   greedy = decoding.generate_aligned(Calm(config), params, make(), max_decode_len=steps,
                                      eos_id=-1)
