@@ -110,8 +110,8 @@ def test_causality_test_catches_a_non_causal_cross_mask(live, monkeypatch):
   """Control: the same check fails once the cross-attention mask loses its causal part."""
   config, params = live
 
-  def leaky_mask(segment_ids, prompt_mask=None):
-    del prompt_mask
+  def leaky_mask(segment_ids, prompt_mask=None, block_size=None):
+    del prompt_mask, block_size
     index = jnp.zeros_like(segment_ids)  # Every key 'at or before' every query.
     return attention_mask(index, index, segment_ids, segment_ids)
 
