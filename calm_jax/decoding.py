@@ -347,6 +347,12 @@ def _aligned_fns(model: nn.Module, name: str, cache_length: int, augment_slots: 
   return prefill, extend_augment, extend
 
 
+@functools.lru_cache(maxsize=16)
+def _sample_fn(sampling: Sampling):
+  """`sample_tokens` under `sampling`, compiled once per setting."""
+  return jax.jit(lambda rng, logits: sample_tokens(rng, logits.astype(jnp.float32), sampling))
+
+
 class _AlignedDecoder:
   """The cached state of decoding rows of `alignment.DecodingRow` (`generate_aligned`,
   `beam_search_aligned`): the composition's caches, each row's anchor position, and the
@@ -380,11 +386,11 @@ class _AlignedDecoder:
     self.positions = np.asarray([len(t) for t, _ in anchor], np.int32)
     self.cache = None
 
-  def start(self) -> np.ndarray:
-    """Prefills the prompts; returns the logits [B, V] (float32) of each row's next token."""
+  def start(self) -> Array:
+    """Prefills the prompts; returns the logits [B, V] (on device) of each row's next token."""
     out = self._prefill(self.params, self._tokens, self._prompt_mask, self._stream)
     self.cache = out.cache
-    return np.asarray(out.logits[:, 0], np.float32)
+    return out.logits[:, 0]
 
   def reorder(self, index: np.ndarray) -> None:
     """Row r becomes a copy of row index[r] (its text, caches and position)."""
@@ -394,9 +400,9 @@ class _AlignedDecoder:
     self.cache = jax.tree.map(lambda x: jnp.take(x, take, axis=0), self.cache)
     self.positions = self.positions[index]
 
-  def step(self, token: np.ndarray, active: np.ndarray) -> np.ndarray:
+  def step(self, token: np.ndarray, active: np.ndarray) -> Array:
     """Feeds `token` [B] to the active rows (the others' outputs are not read); returns the
-    logits [B, V] of each row's next token."""
+    logits [B, V] (on device) of each row's next token."""
     rows, positions, batch = self.rows, self.positions, len(self.rows)
     updates = [row.push(t) if a else None for row, t, a in zip(rows, token, active)]
     width = max([len(u.augment_tokens) for u in updates if u is not None] + [0])
@@ -437,7 +443,7 @@ class _AlignedDecoder:
                        jnp.asarray(run_keys), jnp.asarray(positions - froms))
     self.cache = out.cache
     self.positions = positions + 1
-    return np.asarray(out.logits[:, 0], np.float32)
+    return out.logits[:, 0]
 
 
 def generate_aligned(model: nn.Module, params: Any, rows: list[Any], *, max_decode_len: int,
@@ -483,9 +489,9 @@ def generate_aligned(model: nn.Module, params: Any, rows: list[Any], *, max_deco
   all_logits = []
   for i in range(max_decode_len):
     if return_logits:
-      all_logits.append(logits)
-    picked = np.asarray(sample_tokens(jax.random.fold_in(rng, i), jnp.asarray(logits),
-                                      sampling))
+      all_logits.append(np.asarray(logits, np.float32))
+    # Tokens are picked on the device: only [B] ids come back to the host each step.
+    picked = np.asarray(_sample_fn(sampling)(jax.random.fold_in(rng, i), logits))
     token = np.where(done, 0, picked).astype(np.int32)
     tokens[:, i] = token
     active = ~done
@@ -529,7 +535,7 @@ def beam_search_aligned(model: nn.Module, params: Any, rows: list[Any], *, max_d
   batch, width = len(rows), num_beams
   decoder = _AlignedDecoder(model, params, rows, max_decode_len=max_decode_len,
                             augment_cache_length=augment_cache_length)
-  log_probs = _log_softmax(decoder.start())
+  log_probs = _log_softmax(np.asarray(decoder.start(), np.float32))
   vocab = log_probs.shape[-1]
   if width > vocab:
     raise ValueError(f'num_beams {width} exceeds the vocabulary size {vocab}.')
@@ -558,7 +564,8 @@ def beam_search_aligned(model: nn.Module, params: Any, rows: list[Any], *, max_d
       break
     decoder.reorder((rows_index * width + beam).reshape(-1))
     # A beam that had finished adds padding and reads nothing new.
-    log_probs = _log_softmax(decoder.step(token.reshape(-1), ~parent_done.reshape(-1)))
+    log_probs = _log_softmax(np.asarray(decoder.step(token.reshape(-1),
+                                                     ~parent_done.reshape(-1)), np.float32))
   is_eos = seqs == eos_id
   length = np.where(is_eos.any(-1), is_eos.argmax(-1) + 1, max_decode_len)
   normalised = scores / ((5.0 + length) / 6.0) ** length_penalty

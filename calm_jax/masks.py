@@ -28,14 +28,16 @@ class KeyedMask:
   (`calm_jax.blocked_attention`): `attention_mask(q_keys, kv_keys, q_segment_ids,
   kv_segment_ids, window) & kv_mask`, never materialised unless asked (`materialize`).
 
-  Built by `sequence_mask`, `cross_mask` and `aligned_cross_mask` when given a block size.
+  `sequence_mask`, `cross_mask` and `aligned_cross_mask` build one and return it as it is when
+  given a block size, materialised otherwise: one definition of each mask for both paths.
 
   Attributes:
     q_keys, kv_keys: [B, T], [B, S] indices, or read keys (two tokenizations).
     q_segment_ids, kv_segment_ids: [B, T], [B, S]; 0 marks padding.
     kv_mask: [B, S] bool keys no query may see are False, or None.
     window: sliding window, or None (static).
-    block_size: keys per block of the attention that reads it (static).
+    block_size: keys per block of the attention that reads it, or None: materialise it
+      (static).
   """
 
   q_keys: Array
@@ -44,7 +46,7 @@ class KeyedMask:
   kv_segment_ids: Array
   kv_mask: Array | None = None
   window: int | None = struct.field(pytree_node=False, default=None)
-  block_size: int = struct.field(pytree_node=False, default=512)
+  block_size: int | None = struct.field(pytree_node=False, default=None)
 
   def materialize(self) -> Array:
     """The [B, T, S] boolean mask."""
@@ -53,6 +55,10 @@ class KeyedMask:
     if self.kv_mask is not None:
       mask &= self.kv_mask[:, None, :].astype(bool)
     return mask
+
+  def resolved(self) -> Array | KeyedMask:
+    """Itself for blocked attention (a block size), else the [B, T, S] mask."""
+    return self if self.block_size else self.materialize()
 
 
 def attention_mask(q_index: Array, kv_index: Array, q_segment_ids: Array,
@@ -83,10 +89,8 @@ def sequence_mask(segment_ids: Array, window: int | None = None,
   """[B, T, T] mask of a full forward pass over `segment_ids` [B, T] (0: padding); with
   `block_size`, the same as a `KeyedMask` for blocked attention."""
   index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
-  if block_size:
-    return KeyedMask(index, index, segment_ids, segment_ids, window=window,
-                     block_size=block_size)
-  return attention_mask(index, index, segment_ids, segment_ids, window)
+  return KeyedMask(index, index, segment_ids, segment_ids, window=window,
+                   block_size=block_size).resolved()
 
 
 def cross_mask(segment_ids: Array, prompt_mask: Array | None = None,
@@ -99,15 +103,10 @@ def cross_mask(segment_ids: Array, prompt_mask: Array | None = None,
       `augment_as_encoder` ablation); None: every earlier augment position.
     block_size: return a `KeyedMask` for blocked attention instead.
   """
-  if block_size:
-    index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
-    return KeyedMask(index, index, segment_ids, segment_ids,
-                     None if prompt_mask is None else prompt_mask.astype(bool),
-                     block_size=block_size)
-  mask = sequence_mask(segment_ids)
-  if prompt_mask is not None:
-    mask &= prompt_mask[:, None, :].astype(bool)
-  return mask
+  index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+  return KeyedMask(index, index, segment_ids, segment_ids,
+                   None if prompt_mask is None else prompt_mask.astype(bool),
+                   block_size=block_size).resolved()
 
 
 def aligned_cross_mask(anchor_read_keys: Array, augment_read_keys: Array,
@@ -127,16 +126,9 @@ def aligned_cross_mask(anchor_read_keys: Array, augment_read_keys: Array,
     augment_prompt_mask: [B, S] 1 on the augment's prompt tokens, or None.
     block_size: return a `KeyedMask` for blocked attention instead.
   """
-  if block_size:
-    return KeyedMask(anchor_read_keys, augment_read_keys, anchor_segment_ids,
-                     augment_segment_ids,
-                     None if augment_prompt_mask is None else augment_prompt_mask.astype(bool),
-                     block_size=block_size)
-  mask = attention_mask(anchor_read_keys, augment_read_keys, anchor_segment_ids,
-                        augment_segment_ids)
-  if augment_prompt_mask is not None:
-    mask &= augment_prompt_mask[:, None, :].astype(bool)
-  return mask
+  return KeyedMask(anchor_read_keys, augment_read_keys, anchor_segment_ids, augment_segment_ids,
+                   None if augment_prompt_mask is None else augment_prompt_mask.astype(bool),
+                   block_size=block_size).resolved()
 
 
 def cache_mask(positions: Array, cache_length: int, window: int | None = None) -> Array:
