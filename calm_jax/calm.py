@@ -167,7 +167,8 @@ class Calm(nn.Module):
   def _anchor(self, tokens: Array, positions: Array, layer_masks: dict[int | None, Array],
               cache: dict[str, Any] | None, keys_values: BridgeKV,
               cross_mask: Array | Mapping[str, Array], return_hidden: Sequence[int],
-              logits_index: Array | None = None) -> TransformerOutput:
+              logits_index: Array | None = None,
+              compute_logits: bool = True) -> TransformerOutput:
     """The anchor's pass: embedding, then at each depth its bridges and its next layer
     (`cross_mask`: one for every augment, or {name: mask})."""
     anchor = self.config.anchor
@@ -188,12 +189,19 @@ class Calm(nn.Module):
       layer = f'layer_{i}'
       x, kv[layer] = self.anchor.layers[i](x, positions, layer_masks[anchor.layer_window(i)],
                                            None if cache is None else cache[layer])
-    return TransformerOutput(self.anchor.logits(x, logits_index), hidden, kv)
+    logits = self.anchor.logits(x, logits_index) if compute_logits else None
+    return TransformerOutput(logits, hidden, kv)
+
+  def head_logits(self, x: Array) -> Array:
+    """The anchor's head (final norm, projection, soft-cap) of a residual stream [B, T, D]:
+    [B, T, V] float32 logits."""
+    return self.anchor.logits(x)
 
   def __call__(self, tokens: Array, positions: Array | None = None,
                segment_ids: Array | None = None, prompt_mask: Array | None = None, *,
                streams: Mapping[str, AugmentStream] | None = None,
-               return_hidden: Sequence[int] = ()) -> TransformerOutput:
+               return_hidden: Sequence[int] = (),
+               compute_logits: bool = True) -> TransformerOutput:
     """The full forward pass of the composition.
 
     Args:
@@ -203,6 +211,8 @@ class Calm(nn.Module):
       prompt_mask: [B, T], 1 on prompt tokens; required by `augment_as_encoder`.
       streams: {name: AugmentStream} for each augment of `config.own_tokenizer`.
       return_hidden: anchor layers whose (bridged) residual stream to return.
+      compute_logits: if False, no head: the output's logits are None (a chunked loss
+        applies the head itself, `head_logits`).
 
     Returns:
       The anchor's `TransformerOutput` (logits [B, T, V] float32, no cache).
@@ -238,7 +248,8 @@ class Calm(nn.Module):
                           for j, (a, _) in enumerate(self.config.connections(name))}
                    for name, _ in self.config.augments}
     out = self._anchor(tokens, positions, self.anchor.sequence_masks(segment_ids), None,
-                       keys_values, cross_masks, return_hidden)
+                       keys_values, cross_masks, return_hidden,
+                       compute_logits=compute_logits)
     return out._replace(cache=None)
 
   def prefill(self, tokens: Array, prompt_mask: Array, *, cache_length: int,

@@ -6,7 +6,7 @@ the loss is the mean cross-entropy per target token whatever the padding or pack
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,3 +54,69 @@ def cross_entropy_loss(logits: Array, targets: Array, weights: Array,
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   accuracy = jnp.sum(correct * weights) / denominator
   return LossOutput(ce + z_loss * z, ce, z, accuracy, weight_sum)
+
+
+class ChunkedHead(NamedTuple):
+  """A model's output before its head, for `chunked_cross_entropy_loss`.
+
+  Attributes:
+    hidden: [B, T, D] the residual stream the head reads.
+    project: `project(x [B, C, D]) -> [B, C, V]` float32 logits (final norm, output
+      projection, soft-cap), a function of the same parameters.
+    chunk_size: C, tokens per row whose logits exist at a time.
+  """
+
+  hidden: Array
+  project: Callable[[Array], Array]
+  chunk_size: int
+
+
+def chunked_cross_entropy_loss(head: ChunkedHead, targets: Array, weights: Array,
+                               z_loss: float = 0.0) -> LossOutput:
+  """`cross_entropy_loss` of `head.project(head.hidden)`, never holding all of the logits.
+
+  The sequence is cut into chunks of `head.chunk_size` positions (the batch axis is kept, so
+  a batch sharded over devices stays sharded); each chunk's logits are computed, reduced to
+  sums and dropped, and recomputed in the backward pass (`jax.checkpoint`). Memory for the
+  logits goes from [B, T, V] (several copies: logits, soft-cap, gradient) to [B, C, V]; a
+  256K vocabulary at 4,096 tokens is 4 GiB of float32 per sequence and copy.
+
+  Args:
+    head: the hidden states, the head and the chunk size.
+    targets, weights, z_loss: as in `cross_entropy_loss`.
+  """
+  b, t = targets.shape
+  c = max(1, min(int(head.chunk_size), t))
+  pad = -t % c
+
+  def chunks(x, fill=0):
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return jnp.moveaxis(x.reshape((b, (t + pad) // c, c) + x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def sums(x, y, w):
+    logits = head.project(x)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    w = w.astype(logits.dtype)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, y[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == y).astype(logits.dtype)
+    return jnp.stack([jnp.sum((log_z - target_logit) * w), jnp.sum(jnp.square(log_z) * w),
+                      jnp.sum(correct * w)])
+
+  def step(total, xs):
+    return total + sums(*xs), None
+
+  xs = (chunks(head.hidden), chunks(targets), chunks(weights.astype(jnp.float32)))
+  total, _ = jax.lax.scan(step, jnp.zeros(3, jnp.float32), xs)
+  weight_sum = jnp.sum(weights.astype(jnp.float32))
+  ce, z, accuracy = total / jnp.maximum(weight_sum, 1.0)
+  return LossOutput(ce + z_loss * z, ce, z, accuracy, weight_sum)
+
+
+def loss_of(output: Array | ChunkedHead, targets: Array, weights: Array,
+            z_loss: float = 0.0) -> LossOutput:
+  """`cross_entropy_loss` of logits, or `chunked_cross_entropy_loss` of a `ChunkedHead`."""
+  if isinstance(output, ChunkedHead):
+    return chunked_cross_entropy_loss(output, targets, weights, z_loss)
+  return cross_entropy_loss(output, targets, weights, z_loss)

@@ -429,7 +429,8 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
           seed: int = 0, pack: bool = False, split: str = 'train', log_every: int = 50,
           save_every: int = 500, keep_checkpoints: int = 3,
           mesh: partitioning.MeshConfig | None = None, remat: str = 'none',
-          attention_block_size: int | None = None, max_param_abs: float | None = 1e10,
+          attention_block_size: int | None = None, loss_chunk_size: int | None = None,
+          max_param_abs: float | None = 1e10,
           allow_definition_change: bool = False,
           train_eval_mixture_or_task_name: str | None = None,
           infer_eval_mixture_or_task_name: str | None = None, eval_period: int | None = None,
@@ -481,6 +482,9 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
       trade about one extra forward of them for their activation memory.
     attention_block_size: attend in blocks of this many keys (flash-style; the same
       result, activation memory linear in length), or None: over materialised masks.
+    loss_chunk_size: compute the loss's logits this many positions at a time and recompute
+      them in the backward pass (`losses.chunked_cross_entropy_loss`: the same loss, without
+      the [B, T, V] logits; what a 256K vocabulary needs at long lengths), or None.
     max_param_abs: the run stops (TrainingDivergedError) when a trained parameter's
       magnitude exceeds this (a diverged run with a finite loss); None: never.
     allow_definition_change: resume MODEL_DIR even if the run's definition (models,
@@ -513,6 +517,10 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
                                            or attention_block_size <= 0):
     raise validation.ConfigError(
         f'ATTENTION_BLOCK_SIZE must be a positive int or None, got {attention_block_size!r}.')
+  if loss_chunk_size is not None and (not isinstance(loss_chunk_size, int)
+                                      or loss_chunk_size <= 0):
+    raise validation.ConfigError(
+        f'LOSS_CHUNK_SIZE must be a positive int or None, got {loss_chunk_size!r}.')
   model_dir = epath.Path(model_dir)
   is_chief = jax.process_index() == 0
   if not is_chief:
@@ -584,7 +592,8 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   step_fn = make_sharded_train_step(
       setup.model, optimizer, z_loss, mesh=device_mesh, rules=rules,
       train_state_shardings=train_state_shardings,
-      frozen_shardings=jax.tree.map(lambda x: x.sharding, setup.frozen))
+      frozen_shardings=jax.tree.map(lambda x: x.sharding, setup.frozen),
+      loss_chunk_size=loss_chunk_size)
   writer = (metric_writers.SummaryWriter(str(model_dir / 'train')) if is_chief
             else metric_writers.MultiWriter([]))
   periodic_eval = _periodic_eval(

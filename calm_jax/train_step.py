@@ -24,8 +24,9 @@ from calm_jax import calm as calm_lib
 from calm_jax import partitioning
 from calm_jax.calm import AugmentStream, Calm
 from calm_jax.configs import CalmConfig
-from calm_jax.losses import cross_entropy_loss
+from calm_jax.losses import ChunkedHead, loss_of
 from calm_jax.trainable import count_params, merge_params
+from calm_jax.transformer import Transformer
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -53,8 +54,13 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation) -> Tr
                     opt_state=optimizer.init(params))
 
 
-def apply_fn_for(model: nn.Module) -> ApplyFn:
-  """`apply(params, batch) -> logits` of a `Calm` or a `Transformer` on T5X features."""
+def apply_fn_for(model: nn.Module, loss_chunk_size: int | None = None) -> ApplyFn:
+  """`apply(params, batch) -> logits` of a `Calm` or a `Transformer` on T5X features.
+
+  With `loss_chunk_size`, `apply` returns a `losses.ChunkedHead` instead: the residual stream
+  before the head and the head itself, which `losses.loss_of` applies `loss_chunk_size`
+  positions at a time (the [B, T, V] logits never exist at once).
+  """
   def apply(params, batch):
     tokens = batch['decoder_input_tokens']
     kwargs = dict(positions=batch.get('decoder_positions'),
@@ -71,7 +77,16 @@ def apply_fn_for(model: nn.Module) -> ApplyFn:
             batch['decoder_read_keys'], positions=batch.get('augment_positions'),
             segment_ids=batch['augment_segment_ids'],
             prompt_mask=batch['augment_causal_attention'])}
-    return model.apply({'params': params}, tokens, **kwargs).logits
+    if loss_chunk_size is None:
+      return model.apply({'params': params}, tokens, **kwargs).logits
+    if isinstance(model, Calm):
+      depth, head = model.config.anchor.num_layers, Calm.head_logits
+    else:
+      depth, head = model.config.num_layers, Transformer.logits
+    hidden = model.apply({'params': params}, tokens, return_hidden=(depth,),
+                         compute_logits=False, **kwargs).hidden[depth]
+    return ChunkedHead(hidden, lambda x: model.apply({'params': params}, x, method=head),
+                       loss_chunk_size)
   return apply
 
 
@@ -98,7 +113,8 @@ def train_step(state: TrainState, frozen: Any, batch: Batch, *, apply_fn: ApplyF
     state: trained parameters and optimizer state (donated by `make_train_step`).
     frozen: the frozen parameters (never donated, never updated).
     batch: T5X decoder-only features [B, T].
-    apply_fn: `apply(params, batch) -> logits` on the merged tree (`apply_fn_for`).
+    apply_fn: `apply(params, batch) -> logits` (or a `losses.ChunkedHead`) on the merged
+      tree (`apply_fn_for`).
     optimizer: the optax transformation that built `state.opt_state`.
     z_loss: z-loss coefficient.
 
@@ -110,8 +126,8 @@ def train_step(state: TrainState, frozen: Any, batch: Batch, *, apply_fn: ApplyF
   """
   def loss_fn(trained):
     logits = apply_fn(merge_params(trained, frozen), batch)
-    out = cross_entropy_loss(logits, batch['decoder_target_tokens'],
-                             batch['decoder_loss_weights'], z_loss)
+    out = loss_of(logits, batch['decoder_target_tokens'], batch['decoder_loss_weights'],
+                  z_loss)
     return out.loss, out
 
   grads, out = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -166,16 +182,17 @@ def state_shardings(optimizer: optax.GradientTransformation, trained: Any,
 def make_sharded_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                             z_loss: float, *, mesh: jax.sharding.Mesh, rules: partitioning.Rules,
                             train_state_shardings: TrainState, frozen_shardings: Any,
-                            constrain_activations: bool = True):
+                            constrain_activations: bool = True,
+                            loss_chunk_size: int | None = None):
   """`make_train_step` of `model` on `mesh`: what `calm_jax.train` runs and AOT compiles.
 
   The state keeps `train_state_shardings` (and is donated), the frozen tree
   `frozen_shardings`, the batch is sharded by `partitioning.batch_sharding`, the metrics come
   back replicated. `constrain_activations=False` leaves the activations' shardings to XLA (for
-  comparison only).
+  comparison only). `loss_chunk_size`: the loss's logits `apply_fn_for` chunks, or None.
   """
   return make_train_step(
-      apply_fn_for(model), optimizer, z_loss, mesh=mesh if constrain_activations else None,
+      apply_fn_for(model, loss_chunk_size), optimizer, z_loss, mesh=mesh if constrain_activations else None,
       rules=rules if constrain_activations else None,
       in_shardings=(train_state_shardings, frozen_shardings,
                     partitioning.batch_sharding(mesh, rules)),
@@ -192,7 +209,8 @@ def lower_composition_step(config: CalmConfig, mesh: jax.sharding.Mesh,
                            rules: partitioning.Rules, optimizer: optax.GradientTransformation,
                            batch: int, length: int, *, remat: str = 'none',
                            constrain_activations: bool = True,
-                           attention_block_size: int | None = None
+                           attention_block_size: int | None = None,
+                           loss_chunk_size: int | None = None
                            ) -> tuple[Any, dict[str, int]]:
   """Lowers the composition train step on `mesh` from shapes alone (nothing is allocated).
 
@@ -212,6 +230,8 @@ def lower_composition_step(config: CalmConfig, mesh: jax.sharding.Mesh,
     constrain_activations: trace in `partitioning.activation_context` as training does;
       False leaves the activations' shardings to XLA, for comparison only.
     attention_block_size: blocked attention (`Calm.attention_block_size`), or None.
+    loss_chunk_size: the loss's logits in chunks of this many positions
+      (`losses.chunked_cross_entropy_loss`), or None.
 
   Returns:
     (the `jax.stages.Lowered` step, {'frozen': parameters, 'trained': parameters}).
@@ -235,6 +255,6 @@ def lower_composition_step(config: CalmConfig, mesh: jax.sharding.Mesh,
       Calm(config, remat=remat, attention_block_size=attention_block_size), optimizer, 0.0,
       mesh=mesh, rules=rules,
       train_state_shardings=train_state_shardings, frozen_shardings=frozen_shardings,
-      constrain_activations=constrain_activations)
+      constrain_activations=constrain_activations, loss_chunk_size=loss_chunk_size)
   return (step_fn.lower(state, frozen, batch_structs),
           {'frozen': count_params(frozen), 'trained': count_params(trained)})

@@ -3,6 +3,7 @@
 
   python launch/aot_compile.py --anchor=gemma2_9b --augment=gemma2_2b --topology=v5p:4x4x4 \
       [--batch=64] [--length=2048] [--mesh-data=-1 --mesh-model=1] [--fsdp] [--num-slices=1] \
+      [--remat=none|full|dots] [--attention-block-size=512] [--loss-chunk-size=512] \
       [--dtype=bfloat16] [--optimizer=adamw|adafactor] [--output=run.json] [--results=FILE]
   python launch/aot_compile.py --size=tiny --topology=v5e:2x2 --length=64
 
@@ -186,7 +187,8 @@ def build_config(anchor: str, augment: str, size: str = 'preset',
 def lower_train_step(config: CalmConfig, mesh: jax.sharding.Mesh, rules: partitioning.Rules,
                      optimizer_name: str, batch: int, length: int,
                      constrain_activations: bool = True, remat: str = 'none',
-                     attention_block_size: int | None = None) -> tuple[Any, dict[str, int]]:
+                     attention_block_size: int | None = None,
+                     loss_chunk_size: int | None = None) -> tuple[Any, dict[str, int]]:
   """`train_step.lower_composition_step` with `optim.make_optimizer(name=optimizer_name)`.
 
   The shardings are those `calm_jax.train` gives the same run (see there).
@@ -197,7 +199,8 @@ def lower_train_step(config: CalmConfig, mesh: jax.sharding.Mesh, rules: partiti
   optimizer, _ = optim.make_optimizer(name=optimizer_name)
   return lower_composition_step(config, mesh, rules, optimizer, batch, length, remat=remat,
                                 constrain_activations=constrain_activations,
-                                attention_block_size=attention_block_size)
+                                attention_block_size=attention_block_size,
+                                loss_chunk_size=loss_chunk_size)
 
 
 def memory_report(compiled: Any, chip: Chip) -> dict[str, Any]:
@@ -287,6 +290,7 @@ def compile_run(args: argparse.Namespace) -> dict[str, Any]:
       'mesh': dict(mesh.shape), 'rules': 'fsdp' if args.fsdp else 'standard',
       'activation_constraints': args.constrain_activations, 'remat': args.remat,
       'attention_block_size': args.attention_block_size,
+      'loss_chunk_size': args.loss_chunk_size,
       'dtype': args.dtype, 'optimizer': args.optimizer, 'batch': batch, 'length': args.length,
       'connections': [list(c) for c in config.connections(AUGMENT_NAME)],
       'versions': {name: importlib.metadata.version(name) for name in ('jax', 'jaxlib', 'libtpu')},
@@ -294,7 +298,7 @@ def compile_run(args: argparse.Namespace) -> dict[str, Any]:
   start = time.perf_counter()
   lowered, counts = lower_train_step(config, mesh, rules, args.optimizer, batch, args.length,
                                      args.constrain_activations, args.remat,
-                                     args.attention_block_size)
+                                     args.attention_block_size, args.loss_chunk_size)
   lower_seconds = time.perf_counter() - start
   report['params'] = counts
   model_flops = flops_lib.composition_step_flops(config, batch, args.length)
@@ -330,8 +334,9 @@ def compile_run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _blocks_text(report: dict[str, Any]) -> str:
-  block = report.get('attention_block_size')
-  return f', attention blocks of {block}' if block else ''
+  block, chunk = report.get('attention_block_size'), report.get('loss_chunk_size')
+  return ((f', attention blocks of {block}' if block else '')
+          + (f', loss chunks of {chunk}' if chunk else ''))
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -376,7 +381,7 @@ def summary(report: dict[str, Any]) -> str:
 def _run_key(report: dict[str, Any]) -> tuple:
   return tuple(json.dumps(report.get(k), sort_keys=True) for k in (
       'anchor', 'augment', 'topology', 'num_slices', 'mesh', 'rules', 'activation_constraints',
-      'remat', 'attention_block_size', 'dtype', 'optimizer', 'batch', 'length'))
+      'remat', 'attention_block_size', 'loss_chunk_size', 'dtype', 'optimizer', 'batch', 'length'))
 
 
 def add_to_results(path: str, report: dict[str, Any]) -> None:
@@ -419,6 +424,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--attention-block-size', type=int, default=None,
                       help='blocked (flash-style) attention over blocks of this many keys '
                            '(default: materialised masks)')
+  parser.add_argument('--loss-chunk-size', type=int, default=None,
+                      help='the loss\'s logits this many positions at a time, recomputed in '
+                           'the backward pass (default: all [B, T, V] logits at once)')
   parser.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float32'),
                       help='parameter and compute dtype of every model')
   parser.add_argument('--optimizer', default='adamw', choices=optim.OPTIMIZERS)

@@ -174,3 +174,18 @@ def test_blocked_attention_trains_the_same_bridges(two_lms, tmp_path):
                checkpoints.RunCheckpointer(tmp_path / 'plain').restore_params())
   with pytest.raises(Exception, match='ATTENTION_BLOCK_SIZE'):
     _compose(tmp_path / 'bad', a, b, attention_block_size=0)
+
+
+def test_a_chunked_loss_trains_the_same_bridges(two_lms, tmp_path):
+  # LOSS_CHUNK_SIZE changes how the loss is computed, not what (losses and trained bridges
+  # after three AdamW steps), whether the chunk divides the length or not.
+  a, b = two_lms
+  plain = _compose(tmp_path / 'plain', a, b)
+  for chunk in (3, 5):
+    chunked = _compose(tmp_path / f'chunked_{chunk}', a, b, loss_chunk_size=chunk)
+    np.testing.assert_allclose(chunked['loss'], plain['loss'], rtol=1e-5)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+                 checkpoints.RunCheckpointer(tmp_path / f'chunked_{chunk}').restore_params(),
+                 checkpoints.RunCheckpointer(tmp_path / 'plain').restore_params())
+  with pytest.raises(Exception, match='LOSS_CHUNK_SIZE'):
+    _compose(tmp_path / 'bad', a, b, loss_chunk_size=-1)
