@@ -4,11 +4,14 @@ Einsum letters: B batch, T query length, S key length, D width, N query heads, K
 G query heads per kv head (N = K * G), H head dim, L cache length.
 
 Masks come from the caller (`calm_jax.masks`). KV cache (decoding): {'keys', 'values'} of
-[B, L, K, H], slot s holding the token at sequence index s of its row (keys after RoPE). Without a
-cache, attention returns its own keys and values [B, T, K, H] (a prefill pads them into a cache
-with `pad_cache`); with one, it writes each row's new token at slot `positions` and attends the
-cache under the caller's [B, 1, L] mask. Slots past a row's position may hold stale values from a
-padded prefill: the masks never let a step read them before the step that overwrites them.
+[B, L, K, H] (keys after RoPE), a ring: the token at sequence index q of its row is in slot
+q mod L (`masks.CacheMask`). A global layer's cache has a slot per index (prompt + tokens to
+decode), so slot s holds index s; a sliding-window layer's may have only its window's slots
+(`ring_cache`), each step overwriting the token that left the window. Without a cache,
+attention returns its own keys and values [B, T, K, H] (a prefill makes them a cache with
+`pad_cache` or `ring_cache`); with one, it writes each row's new token at the slot its
+`CacheMask` gives and attends the cache under it. Slots past a row's index may hold stale values
+from a padded prefill: the masks never let a step read them before the step that overwrites them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from calm_jax import lora, masks
-from calm_jax.blocked_attention import blocked_attention
+from calm_jax.blocked_attention import blocked_attention, cached_attention
 from calm_jax.layers import RMSNorm, apply_rope, dense
 
 Array = jax.Array
@@ -48,6 +51,19 @@ def pad_cache(keys: Array, values: Array, cache_length: int) -> dict[str, Array]
     raise ValueError(f'prefill length {keys.shape[1]} exceeds cache length {cache_length}.')
   pad = ((0, 0), (0, cache_length - keys.shape[1]), (0, 0), (0, 0))
   return {'keys': jnp.pad(keys, pad), 'values': jnp.pad(values, pad)}
+
+
+def ring_cache(keys: Array, values: Array, last: Array, slots: int) -> dict[str, Array]:
+  """A ring cache of `slots` slots from prefill keys/values [B, T, K, H]: slot s holds the
+  latest index q <= last[b] with q mod slots = s (zeros where there is none), so each row's
+  last `slots` prompt tokens up to `last` [B] are kept and a padded prompt's stale tail is
+  never written."""
+  s = jnp.arange(slots)[None, :]
+  index = last[:, None] - jnp.mod(last[:, None] - s, slots)  # [B, slots]
+  rows = jnp.arange(keys.shape[0])[:, None]
+  keep = (index >= 0)[:, :, None, None]
+  take = lambda x: jnp.where(keep, x[rows, jnp.clip(index, 0, x.shape[1] - 1)], 0)
+  return {'keys': take(keys), 'values': take(values)}
 
 
 def pad_caches(layers: dict[str, dict[str, Array]], cache_length: int) -> dict[str, Any]:
@@ -85,8 +101,14 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,
 
 
 def attend(q: Array, k: Array, v: Array, mask: Any, softcap: float | None = None) -> Array:
-  """`dot_product_attention` over a [B, T, S] mask, or blocked attention over a
-  `masks.KeyedMask` (same result, memory linear in length)."""
+  """`dot_product_attention` over a [B, T, S] mask; blocked attention over a
+  `masks.KeyedMask` (same result, memory linear in length); over a `masks.CacheMask`, the
+  cache's written slots in blocks when it has a block size (same result, cost following the
+  current length), else all slots."""
+  if isinstance(mask, masks.CacheMask):
+    if mask.block_size:
+      return cached_attention(q, k, v, mask, softcap)
+    return dot_product_attention(q, k, v, mask.materialize(), softcap)
   if isinstance(mask, masks.KeyedMask):
     return blocked_attention(q, k, v, mask.q_keys, mask.kv_keys, mask.q_segment_ids,
                              mask.kv_segment_ids, window=mask.window, softcap=softcap,
@@ -166,7 +188,8 @@ class SelfAttention(nn.Module):
     Args:
       x: [B, T, D] (with a cache: T new tokens per row, usually 1).
       positions: [B, T] RoPE positions; with a cache also the slot each new token is written to.
-      mask: [B, T, T] without a cache, [B, T, L] with one (`calm_jax.masks`).
+      mask: [B, T, T] without a cache; with one a `masks.CacheMask` (or a [B, T, L] mask of a
+        cache whose slot s holds index s).
       cache: this layer's KV cache to extend (a decoding step), or None.
 
     Returns:
@@ -185,8 +208,9 @@ class SelfAttention(nn.Module):
     k = apply_rope(k, positions, inv_freq)
     if cache is None:
       kv = {'keys': k, 'values': v}
-    else:
-      kv = write_cache(cache, k, v, positions)
+    else:  # A ring cache (a window's) says where each index goes.
+      index = mask.write_index() if isinstance(mask, masks.CacheMask) else positions
+      kv = write_cache(cache, k, v, index)
     out = attend(q, kv['keys'].astype(self.dtype), kv['values'].astype(self.dtype), mask,
                  self.softcap)
     init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)

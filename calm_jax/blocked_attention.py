@@ -182,3 +182,58 @@ def blocked_attention(q: Array, k: Array, v: Array, q_keys: Array, kv_keys: Arra
   as_int = lambda x: jnp.asarray(x, jnp.int32)
   return _attention(q, k, v, as_int(q_keys), as_int(kv_keys), as_int(q_segment_ids),
                     as_int(kv_segment_ids), jnp.asarray(kv_mask, bool), window, softcap, block)
+
+
+def cached_attention(q: Array, k: Array, v: Array, mask, softcap: float | None = None) -> Array:
+  """A decoding step's attention over the slots of a cache written so far, in blocks.
+
+  Walks the first `mask.slots_in_use()` slots (a traced count: the loop's trip count follows
+  the current length, not the cache's) in blocks of `mask.block_size` with an online softmax;
+  slots past the longest row's index are never read. Forward only (decoding has no backward).
+  Equals `dot_product_attention(q, k, v, mask.materialize(), softcap)` for every query that
+  sees a slot (a decoding query always sees its own).
+
+  Args:
+    q: [B, T, N, H] queries of the new tokens, already scaled.
+    k, v: [B, L, K, H] the cache (the new tokens already written).
+    mask: a `masks.CacheMask` with a block size.
+    softcap: `c * tanh(logits / c)` before masking, or None.
+
+  Returns:
+    [B, T, N, H].
+  """
+  b, t, n, h = q.shape
+  slots, heads = k.shape[1], k.shape[2]
+  block = max(1, min(int(mask.block_size), slots))
+  q5 = q.reshape(b, t, heads, n // heads, h)
+  shape = (b, heads, n // heads, t)
+  in_use = mask.slots_in_use()
+
+  def step(j, carry):
+    m, l, acc = carry
+    start = j * block
+    # The last block may overhang the cache: it is read from `slots - block` on and the
+    # slots an earlier block already read are left out.
+    first = jnp.minimum(start, slots - block)
+    index = first + jnp.arange(block)
+    k_j = jax.lax.dynamic_slice_in_dim(k, first, block, axis=1)
+    v_j = jax.lax.dynamic_slice_in_dim(v, first, block, axis=1)
+    real = (index >= start) & (index < in_use)
+    v_j = jnp.where(real[None, :, None, None], v_j, 0)  # Slots not in use are never read.
+    visible = mask.visible(index)
+    s, _ = _logits(q5, k_j, visible, jnp.broadcast_to(real, (b, block)), softcap)
+    # A block with no slot of this query's (all -inf or masked) leaves its state unchanged.
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.exp(s - m_new[..., None])
+    scale = jnp.exp(m - m_new)
+    l = l * scale + p.sum(-1)
+    acc = acc * scale[..., None] + jnp.einsum('BKGTC,BCKH->BKGTH', p.astype(v.dtype),
+                                               v_j).astype(jnp.float32)
+    return m_new, l, acc
+
+  init = (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
+          jnp.zeros(shape + (h,), jnp.float32))
+  num_blocks = (in_use + block - 1) // block
+  m, l, acc = jax.lax.fori_loop(0, num_blocks, step, init)
+  out = acc / l[..., None]
+  return jnp.einsum('BKGTH->BTKGH', out).reshape(b, t, n, h).astype(q.dtype)

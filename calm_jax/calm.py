@@ -37,11 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from calm_jax import masks
-from calm_jax.attention import pad_cache, pad_caches, write_cache
+from calm_jax.attention import pad_cache, write_cache
 from calm_jax.bridge import AugmentBridges, Bridge, bridge_kwargs, connected_layers
 from calm_jax.configs import CalmConfig, TransformerConfig
-from calm_jax.transformer import (Transformer, TransformerOutput, check_return_hidden,
-                                  default_positions_and_segments, last_prompt_index)
+from calm_jax.transformer import (DECODE_BLOCK_SIZE, Transformer, TransformerOutput,
+                                  check_return_hidden, default_positions_and_segments,
+                                  last_prompt_index)
 
 Array = jax.Array
 # The read key of an empty slot of an own-tokenizer augment's cache: no query reads it.
@@ -75,14 +76,17 @@ class Augments(nn.Module):
 
   Attributes:
     configs: (name, TransformerConfig) per augment.
+    attention_block_size, decode_block_size: of every augment (`Transformer`).
   """
 
   configs: tuple[tuple[str, TransformerConfig], ...]
   attention_block_size: int | None = None
+  decode_block_size: int | None = DECODE_BLOCK_SIZE
 
   def setup(self):
     self.lms = {name: Transformer(config, attention_block_size=self.attention_block_size,
-                                  name=name) for name, config in self.configs}
+                                  decode_block_size=self.decode_block_size, name=name)
+                for name, config in self.configs}
 
 
 class Bridges(nn.Module):
@@ -125,18 +129,24 @@ class Calm(nn.Module):
       only, so there is nothing of theirs to recompute.
     attention_block_size: the anchor, the augments and the bridges attend in blocks of this
       many keys in full forward passes and prefills (see `Transformer`), or None.
+    decode_block_size: decoding steps attend the caches of the anchor, the augments and the
+      bridges in blocks of this many slots, as far as the slots written so far (see
+      `Transformer`), or None: every slot.
   """
 
   config: CalmConfig
   remat: str = 'none'
   attention_block_size: int | None = None
+  decode_block_size: int | None = DECODE_BLOCK_SIZE
 
   def setup(self):
     cfg = self.config
     self.anchor = Transformer(cfg.anchor, remat=self.remat,
                               remat_from=cfg.first_bridged_layer(),
-                              attention_block_size=self.attention_block_size)
-    self.augments = Augments(cfg.augments, attention_block_size=self.attention_block_size)
+                              attention_block_size=self.attention_block_size,
+                              decode_block_size=self.decode_block_size)
+    self.augments = Augments(cfg.augments, attention_block_size=self.attention_block_size,
+                             decode_block_size=self.decode_block_size)
     self.bridge = Bridges(tuple((name, len(cfg.connections(name)), bridge_kwargs(cfg, name))
                                 for name, _ in cfg.augments))
 
@@ -292,9 +302,12 @@ class Calm(nn.Module):
       cross_masks[name] = masks.aligned_cross_mask(stream.anchor_read_keys, stream.read_keys,
                                                    prompt_mask, stream.prompt_mask,
                                                    block_size=block)
+    # Window rings take one token per step: not where own-tokenizer augments make the
+    # anchor (and the shared augments) re-run earlier tokens.
+    rings = not self.config.own_tokenizer
     augments = self._run_augments(lambda lm, layers: lm.prefill(
         *inputs[lm.name], cache_length=lengths[lm.name], return_hidden=layers,
-        compute_logits=False))
+        compute_logits=False, window_caches=rings))
     keys_values = {name: {j: self.bridge.get(name, j).keys_values(
                               augments[name].hidden[a],
                               default_positions_and_segments(inputs[name][0])[0])
@@ -304,7 +317,7 @@ class Calm(nn.Module):
                        keys_values, cross_masks, return_hidden,
                        logits_index=last_prompt_index(prompt_mask))
     cache = {
-        'anchor': pad_caches(out.cache, cache_length),
+        'anchor': self.anchor.decoding_cache(out.cache, prompt_mask, cache_length, rings),
         'augments': {name: augment.cache for name, augment in augments.items()},
         'bridge': {name: {f'block_{j}': pad_cache(keys, values, lengths[name])
                           for j, (keys, values) in blocks.items()}
@@ -345,14 +358,15 @@ class Calm(nn.Module):
     if own and read_keys is None:
       raise ValueError(f'extend needs the read_keys of the new tokens: augments {list(own)} '
                        'read their own tokenization.')
-    cache_length = cache['anchor']['layer_0']['keys'].shape[1]
+    bridge_slots = {name: cache['bridge'][name]['block_0']['keys'].shape[1]
+                    for name, _ in self.config.augments}
     shared = [name for name, _ in self.config.augments if name not in own]
     cross_masks = {}
     if self.config.augment_as_encoder:  # The augments and bridges keep the prompt's states.
       augment_cache = dict(cache['augments'])
       bridge_cache = dict(cache['bridge'])
       for name in shared:
-        cross_masks[name] = masks.prompt_cache_mask(cache['prompt_length'], cache_length)
+        cross_masks[name] = masks.prompt_cache_mask(cache['prompt_length'], bridge_slots[name])
     else:
       augments = {name: out for name, out in self._run_augments(lambda lm, layers: (
           lm.extend(tokens, positions, cache['augments'][lm.name], return_hidden=layers,
@@ -367,14 +381,15 @@ class Calm(nn.Module):
                                       *self.bridge.get(name, j).keys_values(
                                           augment.hidden[a], positions), positions)
             for j, (a, _) in enumerate(self.config.connections(name))}
-        cross_masks[name] = masks.cache_mask(positions, cache_length)
+        cross_masks[name] = masks.cache_mask(positions, bridge_slots[name],
+                                             block_size=self.decode_block_size)
     for name in own:
       cross_masks[name] = cache['read_keys'][name][:, None, :] <= read_keys[:, :, None]
     keys_values = {name: {j: (bridge_cache[name][f'block_{j}']['keys'],
                               bridge_cache[name][f'block_{j}']['values'])
                           for j in range(len(self.config.connections(name)))}
                    for name, _ in self.config.augments}
-    out = self._anchor(tokens, positions, self.anchor.cache_masks(positions, cache_length),
+    out = self._anchor(tokens, positions, self.anchor.cache_masks(positions, cache['anchor']),
                        cache['anchor'], keys_values, cross_masks, return_hidden, logits_index)
     new_cache = {'anchor': out.cache, 'augments': augment_cache, 'bridge': bridge_cache,
                  'prompt_length': cache['prompt_length']}

@@ -131,16 +131,66 @@ def aligned_cross_mask(anchor_read_keys: Array, augment_read_keys: Array,
                    block_size=block_size).resolved()
 
 
-def cache_mask(positions: Array, cache_length: int, window: int | None = None) -> Array:
-  """[B, 1, L] mask of a decoding step: the new token at `positions` [B, 1] reads slots <= it.
+@struct.dataclass
+class CacheMask:
+  """The mask of a decoding step over a cache of `slots` slots, by what it is made of.
 
-  With a window, only the last `window` slots up to and including its own.
+  A cache is a ring: the token at sequence index q lives in slot q mod `slots`. A global
+  layer's cache has a slot for every index the decode reaches (prompt + tokens to decode), so
+  slot s holds index s; a sliding-window layer's cache has `window` slots (DESIGN.md), so
+  each step overwrites the token that just left the window. Either way, at index p slot s
+  holds index q = p - ((p - s) mod slots), the latest index at or before p that maps to it;
+  q < 0 means nothing before p was written there (stale slots of a padded prefill included).
+
+  Attributes:
+    positions: [B, K] sequence index of each new token.
+    slots: slots of the cache (static).
+    window: sliding window, or None (static).
+    block_size: attend the cache in blocks of this many slots, only as far as the slots
+      written so far (`blocked_attention.cached_attention`: a step's cost follows the current
+      length), or None: over all slots through the materialised mask (static).
   """
-  slots = jnp.arange(cache_length)[None, None, :]
-  mask = slots <= positions[:, :, None]
-  if window is not None:
-    mask &= positions[:, :, None] - slots < window
-  return mask
+
+  positions: Array
+  slots: int = struct.field(pytree_node=False)
+  window: int | None = struct.field(pytree_node=False, default=None)
+  block_size: int | None = struct.field(pytree_node=False, default=None)
+
+  def slot_indices(self, slots: Array) -> Array:
+    """[B, K, S] the sequence index each of `slots` [S] holds for each query (< 0: none)."""
+    p = self.positions[:, :, None]
+    return p - jnp.mod(p - slots[None, None, :], self.slots)
+
+  def visible(self, slots: Array) -> Array:
+    """[B, K, S] whether each query may read each of `slots` [S]."""
+    q = self.slot_indices(slots)
+    mask = q >= 0
+    if self.window is not None:
+      mask &= self.positions[:, :, None] - q < self.window
+    return mask
+
+  def materialize(self) -> Array:
+    """The [B, K, L] boolean mask over every slot."""
+    return self.visible(jnp.arange(self.slots))
+
+  def write_index(self) -> Array:
+    """[B, K] the slot each new token is written to (an index past a global cache's end is
+    dropped; it wraps only in a window's ring)."""
+    if self.window is not None and self.slots <= self.window:
+      return jnp.mod(self.positions, self.slots)
+    return self.positions
+
+  def slots_in_use(self) -> Array:
+    """int32 scalar: how many leading slots any row may read (min(max index + 1, slots))."""
+    return jnp.minimum(jnp.max(self.positions) + 1, self.slots).astype(jnp.int32)
+
+
+def cache_mask(positions: Array, cache_length: int, window: int | None = None,
+               block_size: int | None = None) -> CacheMask:
+  """The mask of a decoding step: the new tokens at `positions` [B, K] read the slots at or
+  before them (the last `window` of them with a window), of a cache of `cache_length` slots
+  (`CacheMask`; `.materialize()` is the [B, K, L] boolean mask)."""
+  return CacheMask(positions, int(cache_length), window, block_size)
 
 
 def prompt_cache_mask(prompt_length: Array, cache_length: int) -> Array:

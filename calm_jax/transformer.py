@@ -12,14 +12,14 @@ Einsum letters: B batch, T length, D width, V vocab.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from calm_jax import masks
-from calm_jax.attention import SelfAttention, pad_caches
+from calm_jax.attention import SelfAttention, pad_cache, ring_cache
 from calm_jax.configs import TransformerConfig
 from calm_jax.layers import MLP, Embedder, RMSNorm, rope_inverse_frequencies
 from calm_jax.lora import LoRAConfig
@@ -94,6 +94,9 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
 }
 REMAT_CHOICES = ('none',) + tuple(REMAT_POLICIES)
 
+# Slots per block of a decoding step's cache attention (`Transformer.decode_block_size`).
+DECODE_BLOCK_SIZE = 256
+
 
 def check_remat(remat: str) -> str:
   """`remat` if it names a policy ('none', 'full', 'dots'), else a ValueError."""
@@ -121,6 +124,9 @@ class Transformer(nn.Module):
     attention_block_size: full forward passes and prefills attend in blocks of this many keys
       (`calm_jax.blocked_attention`: the same result, activation memory linear in length),
       or None: over a materialised [B, T, T] mask. Decoding steps are unchanged.
+    decode_block_size: decoding steps attend their caches in blocks of this many slots, only
+      as far as the slots written so far (`blocked_attention.cached_attention`: a step costs
+      the current length, not the cache's), or None: every slot through a materialised mask.
   """
 
   config: TransformerConfig
@@ -128,6 +134,7 @@ class Transformer(nn.Module):
   remat_from: int = 0
   lora: LoRAConfig | None = None
   attention_block_size: int | None = None
+  decode_block_size: int | None = DECODE_BLOCK_SIZE
 
   def setup(self):
     cfg = self.config
@@ -193,9 +200,32 @@ class Transformer(nn.Module):
     return {w: masks.sequence_mask(segment_ids, w, self.attention_block_size)
             for w in self.config.layer_windows()}
 
-  def cache_masks(self, positions: Array, cache_length: int) -> dict[int | None, Array]:
-    """{window: [B, K, L] mask} of a decoding step at `positions` [B, K]."""
-    return {w: masks.cache_mask(positions, cache_length, w) for w in self.config.layer_windows()}
+  def cache_masks(self, positions: Array, cache: Mapping[str, Mapping[str, Array]]
+                  ) -> dict[int | None, masks.CacheMask]:
+    """{window: `masks.CacheMask`} of a decoding step at `positions` [B, K] over `cache`
+    (each window's slots are those of its layers' caches)."""
+    cfg = self.config
+    slots = {cfg.layer_window(i): cache[f'layer_{i}']['keys'].shape[1]
+             for i in range(cfg.num_layers)}
+    return {w: masks.cache_mask(positions, n, w, self.decode_block_size)
+            for w, n in slots.items()}
+
+  def decoding_cache(self, kv: Mapping[str, Mapping[str, Array]], prompt_mask: Array,
+                     cache_length: int, window_caches: bool = True) -> dict[str, Any]:
+    """The cache of a prefill's keys and values {layer: {'keys', 'values'} [B, P, K, H]}:
+    `cache_length` slots per global layer; with `window_caches`, a sliding-window layer's
+    cache is a ring of its window's slots when that is fewer (`attention.ring_cache`; its
+    steps then take one token each)."""
+    cfg = self.config
+    last = last_prompt_index(prompt_mask)
+    cache = {}
+    for name, layer in kv.items():
+      window = cfg.layer_window(int(name.split('_')[1]))
+      if window_caches and window is not None and window < cache_length:
+        cache[name] = ring_cache(layer['keys'], layer['values'], last, window)
+      else:
+        cache[name] = pad_cache(layer['keys'], layer['values'], cache_length)
+    return cache
 
   def _run(self, tokens: Array, positions: Array, layer_masks: dict[int | None, Array],
            cache: dict[str, dict[str, Array]] | None, return_hidden: Sequence[int],
@@ -239,8 +269,8 @@ class Transformer(nn.Module):
     return out._replace(cache=None)
 
   def prefill(self, tokens: Array, prompt_mask: Array, *, cache_length: int,
-              return_hidden: Sequence[int] = (),
-              compute_logits: bool = True) -> TransformerOutput:
+              return_hidden: Sequence[int] = (), compute_logits: bool = True,
+              window_caches: bool = True) -> TransformerOutput:
     """Runs the prompts and returns their KV cache: the first call of cached decoding.
 
     Args:
@@ -249,15 +279,19 @@ class Transformer(nn.Module):
       prompt_mask: [B, P] 1 on each row's prompt (a non-empty prefix).
       cache_length: L >= P slots of the returned cache (prompt + tokens to decode).
       return_hidden, compute_logits: as in `__call__`.
+      window_caches: sliding-window layers keep ring caches of their window
+        (`decoding_cache`); False: L slots everywhere, for decoders that feed several tokens
+        per step or roll back.
 
     Returns:
       A `TransformerOutput`: logits [B, 1, V] at each row's last prompt token, the cache
-      {'layer_{i}': {'keys', 'values'} [B, L, K, H]}.
+      {'layer_{i}': {'keys', 'values'} [B, L or window, K, H]}.
     """
     positions, segment_ids = default_positions_and_segments(tokens)
     out = self._run(tokens, positions, self.sequence_masks(segment_ids), None, return_hidden,
                     compute_logits, logits_index=last_prompt_index(prompt_mask))
-    return out._replace(cache=pad_caches(out.cache, cache_length))
+    return out._replace(cache=self.decoding_cache(out.cache, prompt_mask, cache_length,
+                                                  window_caches))
 
   def extend(self, tokens: Array, positions: Array, cache: dict[str, dict[str, Array]], *,
              return_hidden: Sequence[int] = (),
@@ -265,7 +299,8 @@ class Transformer(nn.Module):
     """One decoding step: feeds the new tokens of each row and extends the cache.
 
     Args:
-      tokens: [B, K] the new tokens (usually K = 1; more re-run a changed tail).
+      tokens: [B, K] the new tokens (usually K = 1; more re-run a changed tail, which needs a
+        cache without window rings: `prefill(..., window_caches=False)`).
       positions: [B, K] each row's sequence index of its new tokens (RoPE position and cache
         slot; each reads the slots at or before it).
       cache: the cache of the previous `prefill` or `extend`.
@@ -274,8 +309,7 @@ class Transformer(nn.Module):
     Returns:
       A `TransformerOutput`: logits [B, K, V] and the extended cache.
     """
-    cache_length = next(iter(cache.values()))['keys'].shape[1]
-    return self._run(tokens, positions, self.cache_masks(positions, cache_length), cache,
+    return self._run(tokens, positions, self.cache_masks(positions, cache), cache,
                      return_hidden, compute_logits)
 
 
