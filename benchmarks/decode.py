@@ -1,25 +1,38 @@
 """Cost of decoding with the composition: the KV-cached decoder of the anchor alone and composed.
 
 For each model (the anchor `Transformer` and the composed `Calm`), batch size B and context
-(prompt) length P, with cache length L = P + max_decode_len, measures:
+length P, with cache length L = P + max_decode_len, measures:
 
-  prefill_s        median wall time of the jitted prefill (`decoding.prefill`) of B prompts of
-                   P tokens, after one warm-up call (see `median_time`);
   step_s           median wall time of ONE jitted decoding step (`decoding.extend` on tokens
-                   [B, 1] with the prefill's cache, donated and carried from call to call): one
-                   new token in each of the B rows;
-  generate_s       median wall time of `make_generate_fn` producing max_decode_len tokens per row
-                   (eos_id = -1: no row stops early), prefill included; `generate_per_token_s`
-                   divides it by max_decode_len, `generate_loop_per_token_s` subtracts the
-                   prefill first and divides by the max_decode_len - 1 loop steps;
+                   [B, 1], cache donated and carried from call to call): the new token of each
+                   row is the (P + 1 + k)-th of its sequence at call k (`step_positions`). The
+                   cache is the prefill's where the prefill is timed, else zeros of its shape
+                   (what the step costs does not depend on the values);
+  prefill_s        (contexts in `prefill_contexts`) median wall time of the jitted prefill
+                   (`decoding.prefill`) of B prompts of P tokens, after one warm-up call;
+  generate_s       (the same contexts) median wall time of `make_generate_fn` producing
+                   max_decode_len tokens per row (eos_id = -1: no row stops early), prefill
+                   included; `generate_per_token_s` divides it by max_decode_len,
+                   `generate_loop_per_token_s` subtracts the prefill and divides by the
+                   max_decode_len - 1 loop steps;
   cache bytes      bytes of every cache leaf with a sequence axis / (B * L), per part (anchor,
                    augments, bridge; the composed cache's [B] `prompt_length` is left out);
-  FLOPs per token  the analytic count of one decoding step per row (`flops.decode_step_flops`) and
-                   XLA's cost analysis of the compiled step divided by B (a cross-check), plus
-                   analytic (calm_jax.flops) and XLA FLOPs of the prefill.
+  FLOPs per token  the analytic count of one decoding step per row at the current length
+                   (`flops.decode_step_flops`: n = P + 1 + k keys per global layer, the mean over
+                   the timed steps; min(n, window) per window layer) and at the cache length
+                   (`every_slot`, what a step that reads every slot would cost), and XLA's cost
+                   analysis of the compiled step / B (which counts a loop body once: exact while
+                   the cache fits in one block of `Transformer.decode_block_size` slots).
 
-Ratios composed / anchor of each of these are reported per (B, P), beside the design's
-expectation that a composed decoding step costs about 1.35-1.5x the anchor's.
+Ratios composed / anchor of each are reported per (B, P), with `wall_over_analytic`: the wall
+ratio over the analytic one (1.0: the composition costs what its FLOPs say).
+
+Two more tables: `progress`, one step of each model at B = 8 in a cache of `progress_cache`
+slots at several positions, blocked (the default) and reading every slot
+(`decode_block_size=None`): a step's cost follows its position, not the cache's size; and
+`window_cache`, the cache bytes per layer of a Gemma-2-2B (window 4096) decoder by sequence
+length, from shapes alone (`jax.eval_shape` of the prefill): a window layer's stop growing at
+its window.
 
   python benchmarks/decode.py [--size=toy|small] [--output=PATH]
 """
@@ -27,7 +40,9 @@ expectation that a composed decoding step costs about 1.35-1.5x the anchor's.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
+import math
 import os
 import statistics
 import sys
@@ -42,23 +57,28 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from calm_jax import calm as calm_lib
-from calm_jax import decoding, flops, trainable
+from calm_jax import decoding, flops, presets, trainable
 from calm_jax.calm import Calm
 from calm_jax.configs import CalmConfig
 from calm_jax.random_init import random_like
-from calm_jax.transformer import Transformer
+from calm_jax.transformer import Transformer, abstract_params
 
 # Decoding settings per model size of `common.MODELS`: batches, prompt lengths and runs.
 SIZES = {
-    # About 700 CPU-seconds (14 minutes on 2 busy cores).
-    'toy': dict(batches=(1, 8, 32), contexts=(128, 512), max_decode_len=32, runs=3,
-                step_runs=10, budget_s=10.0, compiler_options={}),
-    # What CI runs: about 150 CPU-seconds, most of them compiling its 36 programs. XLA's default
+    # About 15 minutes on 2 cores.
+    'toy': dict(batches=(1, 8, 32), contexts=(128, 512, 2048), prefill_contexts=(128, 512),
+                max_decode_len=32, runs=3, step_runs=10, budget_s=10.0, compiler_options={},
+                progress_cache=2048 + 32, progress_positions=(128, 512, 2047)),
+    # What CI runs: about 150 CPU-seconds, most of them compiling its programs. XLA's default
     # CPU backend optimisation would compile 2.5x longer; it uses the cheapest level instead
     # (same HLO and FLOP counts, slower kernels: its times are only indicative).
-    'small': dict(batches=(1, 8, 32), contexts=(16, 32), max_decode_len=8, runs=1, step_runs=3,
-                  budget_s=0.5, compiler_options={'xla_backend_optimization_level': 0}),
+    'small': dict(batches=(1, 8, 32), contexts=(16, 32), prefill_contexts=(16, 32),
+                  max_decode_len=8, runs=1, step_runs=3, budget_s=0.5,
+                  compiler_options={'xla_backend_optimization_level': 0},
+                  progress_cache=64, progress_positions=(8, 63)),
 }
+# Sequence lengths of the window-cache table (Gemma-2-2B: window 4096).
+WINDOW_CACHE_LENGTHS = (1024, 4096, 8192, 32768)
 
 # The design's expectation: a composed decoding step costs about this many times the anchor's.
 DESIGN_DECODE_RATIO = (1.35, 1.5)
@@ -112,14 +132,16 @@ def median_times(calls: dict[str, Callable[[], Any]], runs: int,
 
 
 class Programs(NamedTuple):
-  """The three jitted programs of one (model, batch, context), their inputs and compiles.
+  """The jitted programs of one (model, batch, context), their inputs and compiles.
 
   Attributes:
     prefill: `fn(params, tokens, prompt_mask) -> (last prompt index, logits, cache)`.
     step: `fn(params, token [B, 1], positions [B, 1], cache) -> (logits, cache)`, cache donated.
-    generate: `make_generate_fn`'s `fn(params, tokens, prompt_mask, rng)`.
+    generate: `make_generate_fn`'s `fn(params, tokens, prompt_mask, rng)`, or None (a context
+      whose prefill and generation are not timed).
     tokens: [B, P] prompts (every prompt fills its P positions).
     prompt_mask: [B, P] ones.
+    timed_prefill: whether the prefill and generation are timed.
   """
 
   prefill: Any
@@ -127,10 +149,11 @@ class Programs(NamedTuple):
   generate: Any
   tokens: jax.Array
   prompt_mask: jax.Array
+  timed_prefill: bool
 
 
 def lower_programs(model: nn.Module, params: Any, batch: int, context: int,
-                   max_decode_len: int) -> Programs:
+                   max_decode_len: int, timed_prefill: bool = True) -> Programs:
   """Traces and lowers the prefill, the decoding step and `generate` of `model` (no compile)."""
   vocab = (model.config.anchor if isinstance(model, Calm) else model.config).vocab_size
   tokens = jax.random.randint(jax.random.key(batch * 1000 + context), (batch, context), 1,
@@ -146,17 +169,26 @@ def lower_programs(model: nn.Module, params: Any, batch: int, context: int,
   prefill = jax.jit(prefill).lower(params, tokens, prompt_mask)
   cache = prefill.out_info[2]
   column = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
-  generate = decoding.make_generate_fn(model, max_decode_len=max_decode_len, eos_id=-1)
-  return Programs(prefill, jax.jit(step, donate_argnums=(3,)).lower(params, column, column, cache),
-                  generate.lower(params, tokens, prompt_mask, jax.random.key(0)),
-                  tokens, prompt_mask)
+  step = jax.jit(step, donate_argnums=(3,)).lower(params, column, column, cache)
+  generate = None
+  if timed_prefill:
+    generate = decoding.make_generate_fn(model, max_decode_len=max_decode_len, eos_id=-1).lower(
+        params, tokens, prompt_mask, jax.random.key(0))
+  return Programs(prefill, step, generate, tokens, prompt_mask, timed_prefill)
 
 
 def compile_programs(lowered: Programs, pool: concurrent.futures.Executor,
                      options: dict[str, Any]) -> Programs:
-  """Submits the compilation of the three lowered programs to `pool`; fields become futures."""
+  """Submits the compilation of the lowered programs to `pool`; fields become futures (a
+  prefill that is not timed stays lowered: its output shapes give the cache)."""
+  names = ('prefill', 'step', 'generate') if lowered.timed_prefill else ('step',)
   return lowered._replace(**{name: pool.submit(getattr(lowered, name).compile, options or None)
-                             for name in ('prefill', 'step', 'generate')})
+                             for name in names})
+
+
+def zeros_cache(prefill: Any) -> Any:
+  """Zeros of the cache a (lowered or compiled) prefill returns."""
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), prefill.out_info[2])
 
 
 def measure(programs: dict[str, Programs], models: dict[str, tuple[nn.Module, Any]],
@@ -176,6 +208,7 @@ def measure(programs: dict[str, Programs], models: dict[str, tuple[nn.Module, An
   some = next(iter(programs.values()))
   batch, context = some.tokens.shape
   cache_length = context + max_decode_len
+  timed = some.timed_prefill
   rows = {name: {'cache_length': cache_length} for name in programs}
 
   def time_all(key, calls, runs):  # Records {key}_s and {key}_runs; returns the outputs.
@@ -184,22 +217,28 @@ def measure(programs: dict[str, Programs], models: dict[str, tuple[nn.Module, An
       rows[name][f'{key}_s'], rows[name][f'{key}_runs'], outs[name] = median, count, out
     return outs
 
-  prefilled = time_all('prefill', {
-      name: functools.partial(p.prefill, models[name][1], p.tokens, p.prompt_mask)
-      for name, p in programs.items()}, runs)
+  if timed:
+    prefilled = time_all('prefill', {
+        name: functools.partial(p.prefill, models[name][1], p.tokens, p.prompt_mask)
+        for name, p in programs.items()}, runs)
+    caches = {name: out[2] for name, out in prefilled.items()}
+    del prefilled
+  else:
+    caches = {name: zeros_cache(p.prefill) for name, p in programs.items()}
 
   token = jnp.ones((batch, 1), jnp.int32)
   state = {}
-  for name, (last, _, cache) in prefilled.items():
+  steps = min(settings['step_runs'], max_decode_len - 2)
+  for name, cache in caches.items():
     parts = cache_bytes(cache)
     rows[name]['cache_bytes_per_token'] = sum(parts.values()) / (batch * cache_length)
     rows[name]['cache_bytes_per_token_parts'] = {
         k: v / (batch * cache_length) for k, v in parts.items()}
-    # Call k = 0, 1, ... feeds a token at sequence index P + k (cache slot P + k), as
-    # `generate` does.
+    # Call k = 0, 1, ... feeds a token at sequence index P + k, as `generate` does.
     state[name] = {'cache': cache, 'k': 0,
-                   'positions': [(last + i)[:, None] for i in range(1, max_decode_len)]}
-  del prefilled, cache
+                   'positions': [jnp.full((batch, 1), context + i, jnp.int32)
+                                 for i in range(max_decode_len - 1)]}
+  del caches, cache
 
   def one_step(name):
     s = state[name]
@@ -208,38 +247,98 @@ def measure(programs: dict[str, Programs], models: dict[str, tuple[nn.Module, An
     s['k'] = min(s['k'] + 1, max_decode_len - 2)
     return logits
 
-  time_all('step', {name: functools.partial(one_step, name) for name in programs},
-           min(settings['step_runs'], max_decode_len - 2))
+  time_all('step', {name: functools.partial(one_step, name) for name in programs}, steps)
+  timed_steps = {name: state[name]['k'] for name in programs}
   state.clear()  # Frees the caches.
 
-  rng = jax.random.key(0)
-  time_all('generate', {
-      name: functools.partial(p.generate, models[name][1], p.tokens, p.prompt_mask, rng)
-      for name, p in programs.items()}, runs)
+  if timed:
+    rng = jax.random.key(0)
+    time_all('generate', {
+        name: functools.partial(p.generate, models[name][1], p.tokens, p.prompt_mask, rng)
+        for name, p in programs.items()}, runs)
 
   for name, row in rows.items():
     config = models[name][0].config
-    row['generate_per_token_s'] = row['generate_s'] / max_decode_len
-    row['generate_loop_per_token_s'] = (row['generate_s'] - row['prefill_s']) / (
-        max_decode_len - 1)
-    row['analytic_flops_per_token'] = flops.decode_step_flops(config, cache_length)
+    if timed:
+      row['generate_per_token_s'] = row['generate_s'] / max_decode_len
+      row['generate_loop_per_token_s'] = (row['generate_s'] - row['prefill_s']) / (
+          max_decode_len - 1)
+    # The k-th call's token is the (P + 1 + k)-th: the mean length over the calls made (the
+    # warm-up included).
+    length = context + 1 + (timed_steps[name] - 1) / 2
+    row['step_positions'] = [context, context + timed_steps[name] - 1]
+    row['analytic_flops_per_token'] = flops.decode_step_flops(config, int(round(length)))
+    row['analytic_flops_per_token_every_slot'] = flops.decode_step_flops(
+        config, cache_length, every_slot=True)
     row['step_xla_flops'] = common.xla_flops(programs[name].step)
     row['xla_flops_per_token'] = row['step_xla_flops'] / batch
     row['xla_over_analytic'] = row['xla_flops_per_token'] / row['analytic_flops_per_token']
-    # A forward pass, but logits at one position per row (each row's last prompt token).
-    anchor = config.anchor if isinstance(config, CalmConfig) else config
-    row['prefill_analytic_flops'] = (
-        flops.composed_forward_flops(config, batch, context) if isinstance(config, CalmConfig)
-        else flops.lm_forward_flops(config, batch, context)) - (
-            2 * batch * (context - 1) * anchor.embed_dim * anchor.vocab_size)
-    row['prefill_xla_flops'] = common.xla_flops(programs[name].prefill)
+    if timed:
+      # A forward pass, but logits at one position per row (each row's last prompt token).
+      anchor = config.anchor if isinstance(config, CalmConfig) else config
+      row['prefill_analytic_flops'] = (
+          flops.composed_forward_flops(config, batch, context)
+          if isinstance(config, CalmConfig) else flops.lm_forward_flops(config, batch, context)
+      ) - (2 * batch * (context - 1) * anchor.embed_dim * anchor.vocab_size)
+      row['prefill_xla_flops'] = common.xla_flops(programs[name].prefill)
   return rows
 
 
 RATIO_KEYS = {'step_s': 'step_s', 'generate_per_token_s': 'generate_per_token_s',
               'generate_loop_per_token_s': 'generate_loop_per_token_s',
-              'analytic_flops': 'analytic_flops_per_token', 'xla_flops': 'xla_flops_per_token',
-              'prefill_s': 'prefill_s', 'cache_bytes_per_token': 'cache_bytes_per_token'}
+              'analytic_flops': 'analytic_flops_per_token',
+              'analytic_flops_every_slot': 'analytic_flops_per_token_every_slot',
+              'xla_flops': 'xla_flops_per_token', 'prefill_s': 'prefill_s',
+              'cache_bytes_per_token': 'cache_bytes_per_token'}
+
+
+def progress(models: dict[str, tuple[nn.Module, Any]], settings: dict[str, Any],
+             batch: int = 8) -> list[dict[str, Any]]:
+  """One step of each model at each of `progress_positions` in a cache of `progress_cache`
+  slots, blocked (the models' default) and reading every slot: median seconds."""
+  slots, positions = settings['progress_cache'], settings['progress_positions']
+  out = []
+  for name, (model, params) in models.items():
+    for block in (model.decode_block_size, None):
+      variant = model.clone(decode_block_size=block)
+      tokens = jnp.ones((batch, slots - settings['max_decode_len']), jnp.int32)
+      prefill = jax.jit(lambda p, t, m, v=variant: decoding.prefill(
+          v, p, t, m, settings['max_decode_len'])).lower(params, tokens, jnp.ones_like(tokens))
+      step = jax.jit(lambda p, t, pos, c, v=variant: decoding.extend(v, p, t, pos, c))
+      cache = zeros_cache(prefill)
+      token = jnp.ones((batch, 1), jnp.int32)
+      compiled = step.lower(params, token, token, cache).compile(
+          settings['compiler_options'] or None)
+      calls = {p: functools.partial(compiled, params, token, jnp.full((batch, 1), p, jnp.int32),
+                                    cache) for p in positions}
+      for p, (median, count, _) in median_times(calls, settings['step_runs'],
+                                                settings['budget_s']).items():
+        out.append({'model': name, 'decode_block_size': block, 'cache_slots': slots,
+                    'batch': batch, 'position': p, 'step_s': median, 'runs': count,
+                    'analytic_flops_per_token': flops.decode_step_flops(model.config, p + 1)})
+  return out
+
+
+def window_cache(lengths=WINDOW_CACHE_LENGTHS) -> dict[str, Any]:
+  """Cache bytes per layer of Gemma-2-2B (bfloat16) decoding one row, by sequence length,
+  window and global layers apart, from the prefill's output shapes (nothing is computed)."""
+  config = dataclasses.replace(presets.gemma2_2b(), dtype='bfloat16', param_dtype='bfloat16')
+  params = nn.unbox(abstract_params(config))
+  model = Transformer(config)
+  rows = []
+  for length in lengths:
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    cache = jax.eval_shape(lambda p, t, n=length: model.apply(
+        {'params': p}, t, jnp.ones(t.shape, jnp.int32), cache_length=n,
+        method=Transformer.prefill).cache, params, tokens)
+    sizes = {}
+    for i in range(config.num_layers):
+      kind = 'window' if config.layer_window(i) is not None else 'global'
+      layer = cache[f'layer_{i}']
+      sizes[kind] = sum(math.prod(x.shape) * x.dtype.itemsize for x in layer.values())
+    rows.append({'length': length, 'bytes_per_window_layer': sizes['window'],
+                 'bytes_per_global_layer': sizes['global']})
+  return {'model': 'gemma2_2b', 'window': config.sliding_window, 'rows': rows}
 
 
 def run(size: str, log: Callable[[str], None] = lambda _: None) -> dict:
@@ -259,14 +358,18 @@ def run(size: str, log: Callable[[str], None] = lambda _: None) -> dict:
           for context in settings['contexts'] for name in MODELS]
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
     pending = [compile_programs(lower_programs(*models[name], batch, context,
-                                               settings['max_decode_len']),
+                                               settings['max_decode_len'],
+                                               context in settings['prefill_contexts']),
                                 pool, settings['compiler_options'])
                for name, batch, context in keys]
-    compiled = {key: p._replace(prefill=p.prefill.result(), step=p.step.result(),
-                                generate=p.generate.result())
-                for key, p in zip(keys, pending)}
+    compiled = {}
+    for key, p in zip(keys, pending):
+      done = {n: getattr(p, n).result() for n in ('prefill', 'step', 'generate')
+              if isinstance(getattr(p, n), concurrent.futures.Future)}
+      compiled[key] = p._replace(**done)
   compile_s = time.perf_counter() - start
-  log(f'lowered and compiled {3 * len(compiled)} programs in {compile_s:.1f} s')
+  log(f'lowered and compiled the programs of {len(compiled)} (model, batch, context) in '
+      f'{compile_s:.1f} s')
   rows = []
   for batch in settings['batches']:
     for context in settings['contexts']:
@@ -278,6 +381,7 @@ def run(size: str, log: Callable[[str], None] = lambda _: None) -> dict:
       log(f'B={batch:<3} P={context:<4} step ' + '  '.join(
           f'{name} {measured[name]["step_s"] * 1e3:.2f} ms' for name in MODELS)
           + f'  (timed in {time.perf_counter() - start:.1f} s)')
+  del compiled
 
   def find(name, batch, context):
     return next(r for r in rows
@@ -287,33 +391,56 @@ def run(size: str, log: Callable[[str], None] = lambda _: None) -> dict:
   for batch in settings['batches']:
     for context in settings['contexts']:
       anchor, composed = find('anchor', batch, context), find('composed', batch, context)
-      ratios.append({'batch': batch, 'context': context,
-                     **{k: composed[v] / anchor[v] for k, v in RATIO_KEYS.items()}})
+      ratio = {'batch': batch, 'context': context,
+               **{k: composed[v] / anchor[v] for k, v in RATIO_KEYS.items()
+                  if v in anchor and v in composed}}
+      ratio['wall_over_analytic'] = ratio['step_s'] / ratio['analytic_flops']
+      ratios.append(ratio)
+  start = time.perf_counter()
+  steps = progress(models, settings)
+  log(f'progress table in {time.perf_counter() - start:.1f} s')
 
   return {'size': size, **settings, **common.report_header(config, frozen, bridges),
           'design_decode_ratio': list(DESIGN_DECODE_RATIO), 'compile_s': compile_s,
-          'rows': rows, 'ratios': ratios}
+          'rows': rows, 'ratios': ratios, 'progress': steps, 'window_cache': window_cache()}
+
+
+def _ms(row: dict, key: str, width: int, digits: int) -> str:
+  return f'{row[key] * 1e3:>{width}.{digits}f}' if key in row else f'{"-":>{width}}'
 
 
 def table(report: dict) -> str:
-  """A compact text table of the report: per-row costs, then composed / anchor ratios."""
+  """A compact text table of the report: per-row costs, composed / anchor ratios, the
+  progress and window-cache tables."""
   lines = [f'{"model":<8} {"B":>3} {"P":>4} {"prefill ms":>11} {"step ms":>9} '
            f'{"gen ms/tok":>10} {"MFLOP/tok":>10} {"xla/an":>7} {"cache B/tok":>11}']
   for r in report['rows']:
     lines.append(f'{r["model"]:<8} {r["batch"]:>3} {r["context"]:>4} '
-                 f'{r["prefill_s"] * 1e3:>11.2f} {r["step_s"] * 1e3:>9.3f} '
-                 f'{r["generate_per_token_s"] * 1e3:>10.3f} '
+                 f'{_ms(r, "prefill_s", 11, 2)} {r["step_s"] * 1e3:>9.3f} '
+                 f'{_ms(r, "generate_per_token_s", 10, 3)} '
                  f'{r["analytic_flops_per_token"] / 1e6:>10.2f} {r["xla_over_analytic"]:>7.3f} '
                  f'{r["cache_bytes_per_token"]:>11.0f}')
   low, high = report['design_decode_ratio']
   lines.append(f'composed / anchor (design: decoding {low}-{high}x the anchor per token)')
-  lines.append(f'{"B":>3} {"P":>4} {"step":>6} {"gen/tok":>7} {"loop/tok":>8} {"FLOPs":>6} '
-               f'{"XLA":>6} {"prefill":>7} {"cache":>6}')
+  lines.append(f'{"B":>3} {"P":>4} {"step":>6} {"FLOPs":>6} {"wall/FLOPs":>10} {"gen/tok":>7} '
+               f'{"loop/tok":>8} {"prefill":>7} {"cache":>6}')
+  fmt = lambda r, k, w, d: f'{r[k]:>{w}.{d}f}' if k in r else f'{"-":>{w}}'
   for r in report['ratios']:
     lines.append(f'{r["batch"]:>3} {r["context"]:>4} {r["step_s"]:>6.2f} '
-                 f'{r["generate_per_token_s"]:>7.2f} {r["generate_loop_per_token_s"]:>8.2f} '
-                 f'{r["analytic_flops"]:>6.3f} {r["xla_flops"]:>6.3f} {r["prefill_s"]:>7.2f} '
+                 f'{r["analytic_flops"]:>6.3f} {r["wall_over_analytic"]:>10.3f} '
+                 f'{fmt(r, "generate_per_token_s", 7, 2)} '
+                 f'{fmt(r, "generate_loop_per_token_s", 8, 2)} {fmt(r, "prefill_s", 7, 2)} '
                  f'{r["cache_bytes_per_token"]:>6.3f}')
+  lines.append('one step at B = 8 in a cache of '
+               f'{report["progress"][0]["cache_slots"]} slots, by position (ms)')
+  for r in report['progress']:
+    lines.append(f'  {r["model"]:<8} blocks {str(r["decode_block_size"]):<5} '
+                 f'position {r["position"]:>5}: {r["step_s"] * 1e3:8.3f}')
+  window = report['window_cache']
+  lines.append(f'{window["model"]} cache bytes per layer (window {window["window"]})')
+  for r in window['rows']:
+    lines.append(f'  length {r["length"]:>6}: window layer {r["bytes_per_window_layer"]:>12,}'
+                 f'  global layer {r["bytes_per_global_layer"]:>12,}')
   return '\n'.join(lines)
 
 

@@ -27,10 +27,12 @@ Conventions (a multiply-add is 2 FLOPs; only matrix products are counted, as in 
       query without input gradient (1x: nothing below them is trained).
   Full fine-tuning step of the anchor: 3x the anchor forward.
 
-  Decoding step (one new token per row attending the L slots of its caches): the forward
-  formulas with T = 1 new token and S = L keys (the step attends every slot: the mask does not
-  skip work); the augments run up to their deepest connection, every bridge projects its new
-  token and attends its L-slot cache.
+  Decoding step (one new token per row, n tokens in the sequence with it): the forward
+  formulas with T = 1 new token and, per layer, S = n keys, or min(n, window) in a
+  sliding-window layer (the cache is read in blocks only as far as it is written, and a
+  window's ring holds its window); the augments run up to their deepest connection, every
+  bridge projects its new token and attends the n augment positions. With `every_slot`, S is
+  the cache length L in every layer instead (a cache read whole, through a materialised mask).
 """
 
 from __future__ import annotations
@@ -93,11 +95,35 @@ def composed_forward_flops(config: CalmConfig, batch: int, length: int,
   return total
 
 
-def decode_step_flops(config: CalmConfig | TransformerConfig, cache_length: int) -> float:
-  """FLOPs of one decoding step per row: one new token attending `cache_length` slots."""
+def _lm_decode_flops(cfg: TransformerConfig, length: int, num_layers: int | None = None,
+                     logits: bool = True) -> float:
+  """One new token of a sequence of `length`, each layer attending min(length, window)."""
+  layers = cfg.num_layers if num_layers is None else num_layers
+  total = 2.0 * cfg.embed_dim * cfg.vocab_size if logits else 0.0
+  for i in range(layers):
+    window = cfg.layer_window(i)
+    dense, attention = _layer_parts(cfg, 1, 1, length if window is None
+                                    else min(length, window))
+    total += dense + attention
+  return total
+
+
+def decode_step_flops(config: CalmConfig | TransformerConfig, length: int,
+                      every_slot: bool = False) -> float:
+  """FLOPs of one decoding step per row: the new token is the `length`-th of its sequence
+  (module docstring); `every_slot`: every layer attends `length` slots (the cache's)."""
+  if every_slot:
+    if isinstance(config, TransformerConfig):
+      return lm_forward_flops(config, 1, 1, keys=length)
+    return composed_forward_flops(config, 1, 1, keys=length)
   if isinstance(config, TransformerConfig):
-    return lm_forward_flops(config, 1, 1, keys=cache_length)
-  return composed_forward_flops(config, 1, 1, keys=cache_length)
+    return _lm_decode_flops(config, length)
+  total = _lm_decode_flops(config.anchor, length)
+  for name, augment in config.augments:
+    connections = config.connections(name)
+    total += _lm_decode_flops(augment, length, max(a for a, _ in connections), logits=False)
+    total += len(connections) * sum(_bridge_parts(config, name, 1, 1, length).values())
+  return total
 
 
 def composition_step_flops(config: CalmConfig, batch: int, length: int) -> float:

@@ -46,3 +46,21 @@ def test_small_benchmark(repo_root, run_benchmark):
     assert ratio['cache_bytes_per_token'] > 1
   for row in rows.values():
     assert 0.9 <= row['xla_over_analytic'] <= 1.1, row
+
+  # The per-token target's inputs: wall / analytic ratio of every (B, P).
+  for ratio in report['ratios']:
+    np.testing.assert_allclose(ratio['wall_over_analytic'],
+                               ratio['step_s'] / ratio['analytic_flops'])
+    assert ratio['analytic_flops_every_slot'] > 1
+
+  # The progress table: both models, blocked and every-slot reads, at every position.
+  progress = {(r['model'], r['decode_block_size'], r['position']) for r in report['progress']}
+  assert progress == {(m, b, p) for m in ('anchor', 'composed') for b in (256, None)
+                      for p in report['progress_positions']}
+
+  # Gemma-2-2B's window layers: 2 (keys, values) x 4 kv heads x 256 dims x 2 bytes per slot,
+  # never more than 4096 slots; its global layers one slot per token.
+  per_slot = 2 * 4 * 256 * 2
+  for row in report['window_cache']['rows']:
+    assert row['bytes_per_window_layer'] == per_slot * min(row['length'], 4096)
+    assert row['bytes_per_global_layer'] == per_slot * row['length']
