@@ -304,13 +304,22 @@ def progress(models: dict[str, tuple[nn.Module, Any]], settings: dict[str, Any],
       tokens = jnp.ones((batch, slots - settings['max_decode_len']), jnp.int32)
       prefill = jax.jit(lambda p, t, m, v=variant: decoding.prefill(
           v, p, t, m, settings['max_decode_len'])).lower(params, tokens, jnp.ones_like(tokens))
-      step = jax.jit(lambda p, t, pos, c, v=variant: decoding.extend(v, p, t, pos, c))
-      cache = zeros_cache(prefill)
+      step = jax.jit(lambda p, t, pos, c, v=variant: decoding.extend(v, p, t, pos, c),
+                     donate_argnums=(3,))
       token = jnp.ones((batch, 1), jnp.int32)
-      compiled = step.lower(params, token, token, cache).compile(
+      state = {'cache': zeros_cache(prefill)}
+      compiled = step.lower(params, token, token, state['cache']).compile(
           settings['compiler_options'] or None)
-      calls = {p: functools.partial(compiled, params, token, jnp.full((batch, 1), p, jnp.int32),
-                                    cache) for p in positions}
+
+      def call(position, state=state, compiled=compiled, token=token, params=params):
+        # The cache is donated and carried from call to call, as in decoding; each call at
+        # one position rewrites the same slot.
+        logits, state['cache'] = compiled(params, token,
+                                          jnp.full((batch, 1), position, jnp.int32),
+                                          state['cache'])
+        return logits
+
+      calls = {p: functools.partial(call, p) for p in positions}
       for p, (median, count, _) in median_times(calls, settings['step_runs'],
                                                 settings['budget_s']).items():
         out.append({'model': name, 'decode_block_size': block, 'cache_slots': slots,

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from calm_jax import calm as calm_lib
+from calm_jax import partitioning, transformer
 from calm_jax.transformer import last_prompt_index
 
 Array = jax.Array
@@ -265,13 +267,32 @@ def beam_search(model: nn.Module, params: Any, input_tokens: Array, prompt_mask:
   return seqs[jnp.arange(batch), best], scores[jnp.arange(batch), best]
 
 
+def abstract_params_of(model: nn.Module) -> Any:
+  """The boxed abstract parameter tree (logical axis names) of a `Calm` or a `Transformer`."""
+  if isinstance(model, calm_lib.Calm):
+    return calm_lib.abstract_params(model.config)
+  return transformer.abstract_params(model.config, getattr(model, 'lora', None))
+
+
+def shard_params(model: nn.Module, params: Any, mesh: jax.sharding.Mesh, rules: Any) -> Any:
+  """`params` placed in the shardings `mesh` and `rules` give `model`'s parameters."""
+  shardings = partitioning.param_shardings(abstract_params_of(model), mesh, rules)
+  return jax.device_put(params, shardings)
+
+
 def make_generate_fn(model: nn.Module, *, max_decode_len: int, eos_id: int,
                      sampling: Sampling = Sampling(), num_beams: int = 1,
-                     length_penalty: float = 0.0) -> Callable[[Any, Array, Array, Array], Array]:
+                     length_penalty: float = 0.0, mesh: jax.sharding.Mesh | None = None,
+                     rules: Any = None) -> Callable[[Any, Array, Array, Array], Array]:
   """A jitted `fn(params, input_tokens, prompt_mask, rng) -> [B, max_decode_len]` tokens.
 
   `num_beams > 1` selects beam search (then `sampling` must be greedy); otherwise `generate`.
   The function compiles once per input shape.
+
+  With `mesh` and `rules` (`partitioning.MeshConfig`), the prefill and the decoding loop run
+  on the mesh: parameters in their shardings (`shard_params`), the batch over the batch rule's
+  axes (B must divide by their size), heads, MLP and vocabulary over `model`, the model's
+  activation constraints in force; the tokens come back batch-sharded.
   """
   if num_beams < 1:
     raise ValueError(f'num_beams must be >= 1, got {num_beams}.')
@@ -286,7 +307,17 @@ def make_generate_fn(model: nn.Module, *, max_decode_len: int, eos_id: int,
     return generate(model, params, input_tokens, prompt_mask, max_decode_len=max_decode_len,
                     eos_id=eos_id, sampling=sampling, rng=rng)
 
-  return jax.jit(fn)
+  if mesh is None:
+    return jax.jit(fn)
+  params_sharding = partitioning.param_shardings(abstract_params_of(model), mesh, rules)
+  batch = partitioning.batch_sharding(mesh, rules)
+
+  def sharded(params, input_tokens, prompt_mask, rng):
+    with partitioning.activation_context(mesh, rules):
+      return fn(params, input_tokens, prompt_mask, rng)
+
+  return jax.jit(sharded, in_shardings=(params_sharding, batch, batch,
+                                        partitioning.replicated(mesh)), out_shardings=batch)
 
 
 def decode_batches(generate_fn: Callable[[Any, Array, Array, Array], Array], params: Any,
