@@ -274,10 +274,92 @@ def abstract_params_of(model: nn.Module) -> Any:
   return transformer.abstract_params(model.config, getattr(model, 'lora', None))
 
 
+def decoding_mesh(mesh_config: Any, batch_size: int, own_tokenizer: Sequence[str] = ()
+                  ) -> tuple[jax.sharding.Mesh, Any]:
+  """(mesh over every device, rules) of a `partitioning.MeshConfig` for decoding batches of
+  `batch_size` rows (calm-eval, calm-infer).
+
+  Raises:
+    ValueError: a batch the mesh's replica x data axes do not divide, or a composition whose
+      augment reads its own tokenization (its decoding tokenizes on the host, row by row).
+  """
+  if own_tokenizer:
+    raise ValueError(f'decoding on a mesh is not available for augments with their own '
+                     f'tokenizer ({list(own_tokenizer)}): their decoding runs on the host.')
+  mesh = partitioning.make_mesh(mesh_config)
+  rows = mesh.shape['replica'] * mesh.shape['data']
+  if batch_size % rows:
+    raise ValueError(f'BATCH_SIZE {batch_size} does not divide over the mesh\'s replica x '
+                     f'data = {rows} devices.')
+  return mesh, mesh_config.rules()
+
+
 def shard_params(model: nn.Module, params: Any, mesh: jax.sharding.Mesh, rules: Any) -> Any:
-  """`params` placed in the shardings `mesh` and `rules` give `model`'s parameters."""
+  """`params` placed in the shardings `mesh` and `rules` give `model`'s parameters (entries
+  the model never reads are dropped)."""
   shardings = partitioning.param_shardings(abstract_params_of(model), mesh, rules)
-  return jax.device_put(params, shardings)
+  return jax.tree.map(_place, _prune(params, shardings), shardings)
+
+
+def _place(x: Any, sharding: jax.sharding.Sharding) -> Array:
+  """A global array of host (or single-device) value `x`, the same on every process: each
+  process writes only the shards of its own devices (multi-host safe)."""
+  if isinstance(x, jax.Array) and x.is_fully_addressable and len(x.devices()) > 1:
+    return jax.device_put(x, sharding)
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _prune(params: Any, like: Any) -> Any:
+  """`params` with only the entries of the tree `like` (a frozen augment's checkpoint carries
+  a head and layers above its deepest connection that the composition never runs)."""
+  if isinstance(like, Mapping):
+    missing = set(like) - set(params)
+    if missing:
+      raise ValueError(f'parameters lack {sorted(missing)}')
+    return {k: _prune(params[k], v) for k, v in like.items()}
+  return params
+
+
+def cache_shardings(cache: Any, mesh: jax.sharding.Mesh, rules: Any) -> Any:
+  """Shardings of a decoding cache (arrays or shapes): [B, L, K, H] keys and values as
+  ('batch', 'length', 'kv_heads', 'kv'), per-row vectors ([B] prompt lengths, [B, L] read
+  keys) over the batch."""
+  def sharding(x):
+    names = (('batch', 'length', 'kv_heads', 'kv') if len(x.shape) == 4
+             else ('batch',) + ('length',) * (len(x.shape) - 1))
+    return jax.sharding.NamedSharding(
+        mesh, partitioning.logical_to_spec(names, rules, mesh, x.shape))
+  return jax.tree.map(sharding, cache)
+
+
+def lower_decode_step(model: nn.Module, mesh: jax.sharding.Mesh, rules: Any, batch: int,
+                      cache_length: int, prompt_length: int = 1) -> Any:
+  """Lowers one decoding step (`extend`: a token per row, the cache donated) of `model` on
+  `mesh` from shapes alone, parameters and cache in their shardings (`shard_params`,
+  `cache_shardings`): what `launch/aot_compile.py --program=decode` compiles for a TPU."""
+  abstract = abstract_params_of(model)
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nn.unbox(abstract), partitioning.param_shardings(abstract, mesh, rules))
+  prompts = jax.ShapeDtypeStruct((batch, prompt_length), jnp.int32)
+  cache = jax.eval_shape(lambda p, t: model.apply(
+      {'params': p}, t, jnp.ones(t.shape, jnp.int32), cache_length=cache_length,
+      method=type(model).prefill).cache, params, prompts)
+  shardings = cache_shardings(cache, mesh, rules)
+  cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                       cache, shardings)
+  column = jax.ShapeDtypeStruct((batch, 1), jnp.int32,
+                                sharding=partitioning.batch_sharding(mesh, rules))
+
+  def step(params, tokens, positions, cache):
+    with partitioning.activation_context(mesh, rules):
+      return extend(model, params, tokens, positions, cache)
+
+  vocab = (model.config.anchor if isinstance(model, calm_lib.Calm) else model.config).vocab_size
+  logits = jax.sharding.NamedSharding(
+      mesh, partitioning.logical_to_spec(('batch', 'vocab'), rules, mesh, (batch, vocab)))
+  return jax.jit(step, donate_argnums=(3,), out_shardings=(logits, shardings)).lower(
+      params, column, column, cache)
 
 
 def make_generate_fn(model: nn.Module, *, max_decode_len: int, eos_id: int,
@@ -321,7 +403,8 @@ def make_generate_fn(model: nn.Module, *, max_decode_len: int, eos_id: int,
 
 
 def decode_batches(generate_fn: Callable[[Any, Array, Array, Array], Array], params: Any,
-                   batches: Iterable[Mapping[str, np.ndarray]], batch_size: int, seed: int = 0
+                   batches: Iterable[Mapping[str, np.ndarray]], batch_size: int, seed: int = 0,
+                   mesh: jax.sharding.Mesh | None = None, rules: Any = None
                    ) -> Iterator[tuple[int, np.ndarray]]:
   """Yields (number of real rows, [n, max_decode_len] tokens) per batch of model features.
 
@@ -335,6 +418,8 @@ def decode_batches(generate_fn: Callable[[Any, Array, Array, Array], Array], par
       `batch_size` rows each.
     batch_size: the rows of every call.
     seed: batch i samples with `fold_in(key(seed), i)`.
+    mesh, rules: those of a `generate_fn` made for a mesh: every process reads the same
+      batches and feeds the rows of its own devices; every process gets all the tokens back.
   """
   for i, features in enumerate(batches):
     tokens = features['decoder_input_tokens']
@@ -347,8 +432,16 @@ def decode_batches(generate_fn: Callable[[Any, Array, Array, Array], Array], par
     tokens = np.pad(tokens, ((0, pad), (0, 0)))
     prompt = np.pad(prompt, ((0, pad), (0, 0)), constant_values=0)
     prompt[n:, 0] = 1  # Padding rows: a one-token prompt, ignored.
-    out = generate_fn(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(prompt, jnp.int32),
-                      jax.random.fold_in(jax.random.key(seed), i))
+    tokens, prompt = tokens.astype(np.int32), prompt.astype(np.int32)
+    if mesh is None:
+      tokens, prompt = jnp.asarray(tokens), jnp.asarray(prompt)
+    else:
+      sharding = partitioning.batch_sharding(mesh, rules)
+      tokens, prompt = (_place(x, sharding) for x in (tokens, prompt))
+    out = generate_fn(params, tokens, prompt, jax.random.fold_in(jax.random.key(seed), i))
+    if not out.is_fully_addressable:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      out = multihost_utils.process_allgather(out, tiled=True)
     yield n, np.asarray(out)[:n]
 
 

@@ -19,15 +19,17 @@ from absl import logging
 from etils import epath
 import seqio
 
-from calm_jax import data, decoding, runs
+from calm_jax import data, decoding, partitioning, runs
 
 
 def make_predict_fn(model: Any, params: Any, batch_size: int, max_decode_len: int,
                     eos_id: int, *, sampling: decoding.Sampling = decoding.Sampling(), num_beams: int = 1,
-                    seed: int = 0):
-  """seqio predict_fn: cached decoding (greedy by default) of a cached eval dataset."""
+                    seed: int = 0, mesh: Any = None, rules: Any = None):
+  """seqio predict_fn: cached decoding (greedy by default) of a cached eval dataset (on
+  `mesh` with `rules` when given: `decoding.make_generate_fn`; `params` already placed)."""
   generate_fn = decoding.make_generate_fn(model, max_decode_len=max_decode_len, eos_id=eos_id,
-                                          sampling=sampling, num_beams=num_beams)
+                                          sampling=sampling, num_beams=num_beams, mesh=mesh,
+                                          rules=rules)
   return predict_fn_of(generate_fn, lambda: params, batch_size, seed)
 
 
@@ -166,7 +168,8 @@ def metric_values(metrics: Any) -> dict[str, dict[str, float]]:
 def evaluate(*, checkpoint: str, mixture_or_task_name: str,
              task_feature_lengths: Mapping[str, int], batch_size: int = 64,
              split: str = 'validation', eval_dir: str | None = None, step: int | None = None,
-             num_examples: int | None = None) -> dict[str, dict[str, float]]:
+             num_examples: int | None = None,
+             mesh: partitioning.MeshConfig | None = None) -> dict[str, dict[str, float]]:
   """Evaluates a checkpoint on every task of a task or mixture.
 
   A composition whose augment reads its own tokenization decodes greedily from each
@@ -181,6 +184,7 @@ def evaluate(*, checkpoint: str, mixture_or_task_name: str,
     eval_dir: where to write TensorBoard and JSON logs; default CHECKPOINT/eval.
     step: the step recorded with the metrics; default the checkpoint's training step.
     num_examples: evaluate only the first n examples of each task.
+    mesh: decode on this device mesh (as `calm_jax.infer.infer`), or None: one device.
   """
   loaded = runs.load_checkpoint(checkpoint)
   model, params, description = loaded.model, loaded.params, loaded.description
@@ -190,11 +194,17 @@ def evaluate(*, checkpoint: str, mixture_or_task_name: str,
       epath.Path(eval_dir or epath.Path(checkpoint) / 'eval'))
   own = tuple(getattr(getattr(model, 'config', None), 'own_tokenizer', ()))
   if own:
+    if mesh is not None:
+      decoding.decoding_mesh(mesh, batch_size, own)  # Says why not.
     predict_fn = make_aligned_predict_fn(evaluator, loaded, own[0], batch_size,
                                          task_feature_lengths['targets'])
   else:
+    device_mesh, rules = None, None
+    if mesh is not None:
+      device_mesh, rules = decoding.decoding_mesh(mesh, batch_size)
+      params = decoding.shard_params(model, params, device_mesh, rules)
     predict_fn = make_predict_fn(model, params, batch_size, task_feature_lengths['targets'],
-                                 eos_id)
+                                 eos_id, mesh=device_mesh, rules=rules)
   metrics, _ = evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict_fn)
   results = metric_values(metrics)
   logging.info('%s: %s', description, json.dumps(results))

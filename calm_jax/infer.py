@@ -13,13 +13,15 @@ object per example in dataset order: {"inputs": ..., "targets": ..., "prediction
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Callable, Mapping
 
 from absl import logging
 from etils import epath
+import jax
 
-from calm_jax import data, decoding, runs
+from calm_jax import data, decoding, partitioning, runs
 
 
 def _text(vocabulary, ids) -> str:
@@ -34,6 +36,7 @@ def infer(*, checkpoint: str, mixture_or_task_name: str, task_feature_lengths: M
           output_dir: str, batch_size: int = 64, split: str = 'validation',
           num_examples: int | None = None, temperature: float = 0.0, top_k: int = 0,
           top_p: float = 1.0, num_beams: int = 1, length_penalty: float = 0.0, seed: int = 0,
+          mesh: partitioning.MeshConfig | None = None,
           log: Callable[[str], None] = logging.info) -> dict[str, str]:
   """Writes the predictions of a checkpoint for every task of a task or mixture.
 
@@ -48,6 +51,10 @@ def infer(*, checkpoint: str, mixture_or_task_name: str, task_feature_lengths: M
     temperature, top_k, top_p: sampling (see `calm_jax.decoding.Sampling`); 0 is greedy.
     num_beams, length_penalty: beam search when num_beams > 1.
     seed: PRNG seed of sampling (batch i uses fold_in(seed, i)).
+    mesh: decode on this device mesh (the gin mesh files: batch over replica x data, heads,
+      MLP and vocabulary over model; `decoding.make_generate_fn`), or None: one device. With
+      several processes (`--coordinator_address`, `--multiprocess`) each feeds the rows of
+      its own devices and process 0 writes the files.
     log: progress sink.
 
   A composition whose augment reads its own tokenization (`CalmConfig.own_tokenizer`)
@@ -61,11 +68,20 @@ def infer(*, checkpoint: str, mixture_or_task_name: str, task_feature_lengths: M
   Raises:
     ValueError: a task whose augment stream is in another vocabulary than the run's.
   """
+  chief = jax.process_index() == 0
+  if not chief:
+    log = lambda _: None  # pylint: disable=unnecessary-lambda-assignment
   loaded = runs.load_checkpoint(checkpoint)
   own = tuple(getattr(getattr(loaded.model, 'config', None), 'own_tokenizer', ()))
   sampling = decoding.Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+  params, device_mesh, rules = loaded.params, None, None
+  if mesh is not None:
+    device_mesh, rules = decoding.decoding_mesh(mesh, batch_size, own)
+    params = decoding.shard_params(loaded.model, params, device_mesh, rules)
+    log(f'decoding on mesh {dict(device_mesh.shape)}')
   out_dir = epath.Path(output_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  if chief:
+    out_dir.mkdir(parents=True, exist_ok=True)
   written = {}
   generate_fns = {}
   for task in data.tasks_of(mixture_or_task_name):
@@ -74,7 +90,8 @@ def infer(*, checkpoint: str, mixture_or_task_name: str, task_feature_lengths: M
     if key not in generate_fns and not own:
       generate_fns[key] = decoding.make_generate_fn(
           loaded.model, max_decode_len=task_feature_lengths['targets'], eos_id=vocabulary.eos_id,
-          sampling=sampling, num_beams=num_beams, length_penalty=length_penalty)
+          sampling=sampling, num_beams=num_beams, length_penalty=length_penalty,
+          mesh=device_mesh, rules=rules)
     converter = data.feature_converter(task, pack=False)
     raw = task.get_dataset(dict(task_feature_lengths), split=split, shuffle=False,
                            num_epochs=1, use_cached=False)
@@ -87,12 +104,14 @@ def infer(*, checkpoint: str, mixture_or_task_name: str, task_feature_lengths: M
                                  num_beams=num_beams, length_penalty=length_penalty, seed=seed)
     else:
       features = converter(raw, dict(task_feature_lengths)).batch(batch_size)
-      batches = decoding.decode_batches(generate_fns[key], loaded.params,
-                                        features.as_numpy_iterator(), batch_size, seed)
+      batches = decoding.decode_batches(generate_fns[key], params,
+                                        features.as_numpy_iterator(), batch_size, seed,
+                                        mesh=device_mesh, rules=rules)
     path = out_dir / f'{task.name}-{loaded.step:06d}.jsonl'
     tmp = path.parent / (path.name + '.tmp')
     start, count = time.perf_counter(), 0
-    with tmp.open('w') as f:
+    # Every process decodes (the batches are global); process 0 alone writes.
+    with (tmp.open('w') if chief else open(os.devnull, 'w')) as f:
       for n, out in batches:
         for example, tokens in zip(examples[count:count + n], out):
           record = {'prediction': _text(vocabulary, tokens),
@@ -103,7 +122,8 @@ def infer(*, checkpoint: str, mixture_or_task_name: str, task_feature_lengths: M
                                       example[feature])
           f.write(json.dumps(record) + '\n')
         count += n
-    tmp.replace(path)  # A complete file or none.
+    if chief:
+      tmp.replace(path)  # A complete file or none.
     seconds = time.perf_counter() - start
     log(f'{task.name}: {count} predictions in {seconds:.1f}s '
         f'({count / max(seconds, 1e-9):.1f} examples/s, compilation included) -> {path}')

@@ -205,8 +205,9 @@ class Transformer(nn.Module):
     """{window: `masks.CacheMask`} of a decoding step at `positions` [B, K] over `cache`
     (each window's slots are those of its layers' caches)."""
     cfg = self.config
+    # An augment runs (and caches) only up to its deepest connected layer.
     slots = {cfg.layer_window(i): cache[f'layer_{i}']['keys'].shape[1]
-             for i in range(cfg.num_layers)}
+             for i in range(cfg.num_layers) if f'layer_{i}' in cache}
     return {w: masks.cache_mask(positions, n, w, self.decode_block_size)
             for w, n in slots.items()}
 

@@ -61,10 +61,15 @@ import sys
 import time
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 
+from calm_jax import calm as calm_lib
+from calm_jax import decoding
 from calm_jax import flops as flops_lib
 from calm_jax import optim, partitioning, presets
+from calm_jax.calm import Calm
+from calm_jax.trainable import count_params
 from calm_jax.configs import BridgeConfig, CalmConfig, TransformerConfig
 from calm_jax.train_step import lower_composition_step
 from calm_jax.transformer import REMAT_CHOICES
@@ -291,17 +296,26 @@ def compile_run(args: argparse.Namespace) -> dict[str, Any]:
       'activation_constraints': args.constrain_activations, 'remat': args.remat,
       'attention_block_size': args.attention_block_size,
       'loss_chunk_size': args.loss_chunk_size,
+      'program': args.program,
       'dtype': args.dtype, 'optimizer': args.optimizer, 'batch': batch, 'length': args.length,
       'connections': [list(c) for c in config.connections(AUGMENT_NAME)],
       'versions': {name: importlib.metadata.version(name) for name in ('jax', 'jaxlib', 'libtpu')},
   }
   start = time.perf_counter()
-  lowered, counts = lower_train_step(config, mesh, rules, args.optimizer, batch, args.length,
-                                     args.constrain_activations, args.remat,
-                                     args.attention_block_size, args.loss_chunk_size)
+  if args.program == 'decode':
+    # Every slot read through a materialised mask: the step at a full cache of `length`
+    # slots, with no loop whose trip count XLA's cost analysis would not know.
+    lowered = decoding.lower_decode_step(Calm(config, decode_block_size=None), mesh, rules,
+                                         batch, args.length)
+    counts = {'all': count_params(nn.unbox(calm_lib.abstract_params(config)))}
+    model_flops = batch * flops_lib.decode_step_flops(config, args.length, every_slot=True)
+  else:
+    lowered, counts = lower_train_step(config, mesh, rules, args.optimizer, batch, args.length,
+                                       args.constrain_activations, args.remat,
+                                       args.attention_block_size, args.loss_chunk_size)
+    model_flops = flops_lib.composition_step_flops(config, batch, args.length)
   lower_seconds = time.perf_counter() - start
   report['params'] = counts
-  model_flops = flops_lib.composition_step_flops(config, batch, args.length)
   report['model_flops'] = model_flops
   report['peak_flops_per_chip'] = chip.peak_flops
   start = time.perf_counter()
@@ -330,6 +344,8 @@ def compile_run(args: argparse.Namespace) -> dict[str, Any]:
       round(costs['flops'] * chips / model_flops, 4) if costs.get('flops') else None)
   report['mfu'] = (round(model_flops / (seconds * chips * chip.peak_flops), 4)
                    if seconds else None)
+  if args.program == 'decode':
+    report['tokens_per_second'] = round(batch / seconds, 2) if seconds else None
   return report
 
 
@@ -349,7 +365,8 @@ def summary(report: dict[str, Any]) -> str:
            f'{", remat " + report["remat"] if report.get("remat", "none") != "none" else ""}'
            f'{_blocks_text(report)}, '
            f'{report["dtype"]}, {report["optimizer"]}, '
-           f'batch {report["batch"]} x {report["length"]}']
+           f'batch {report["batch"]} x {report["length"]}'
+           f'{", one decoding step" if report.get("program") == "decode" else ""}']
   memory = report['memory_per_chip']
   if 'compile_error' in report:
     lines.append(f'compile FAILED after {report["timing_seconds"]["compile"]} s: '
@@ -373,6 +390,8 @@ def summary(report: dict[str, Any]) -> str:
   mfu_text = 'n/a' if mfu is None else f'{100 * mfu:.1f}%'
   lines.append(f'step time: {seconds_text} [{report["step_seconds_source"]}]')
   lines.append(f'model FLOPs {report["model_flops"]:.4g}; MFU at that time {mfu_text}')
+  if report.get('tokens_per_second'):
+    lines.append(f'{report["tokens_per_second"]:.1f} tokens/s ({report["batch"]} rows per step)')
   lines.append(f'lower {report["timing_seconds"]["lower"]} s, compile '
                f'{report["timing_seconds"]["compile"]} s')
   return '\n'.join(lines)
@@ -381,7 +400,7 @@ def summary(report: dict[str, Any]) -> str:
 def _run_key(report: dict[str, Any]) -> tuple:
   return tuple(json.dumps(report.get(k), sort_keys=True) for k in (
       'anchor', 'augment', 'topology', 'num_slices', 'mesh', 'rules', 'activation_constraints',
-      'remat', 'attention_block_size', 'loss_chunk_size', 'dtype', 'optimizer', 'batch', 'length'))
+      'remat', 'attention_block_size', 'loss_chunk_size', 'program', 'dtype', 'optimizer', 'batch', 'length'))
 
 
 def add_to_results(path: str, report: dict[str, Any]) -> None:
@@ -427,6 +446,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--loss-chunk-size', type=int, default=None,
                       help='the loss\'s logits this many positions at a time, recomputed in '
                            'the backward pass (default: all [B, T, V] logits at once)')
+  parser.add_argument('--program', default='train', choices=('train', 'decode'),
+                      help='train: the composition step; decode: one cached decoding step of '
+                           'the composition, one token per row, at a full cache of --length '
+                           'slots')
   parser.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float32'),
                       help='parameter and compute dtype of every model')
   parser.add_argument('--optimizer', default='adamw', choices=optim.OPTIMIZERS)

@@ -83,3 +83,22 @@ def test_unknown_topology_is_a_usage_error(repo_root):
   proc = run_cli(repo_root, '--size=tiny', '--topology=v5e:2x2x2')
   assert proc.returncode == 2
   assert 'v5e topology has 2 positive dimensions' in proc.stderr
+
+
+def test_tiny_decoding_step_compiles_for_topology(repo_root, tmp_path):
+  # One cached decoding step of the composition on v5e:2x2 (data 2 x model 2): the cache is
+  # donated and kept in its sharding, the FLOPs are the analytic step's at a full cache.
+  output = tmp_path / 'decode.json'
+  proc = run_cli(repo_root, '--size=tiny', '--topology=v5e:2x2', '--mesh-model=2',
+                 '--program=decode', '--batch=4', f'--length={LENGTH}', f'--output={output}')
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  report = json.loads(output.read_text())
+  assert report['program'] == 'decode'
+  assert report['mesh'] == {'replica': 1, 'data': 2, 'model': 2}
+  memory = report['memory_per_chip']
+  assert memory['alias_bytes'] > 0 and memory['fits'] is True  # The donated cache.
+  assert report['model_flops'] == 4 * flops.decode_step_flops(tiny_config(), LENGTH,
+                                                              every_slot=True)
+  assert report['step_seconds'] > 0
+  assert report['tokens_per_second'] == round(4 / report['step_seconds'], 2)
+  assert 'tokens/s' in proc.stdout and 'one decoding step' in proc.stdout

@@ -1,6 +1,7 @@
 """calm-infer, calm-export and calm-eval on a real (tiny) composition run."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -119,3 +120,56 @@ def test_calm_infer_command_line(run, tmp_path, repo_root):
       capture_output=True, text=True, timeout=600, cwd=repo_root, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   assert len(_predictions(tmp_path / f'{TASK}-000003.jsonl')) == 3
+
+
+@pytest.mark.slow
+def test_calm_infer_on_a_mesh_matches_one_device(run, tmp_path, repo_root):
+  # The mesh gin file on 8 emulated devices (data 4 x model 2): the same beam-search JSONL as
+  # one device.
+  infer_lib.infer(checkpoint=str(run), mixture_or_task_name=TASK, task_feature_lengths=LENGTHS,
+                  output_dir=str(tmp_path / 'one'), batch_size=4, num_examples=EXAMPLES,
+                  num_beams=2, log=lambda _: None)
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+  common = ['--gin_file=tasks/kv_arithmetic.gin', '--gin_file=meshes/default.gin',
+            '--gin.MESH_MODEL=2', f'--gin.CHECKPOINT="{run}"', f'--gin.MIXTURE_OR_TASK_NAME="{TASK}"',
+            f'--gin.TASK_FEATURE_LENGTHS={LENGTHS}', '--gin.BATCH_SIZE=4']
+  result = subprocess.run(
+      [sys.executable, '-m', 'calm_jax.cli.infer', '--gin_file=runs/infer.gin', *common,
+       f'--gin.INFER_OUTPUT_DIR="{tmp_path / "mesh"}"', f'--gin.infer.num_examples={EXAMPLES}',
+       '--gin.infer.num_beams=2'],
+      capture_output=True, text=True, timeout=600, cwd=repo_root, check=False, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "decoding on mesh {'replica': 1, 'data': 4, 'model': 2}" in result.stderr
+  assert (_predictions(tmp_path / 'mesh' / f'{TASK}-000003.jsonl')
+          == _predictions(tmp_path / 'one' / f'{TASK}-000003.jsonl'))
+  # A batch the mesh does not divide is refused with the reason.
+  bad = subprocess.run(
+      [sys.executable, '-m', 'calm_jax.cli.infer', '--gin_file=runs/infer.gin', *common,
+       f'--gin.INFER_OUTPUT_DIR="{tmp_path / "bad"}"', '--gin.BATCH_SIZE=6'],
+      capture_output=True, text=True, timeout=600, cwd=repo_root, check=False, env=env)
+  assert bad.returncode != 0 and 'does not divide' in bad.stderr
+
+
+@pytest.mark.slow
+def test_two_process_calm_infer_writes_the_single_process_jsonl(run, tmp_path, repo_root):
+  # Two processes (jax.distributed over 127.0.0.1, 4 emulated devices each, mesh data 4 x
+  # model 2 across them): each feeds its devices' rows, process 0 writes the one file.
+  from test_multiprocess import _env, _free_port, _run_together  # pylint: disable=g-import-not-at-top
+  infer_lib.infer(checkpoint=str(run), mixture_or_task_name=TASK, task_feature_lengths=LENGTHS,
+                  output_dir=str(tmp_path / 'one'), batch_size=4, num_examples=EXAMPLES,
+                  log=lambda _: None)
+  port = _free_port()
+  commands = [[sys.executable, '-m', 'calm_jax.cli.infer', f'--coordinator_address=127.0.0.1:{port}',
+               '--num_processes=2', f'--process_id={i}', '--gin_file=runs/infer.gin',
+               '--gin_file=tasks/kv_arithmetic.gin', '--gin_file=meshes/default.gin',
+               '--gin.MESH_MODEL=2', f'--gin.CHECKPOINT="{run}"',
+               f'--gin.MIXTURE_OR_TASK_NAME="{TASK}"', f'--gin.TASK_FEATURE_LENGTHS={LENGTHS}',
+               f'--gin.INFER_OUTPUT_DIR="{tmp_path / "two"}"', '--gin.BATCH_SIZE=4',
+               f'--gin.infer.num_examples={EXAMPLES}'] for i in range(2)]
+  errors = _run_together(commands, env=_env(repo_root, 4), cwd=repo_root)
+  assert "decoding on mesh {'replica': 1, 'data': 4, 'model': 2}" in errors[0]
+  assert 'decoding on mesh' not in errors[1]  # Only process 0 logs.
+  assert (_predictions(tmp_path / 'two' / f'{TASK}-000003.jsonl')
+          == _predictions(tmp_path / 'one' / f'{TASK}-000003.jsonl'))
+  assert sorted(p.name for p in (tmp_path / 'two').iterdir()) == [f'{TASK}-000003.jsonl']
