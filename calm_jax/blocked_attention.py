@@ -61,6 +61,20 @@ def _logits(q5, k_block, mask, real, softcap):
   return jnp.where(real[:, None, None, None, :], s, -jnp.inf), tanh
 
 
+def _online_softmax_step(m: Array, l: Array, acc: Array, s: Array,
+                         v_block: Array) -> tuple[Array, Array, Array]:
+  """One block of the online softmax: running maximum m and normaliser l [B, K, G, T] and
+  output acc [B, K, G, T, H] (float32) updated with the block's logits s [B, K, G, T, C] and
+  values [B, C, K, H]. Keys that are not keys (-inf) add nothing."""
+  m_new = jnp.maximum(m, s.max(-1))
+  p = jnp.exp(s - m_new[..., None])
+  scale = jnp.exp(m - m_new)
+  l = l * scale + p.sum(-1)
+  acc = acc * scale[..., None] + jnp.einsum('BKGTC,BCKH->BKGTH', p.astype(v_block.dtype),
+                                             v_block).astype(jnp.float32)
+  return m_new, l, acc
+
+
 def _prepare(q, k, v, q_keys, kv_keys, q_segments, kv_segments, kv_mask, block):
   b, t, n, h = q.shape
   heads = k.shape[2]
@@ -86,13 +100,7 @@ def _forward(q, k, v, q_keys, kv_keys, q_segments, kv_segments, kv_mask, window,
     k_j, v_j, keys_j, segments_j, mask_j, real_j = x
     mask = _block_mask(q_keys, keys_j, q_segments, segments_j, mask_j, window)
     s, _ = _logits(q5, k_j, mask, real_j, softcap)
-    m_new = jnp.maximum(m, s.max(-1))
-    p = jnp.exp(s - m_new[..., None])
-    scale = jnp.exp(m - m_new)
-    l = l * scale + p.sum(-1)
-    acc = acc * scale[..., None] + jnp.einsum('BKGTC,BCKH->BKGTH', p.astype(v.dtype),
-                                               v_j).astype(jnp.float32)
-    return (m_new, l, acc), None
+    return _online_softmax_step(m, l, acc, s, v_j), None
 
   init = (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
           jnp.zeros(shape + (h,), jnp.float32))
@@ -222,14 +230,7 @@ def cached_attention(q: Array, k: Array, v: Array, mask, softcap: float | None =
     v_j = jnp.where(real[None, :, None, None], v_j, 0)  # Slots not in use are never read.
     visible = mask.visible(index)
     s, _ = _logits(q5, k_j, visible, jnp.broadcast_to(real, (b, block)), softcap)
-    # A block with no slot of this query's (all -inf or masked) leaves its state unchanged.
-    m_new = jnp.maximum(m, s.max(-1))
-    p = jnp.exp(s - m_new[..., None])
-    scale = jnp.exp(m - m_new)
-    l = l * scale + p.sum(-1)
-    acc = acc * scale[..., None] + jnp.einsum('BKGTC,BCKH->BKGTH', p.astype(v.dtype),
-                                               v_j).astype(jnp.float32)
-    return m_new, l, acc
+    return _online_softmax_step(m, l, acc, s, v_j)
 
   init = (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
           jnp.zeros(shape + (h,), jnp.float32))
