@@ -106,7 +106,8 @@ def attend(q: Array, k: Array, v: Array, mask: Any, softcap: float | None = None
   cache's written slots in blocks when it has a block size (same result, cost following the
   current length), else all slots."""
   if isinstance(mask, masks.CacheMask):
-    if mask.block_size:
+    # A cache of one block or less is one block either way: read whole, without a loop.
+    if mask.block_size and mask.slots > mask.block_size:
       return cached_attention(q, k, v, mask, softcap)
     return dot_product_attention(q, k, v, mask.materialize(), softcap)
   if isinstance(mask, masks.KeyedMask):

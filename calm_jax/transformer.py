@@ -126,7 +126,8 @@ class Transformer(nn.Module):
       or None: over a materialised [B, T, T] mask. Decoding steps are unchanged.
     decode_block_size: decoding steps attend their caches in blocks of this many slots, only
       as far as the slots written so far (`blocked_attention.cached_attention`: a step costs
-      the current length, not the cache's), or None: every slot through a materialised mask.
+      the current length, not the cache's; a cache of one block or less is read whole), or
+      None: every slot through a materialised mask.
   """
 
   config: TransformerConfig
