@@ -66,11 +66,6 @@ def ring_cache(keys: Array, values: Array, last: Array, slots: int) -> dict[str,
   return {'keys': take(keys), 'values': take(values)}
 
 
-def pad_caches(layers: dict[str, dict[str, Array]], cache_length: int) -> dict[str, Any]:
-  """`pad_cache` of every layer's prefill keys/values {name: {'keys', 'values'}}."""
-  return {name: pad_cache(kv['keys'], kv['values'], cache_length) for name, kv in layers.items()}
-
-
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,
                           softcap: float | None = None) -> Array:
   """Grouped-query attention of scaled queries; softmax in (at least) float32.

@@ -339,15 +339,14 @@ def lower_decode_step(model: nn.Module, mesh: jax.sharding.Mesh, rules: Any, bat
   `mesh` from shapes alone, parameters and cache in their shardings (`shard_params`,
   `cache_shardings`): what `launch/aot_compile.py --program=decode` compiles for a TPU."""
   abstract = abstract_params_of(model)
-  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        nn.unbox(abstract), partitioning.param_shardings(abstract, mesh, rules))
+  params = partitioning.with_shardings(nn.unbox(abstract),
+                                      partitioning.param_shardings(abstract, mesh, rules))
   prompts = jax.ShapeDtypeStruct((batch, prompt_length), jnp.int32)
   cache = jax.eval_shape(lambda p, t: model.apply(
       {'params': p}, t, jnp.ones(t.shape, jnp.int32), cache_length=cache_length,
       method=type(model).prefill).cache, params, prompts)
   shardings = cache_shardings(cache, mesh, rules)
-  cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                       cache, shardings)
+  cache = partitioning.with_shardings(cache, shardings)
   column = jax.ShapeDtypeStruct((batch, 1), jnp.int32,
                                 sharding=partitioning.batch_sharding(mesh, rules))
 

@@ -193,16 +193,14 @@ def evaluate(*, checkpoint: str, mixture_or_task_name: str,
       mixture_or_task_name, task_feature_lengths, split, num_examples,
       epath.Path(eval_dir or epath.Path(checkpoint) / 'eval'))
   own = tuple(getattr(getattr(model, 'config', None), 'own_tokenizer', ()))
+  device_mesh, rules = None, None
+  if mesh is not None:  # Refuses own-tokenizer compositions, saying why.
+    device_mesh, rules = decoding.decoding_mesh(mesh, batch_size, own)
+    params = decoding.shard_params(model, params, device_mesh, rules)
   if own:
-    if mesh is not None:
-      decoding.decoding_mesh(mesh, batch_size, own)  # Says why not.
     predict_fn = make_aligned_predict_fn(evaluator, loaded, own[0], batch_size,
                                          task_feature_lengths['targets'])
   else:
-    device_mesh, rules = None, None
-    if mesh is not None:
-      device_mesh, rules = decoding.decoding_mesh(mesh, batch_size)
-      params = decoding.shard_params(model, params, device_mesh, rules)
     predict_fn = make_predict_fn(model, params, batch_size, task_feature_lengths['targets'],
                                  eos_id, mesh=device_mesh, rules=rules)
   metrics, _ = evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict_fn)

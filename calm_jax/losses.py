@@ -42,17 +42,25 @@ def cross_entropy_loss(logits: Array, targets: Array, weights: Array,
     weights: [B, T] loss weights (0 on inputs/prompt and padding).
     z_loss: coefficient of the z-loss (PaLM's 1e-4 keeps logits from drifting); 0 disables it.
   """
+  return _loss_output(_weighted_sums(logits, targets, weights), weights, z_loss)
+
+
+def _weighted_sums(logits: Array, targets: Array, weights: Array) -> Array:
+  """[3]: the weighted sums over tokens of cross-entropy, logsumexp(logits)^2 and argmax
+  correctness (logits [..., V] in at least float32)."""
   logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
   weights = weights.astype(logits.dtype)
   log_z = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  token_ce = log_z - target_logit
-  weight_sum = jnp.sum(weights)
-  denominator = jnp.maximum(weight_sum, 1.0)
-  ce = jnp.sum(token_ce * weights) / denominator
-  z = jnp.sum(jnp.square(log_z) * weights) / denominator
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  accuracy = jnp.sum(correct * weights) / denominator
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(logits.dtype)
+  return jnp.stack([jnp.sum((log_z - target_logit) * weights),
+                    jnp.sum(jnp.square(log_z) * weights), jnp.sum(correct * weights)])
+
+
+def _loss_output(sums: Array, weights: Array, z_loss: float) -> LossOutput:
+  """The `LossOutput` of `_weighted_sums` over all tokens, normalised by the weights' sum."""
+  weight_sum = jnp.sum(weights.astype(sums.dtype))
+  ce, z, accuracy = sums / jnp.maximum(weight_sum, 1.0)
   return LossOutput(ce + z_loss * z, ce, z, accuracy, weight_sum)
 
 
@@ -95,23 +103,14 @@ def chunked_cross_entropy_loss(head: ChunkedHead, targets: Array, weights: Array
 
   @jax.checkpoint
   def sums(x, y, w):
-    logits = head.project(x)
-    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    w = w.astype(logits.dtype)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, y[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    correct = (jnp.argmax(logits, axis=-1) == y).astype(logits.dtype)
-    return jnp.stack([jnp.sum((log_z - target_logit) * w), jnp.sum(jnp.square(log_z) * w),
-                      jnp.sum(correct * w)])
+    return _weighted_sums(head.project(x), y, w)
 
   def step(total, xs):
     return total + sums(*xs), None
 
   xs = (chunks(head.hidden), chunks(targets), chunks(weights.astype(jnp.float32)))
   total, _ = jax.lax.scan(step, jnp.zeros(3, jnp.float32), xs)
-  weight_sum = jnp.sum(weights.astype(jnp.float32))
-  ce, z, accuracy = total / jnp.maximum(weight_sum, 1.0)
-  return LossOutput(ce + z_loss * z, ce, z, accuracy, weight_sum)
+  return _loss_output(total, weights, z_loss)
 
 
 def loss_of(output: Array | ChunkedHead, targets: Array, weights: Array,

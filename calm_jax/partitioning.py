@@ -163,6 +163,13 @@ def param_shardings(abstract: Any, mesh: Mesh, rules: Rules) -> Any:
   return jax.tree.map(sharding, abstract, is_leaf=_is_boxed)
 
 
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `abstract` (arrays or structs, unboxed) carrying `shardings`: the
+  arguments of a program lowered from shapes alone."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract, shardings)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   """Fully replicated sharding on `mesh`."""
   return NamedSharding(mesh, PartitionSpec())

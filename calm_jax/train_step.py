@@ -192,17 +192,12 @@ def make_sharded_train_step(model: nn.Module, optimizer: optax.GradientTransform
   comparison only). `loss_chunk_size`: the loss's logits `apply_fn_for` chunks, or None.
   """
   return make_train_step(
-      apply_fn_for(model, loss_chunk_size), optimizer, z_loss, mesh=mesh if constrain_activations else None,
+      apply_fn_for(model, loss_chunk_size), optimizer, z_loss,
+      mesh=mesh if constrain_activations else None,
       rules=rules if constrain_activations else None,
       in_shardings=(train_state_shardings, frozen_shardings,
                     partitioning.batch_sharding(mesh, rules)),
       out_shardings=(train_state_shardings, partitioning.replicated(mesh)))
-
-
-def _with_shardings(abstract: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs of `abstract` (arrays or structs) carrying `shardings`."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      abstract, shardings)
 
 
 def lower_composition_step(config: CalmConfig, mesh: jax.sharding.Mesh,
@@ -239,11 +234,11 @@ def lower_composition_step(config: CalmConfig, mesh: jax.sharding.Mesh,
   abstract = nn.unbox(calm_lib.abstract_params(config))
   shardings = partitioning.param_shardings(calm_lib.abstract_params(config), mesh, rules)
   frozen_shardings = {k: shardings[k] for k in ('anchor', 'augments')}
-  frozen = _with_shardings({k: abstract[k] for k in frozen_shardings}, frozen_shardings)
+  frozen = partitioning.with_shardings({k: abstract[k] for k in frozen_shardings}, frozen_shardings)
   trained_shardings = {'bridge': shardings['bridge']}
-  trained = _with_shardings({'bridge': abstract['bridge']}, trained_shardings)
+  trained = partitioning.with_shardings({'bridge': abstract['bridge']}, trained_shardings)
   train_state_shardings = state_shardings(optimizer, trained, trained_shardings, mesh)
-  state = _with_shardings(
+  state = partitioning.with_shardings(
       TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trained,
                  opt_state=jax.eval_shape(optimizer.init, trained)), train_state_shardings)
   batch_sharding = partitioning.batch_sharding(mesh, rules)
