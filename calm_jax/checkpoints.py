@@ -209,16 +209,20 @@ def lm_fingerprint(path: str | epath.Path) -> str:
 
 
 def load_lm(path: str | epath.Path, *, config: TransformerConfig | None = None,
-            shardings: Any = None, verify: bool = True) -> tuple[TransformerConfig, Any]:
+            shardings: Any = None, verify: bool = True, select: Any = None
+            ) -> tuple[TransformerConfig, Any]:
   """Restores an LM checkpoint straight into device arrays, after verifying its files.
 
   Args:
     path: the LM checkpoint directory (local or `gs://`).
     config: if given, the architecture the caller expects; a different stored config is an error.
     shardings: a `jax.sharding.Sharding` for every leaf, a tree of them matching the
-      parameters, or a function of the stored config returning either; default: the first
-      local device.
+      parameters (or `select`), or a function of the stored config returning either; default:
+      the first local device.
     verify: check every file's size and SHA-256 first (reads the checkpoint once more).
+    select: restore only these parameters: an (unboxed) tree of arrays or shape structs whose
+      paths are a subset of the model's, e.g. a frozen augment's layers up to its deepest
+      connection (`calm.abstract_params(...)['augments'][name]`); the rest is never read.
 
   Returns:
     (config, params) with params a plain (unboxed) tree of `jax.Array`s.
@@ -241,8 +245,46 @@ def load_lm(path: str | epath.Path, *, config: TransformerConfig | None = None,
   check_tree(stored_tree(params_path), flat_paths(abstract), str(path))
   if callable(shardings):
     shardings = shardings(stored)
-  target = restore_target(abstract, shardings)
-  return stored, ocp.StandardCheckpointer().restore(orbax_path(params_path), target)
+  if select is not None:
+    abstract = _selected(abstract, select, str(path))
+  return stored, restore_tree(params_path, restore_target(abstract, shardings))
+
+
+def _selected(abstract: Any, select: Any, where: str) -> Any:
+  """`abstract`'s leaves at the paths of `select` (its shapes checked against them)."""
+  full = flat_paths(abstract)
+  unknown = sorted(set(flat_paths(select)) - set(full))
+  if unknown:
+    raise CheckpointError(f'{where}: the model reads parameters the checkpoint\'s '
+                          f'architecture lacks: {unknown[:5]}.')
+  return jax.tree_util.tree_map_with_path(
+      lambda k, leaf: _same_shape(full[jax.tree_util.keystr(k)], leaf, k, where), select)
+
+
+def _same_shape(stored: Any, wanted: Any, key: Any, where: str) -> Any:
+  if tuple(stored.shape) != tuple(wanted.shape):
+    raise CheckpointError(f'{where}: parameter {jax.tree_util.keystr(key)} has shape '
+                          f'{tuple(stored.shape)}, the model reads {tuple(wanted.shape)}.')
+  return stored
+
+
+def restore_tree(directory: str | epath.Path, target: Any) -> Any:
+  """Restores the leaves of `target` (shape structs with shardings, `restore_target`) from
+  the orbax checkpoint in `directory`: each array straight into its sharding, each process
+  reading its own shards; stored entries `target` does not name are not read."""
+  restore_args = jax.tree.map(
+      lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+      target)
+  return ocp.PyTreeCheckpointer().restore(
+      orbax_path(directory),
+      args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
+
+
+def by_path(tree: Any, values: Any) -> Any:
+  """The tree of `tree`'s structure holding, at each leaf, the leaf of `values` at the same
+  key path (`values` may hold more: e.g. a composition's shardings for its trained part)."""
+  flat = flat_paths(values)
+  return jax.tree_util.tree_map_with_path(lambda k, _: flat[jax.tree_util.keystr(k)], tree)
 
 
 def restore_target(abstract: Any, shardings: Any = None) -> Any:
@@ -383,27 +425,35 @@ class RunCheckpointer:
     return None
 
   def restore_params(self, step: int | None = None, sharding: Any = None) -> Any:
-    """The trained parameters of checkpoint `step` (default latest), without the optimizer.
+    """The trained parameters of checkpoint `step` (default latest); the optimizer state is
+    never read.
 
     Works on any topology: a checkpoint a pod slice wrote restores on one host. Every array
-    lands in `sharding` (default: this process's first local device).
+    lands straight in its sharding: `sharding` is one `jax.sharding.Sharding` for every leaf,
+    or a tree of them holding the parameters' key paths (it may hold more, e.g. the shardings
+    of a whole composition, `by_path`); default: this process's first local device.
 
     Raises:
-      CorruptCheckpointError: the checkpoint's files differ from its manifest, or it holds
-        non-finite values.
+      CorruptCheckpointError: the checkpoint's files differ from its manifest, or its
+        parameters hold non-finite values.
     """
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f'No checkpoint in {self._manager.directory}.')
     self.verify(step)
-    metadata = stored_tree(self.step_dir(step) / 'state')
+    metadata = stored_tree(self.step_dir(step) / 'state')['params']
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata,
                             is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
-    target = restore_target(abstract, sharding)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-    check_finite(restored['state'], f'Checkpoint {self.step_dir(step)}')
-    return restored['state']['params']
+    if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
+      try:
+        sharding = by_path(abstract, sharding)
+      except KeyError as e:
+        raise CheckpointError(f'Checkpoint {self.step_dir(step)} holds parameter {e} that '
+                              f'the model does not have.') from e
+    target = {'params': restore_target(abstract, sharding)}
+    params = restore_tree(self.step_dir(step) / 'state', target)['params']
+    check_finite(params, f'Checkpoint {self.step_dir(step)}')
+    return params
 
   def close(self) -> None:
     """Waits for pending saves, seals them and releases resources."""

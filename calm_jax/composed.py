@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from calm_jax import calm as calm_lib
-from calm_jax import decoding
+from calm_jax import decoding, partitioning
 from calm_jax import transformer as transformer_lib
 from calm_jax import checkpoints, integrity
 from calm_jax.checkpoints import CheckpointError
@@ -116,7 +116,9 @@ def save_composed(path: str | epath.Path, config: CalmConfig, params: Any, *,
   Args:
     path: target directory; must not hold a composed checkpoint already.
     config: the composition.
-    params: the whole tree {'anchor', 'augments', 'bridge'} (boxed or not).
+    params: the whole tree {'anchor', 'augments', 'bridge'} (boxed or not) of numpy or jax
+      arrays; sharded arrays are written by every process, each its own shards (all
+      processes call this; process 0 writes the config and the vocabulary).
     vocabulary: the seqio vocabulary shared by the models, or None.
     metadata: JSON-serialisable provenance (source run, step, ...).
     augment_vocabularies: {augment: its own vocabulary} for each augment of
@@ -127,6 +129,9 @@ def save_composed(path: str | epath.Path, config: CalmConfig, params: Any, *,
   if set(augment_vocabularies) != set(config.own_tokenizer):
     raise ValueError(f'own-tokenizer augments {list(config.own_tokenizer)} need their '
                      f'vocabularies; got vocabularies of {sorted(augment_vocabularies)}.')
+  if augment_vocabularies and vocabulary is None:
+    raise ValueError('a composition with an own-tokenizer augment needs the anchor '
+                     'vocabulary too (decoding turns its tokens into text).')
   if (path / CONFIG_FILE).exists() or (path / PARAMS_DIR).exists():
     raise CheckpointError(f'{path} already holds a composed checkpoint; choose a new directory.')
   params = nn.unbox(params)
@@ -135,13 +140,21 @@ def save_composed(path: str | epath.Path, config: CalmConfig, params: Any, *,
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(checkpoints.orbax_path(path / PARAMS_DIR), params)
   checkpointer.wait_until_finished()
+  if jax.process_index() == 0:  # Every process wrote its shards; one writes the rest.
+    _write_document(path, config, vocabulary, metadata, augment_vocabularies)
+  if jax.process_count() > 1:  # Nobody reads it back before it is complete.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f'calm_jax: composed checkpoint {path} written')
+
+
+def _write_document(path: epath.Path, config: CalmConfig, vocabulary: Any,
+                    metadata: Mapping[str, Any] | None,
+                    augment_vocabularies: Mapping[str, Any]) -> None:
+  """Writes the vocabulary files and, last, `calm.json` with its files' manifest."""
   document = {'format': FORMAT, 'config': config.to_dict(),
               'vocabulary': vocabulary_reference(vocabulary, path),
               'metadata': dict(metadata or {})}
   if augment_vocabularies:
-    if vocabulary is None:
-      raise ValueError('a composition with an own-tokenizer augment needs the anchor '
-                       'vocabulary too (decoding turns its tokens into text).')
     document['augment_vocabularies'] = {
         name: vocabulary_reference(v, path, stem=f'augment_{name}_')
         for name, v in sorted(augment_vocabularies.items())}
@@ -319,7 +332,10 @@ def load_composed(path: str | epath.Path, *, shardings: Any = None,
   Args:
     path: the directory written by `save_composed` / `calm-export` (local or `gs://`).
     shardings: a `jax.sharding.Sharding` for every leaf or a matching tree; default: the first
-      local device. Parameters are restored straight into them.
+      local device. Or a function of the `CalmConfig` returning the shardings of the
+      composition's parameters (the tree of `calm.abstract_params`): then only what the
+      composition reads is restored. Parameters are restored straight into their shardings,
+      each process reading its own shards.
     verify: check every file's size and SHA-256 first (`calm_jax.integrity`).
 
   Raises:
@@ -336,8 +352,10 @@ def load_composed(path: str | epath.Path, *, shardings: Any = None,
   stored = _check_params(config, metadata, str(path))
   abstract = jax.tree_util.tree_map_with_path(
       lambda k, _: stored[jax.tree_util.keystr(k)], metadata)
-  target = checkpoints.restore_target(abstract, shardings)
-  params = ocp.StandardCheckpointer().restore(checkpoints.orbax_path(params_path), target)
+  if callable(shardings):
+    shardings = nn.unbox(shardings(config))
+    abstract = checkpoints.by_path(shardings, abstract)
+  params = checkpoints.restore_tree(params_path, checkpoints.restore_target(abstract, shardings))
   return Composed(config, params, load_vocabulary(document.get('vocabulary'), path),
                   document.get('metadata', {}),
                   {name: load_vocabulary(reference, path)
@@ -352,9 +370,11 @@ def _until_eos(row: np.ndarray, vocabulary: Any) -> list[int]:
 
 
 def _serving_fn(config: CalmConfig, *, max_decode_len: int, eos_id: int,
-                sampling: decoding.Sampling, num_beams: int):
+                sampling: decoding.Sampling, num_beams: int,
+                mesh: jax.sharding.Mesh | None = None, rules: Any = None):
   generate = decoding.make_generate_fn(calm_lib.Calm(config), max_decode_len=max_decode_len,
-                                       eos_id=eos_id, sampling=sampling, num_beams=num_beams)
+                                       eos_id=eos_id, sampling=sampling, num_beams=num_beams,
+                                       mesh=mesh, rules=rules)
 
   def serve(params, input_tokens, prompt_mask, key_data):
     return generate(params, input_tokens, prompt_mask, jax.random.wrap_key_data(key_data))
@@ -365,7 +385,8 @@ def _serving_fn(config: CalmConfig, *, max_decode_len: int, eos_id: int,
 def export_serving(path: str | epath.Path, composed: Composed, *, prompt_length: int,
                    max_decode_len: int, eos_id: int, sampling: decoding.Sampling = decoding.Sampling(),
                    num_beams: int = 1, platforms: Sequence[str] | None = None,
-                   saved_model: bool = False) -> dict[str, Any]:
+                   saved_model: bool = False, mesh: jax.sharding.Mesh | None = None,
+                   rules: Any = None) -> dict[str, Any]:
   """Writes `path/serving/`: the generate function through `jax.export` (symbolic batch).
 
   Args:
@@ -375,42 +396,57 @@ def export_serving(path: str | epath.Path, composed: Composed, *, prompt_length:
     max_decode_len, eos_id, sampling, num_beams: fixed in the artifact (see `decoding`).
     platforms: lowering platforms, e.g. ('cpu', 'tpu'); default: this machine's.
     saved_model: also write a TF SavedModel through jax2tf (`serving/saved_model`).
+    mesh, rules: export the generate function of this device mesh (`decoding.make_generate_fn`):
+      the artifact then runs on as many devices, parameters in their shardings and the batch
+      (a multiple of the mesh's batch axes) split over them; None: one device.
 
   Returns:
     The signature written to `serving/signature.json`.
 
   Raises:
     ValueError: an augment with its own tokenizer (its decoding tokenizes text on the host,
-      which one exported program cannot hold).
+      which one exported program cannot hold), or a TF SavedModel asked of a mesh.
   """
   if composed.config.own_tokenizer:
     raise ValueError('a composition whose augment has its own tokenizer has no serving '
                      'artifact: its decoding re-tokenizes text on the host (use '
                      'load_composed(...).generate_text).')
+  if saved_model and mesh is not None:
+    raise ValueError('the TF SavedModel is written for one device: export it without a mesh.')
   serving = epath.Path(path) / SERVING_DIR
-  serving.mkdir(parents=True, exist_ok=True)
   serve = _serving_fn(composed.config, max_decode_len=max_decode_len, eos_id=eos_id,
-                      sampling=sampling, num_beams=num_beams)
+                      sampling=sampling, num_beams=num_beams, mesh=mesh, rules=rules)
   (batch,) = jax.export.symbolic_shape('b')
-  params_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), composed.params)
-  specs = (params_spec, jax.ShapeDtypeStruct((batch, prompt_length), jnp.int32),
-           jax.ShapeDtypeStruct((batch, prompt_length), jnp.int32),
+  rows = 1
+  if mesh is not None:
+    rows = partitioning.batch_rows(mesh, rules)
+  params_spec = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=x.sharding if mesh is not None else None),
+      composed.params)
+  specs = (params_spec, jax.ShapeDtypeStruct((rows * batch, prompt_length), jnp.int32),
+           jax.ShapeDtypeStruct((rows * batch, prompt_length), jnp.int32),
            jax.ShapeDtypeStruct((2,), jnp.uint32))
   kwargs = {} if platforms is None else {'platforms': tuple(platforms)}
   exported = jax.export.export(jax.jit(serve), **kwargs)(*specs)
-  (serving / SERVING_FILE).write_bytes(bytes(exported.serialize()))
+  rows_name = 'b' if rows == 1 else f'{rows}*b'
   signature = {
       'inputs': {'params': f'{CONFIG_FILE} / {PARAMS_DIR}/ tree',
-                 'input_tokens': ['b', prompt_length, 'int32'],
-                 'prompt_mask': ['b', prompt_length, 'int32'], 'key_data': [2, 'uint32']},
-      'output': ['b', max_decode_len, 'int32'], 'max_decode_len': max_decode_len,
+                 'input_tokens': [rows_name, prompt_length, 'int32'],
+                 'prompt_mask': [rows_name, prompt_length, 'int32'], 'key_data': [2, 'uint32']},
+      'output': [rows_name, max_decode_len, 'int32'], 'max_decode_len': max_decode_len,
       'eos_id': eos_id, 'sampling': dataclasses.asdict(sampling), 'num_beams': num_beams,
       'platforms': list(exported.platforms), 'saved_model': False,
+      'devices': exported.nr_devices,
+      'mesh': None if mesh is None else dict(mesh.shape),
   }
-  if saved_model:
-    _write_saved_model(serving / SAVED_MODEL_DIR, serve, composed.params, prompt_length)
-    signature['saved_model'] = True
-  (serving / SIGNATURE_FILE).write_text(json.dumps(signature, indent=2))
+  if jax.process_index() == 0:
+    serving.mkdir(parents=True, exist_ok=True)
+    (serving / SERVING_FILE).write_bytes(bytes(exported.serialize()))
+    if saved_model:
+      _write_saved_model(serving / SAVED_MODEL_DIR, serve, composed.params, prompt_length)
+      signature['saved_model'] = True
+    (serving / SIGNATURE_FILE).write_text(json.dumps(signature, indent=2))
   return signature
 
 

@@ -294,6 +294,23 @@ def decoding_mesh(mesh_config: Any, batch_size: int, own_tokenizer: Sequence[str
   return mesh, mesh_config.rules()
 
 
+def mesh_placement(mesh: jax.sharding.Mesh, rules: Any) -> Callable[[nn.Module], Any]:
+  """The shardings `mesh` and `rules` give a model's parameters, as a function of the model:
+  what `runs.load_checkpoint(shardings=...)` takes to restore a checkpoint straight into the
+  layout `make_generate_fn(mesh=mesh, rules=rules)` decodes with.
+
+  The function raises ValueError for a composition whose augment reads its own tokenization
+  (its decoding tokenizes on the host, row by row), before anything is read.
+  """
+  def placement(model: nn.Module) -> Any:
+    own = tuple(getattr(getattr(model, 'config', None), 'own_tokenizer', ()))
+    if own:
+      raise ValueError(f'decoding on a mesh is not available for augments with their own '
+                       f'tokenizer ({list(own)}): their decoding runs on the host.')
+    return partitioning.param_shardings(abstract_params_of(model), mesh, rules)
+  return placement
+
+
 def shard_params(model: nn.Module, params: Any, mesh: jax.sharding.Mesh, rules: Any) -> Any:
   """`params` placed in the shardings `mesh` and `rules` give `model`'s parameters (entries
   the model never reads are dropped)."""

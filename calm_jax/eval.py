@@ -186,17 +186,17 @@ def evaluate(*, checkpoint: str, mixture_or_task_name: str,
     num_examples: evaluate only the first n examples of each task.
     mesh: decode on this device mesh (as `calm_jax.infer.infer`), or None: one device.
   """
-  loaded = runs.load_checkpoint(checkpoint)
+  device_mesh, rules, placement = None, None, None
+  if mesh is not None:  # Refuses own-tokenizer compositions, saying why, before reading.
+    device_mesh, rules = decoding.decoding_mesh(mesh, batch_size)
+    placement = decoding.mesh_placement(device_mesh, rules)
+  loaded = runs.load_checkpoint(checkpoint, shardings=placement)
   model, params, description = loaded.model, loaded.params, loaded.description
   step = loaded.step if step is None else step
   evaluator, eos_id = make_evaluator(
       mixture_or_task_name, task_feature_lengths, split, num_examples,
       epath.Path(eval_dir or epath.Path(checkpoint) / 'eval'))
   own = tuple(getattr(getattr(model, 'config', None), 'own_tokenizer', ()))
-  device_mesh, rules = None, None
-  if mesh is not None:  # Refuses own-tokenizer compositions, saying why.
-    device_mesh, rules = decoding.decoding_mesh(mesh, batch_size, own)
-    params = decoding.shard_params(model, params, device_mesh, rules)
   if own:
     predict_fn = make_aligned_predict_fn(evaluator, loaded, own[0], batch_size,
                                          task_feature_lengths['targets'])

@@ -71,13 +71,15 @@ def infer(*, checkpoint: str, mixture_or_task_name: str, task_feature_lengths: M
   chief = jax.process_index() == 0
   if not chief:
     log = lambda _: None  # pylint: disable=unnecessary-lambda-assignment
-  loaded = runs.load_checkpoint(checkpoint)
+  device_mesh, rules, placement = None, None, None
+  if mesh is not None:  # Parameters are restored straight into their shardings.
+    device_mesh, rules = decoding.decoding_mesh(mesh, batch_size)
+    placement = decoding.mesh_placement(device_mesh, rules)
+  loaded = runs.load_checkpoint(checkpoint, shardings=placement)
   own = tuple(getattr(getattr(loaded.model, 'config', None), 'own_tokenizer', ()))
   sampling = decoding.Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
-  params, device_mesh, rules = loaded.params, None, None
-  if mesh is not None:
-    device_mesh, rules = decoding.decoding_mesh(mesh, batch_size, own)
-    params = decoding.shard_params(loaded.model, params, device_mesh, rules)
+  params = loaded.params
+  if device_mesh is not None:
     log(f'decoding on mesh {dict(device_mesh.shape)}')
   out_dir = epath.Path(output_dir)
   if chief:

@@ -196,6 +196,12 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(('batch', 'length'), rules))
 
 
+def batch_rows(mesh: Mesh, rules: Rules) -> int:
+  """How many ways the batch is split on `mesh` (the size of the batch rule's axes): a
+  global batch must be a multiple of it."""
+  return _axis_size(mesh, logical_to_spec(('batch',), rules)[0])
+
+
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh,
                  rules: Rules) -> dict[str, jax.Array]:
   """Assembles each process's share of the batch into global arrays (JAX's multi-process API).

@@ -17,8 +17,10 @@ import json
 from typing import Any, Mapping, NamedTuple
 
 from etils import epath
+import flax.linen as nn
 
 from calm_jax import alignment, checkpoints, composed, trainable, vocab
+from calm_jax import calm as calm_lib
 from calm_jax.calm import Calm
 from calm_jax.configs import BridgeConfig, CalmConfig
 from calm_jax.transformer import Transformer
@@ -53,19 +55,46 @@ def write_calm_run(model_dir: str | epath.Path, config: CalmConfig, anchor_check
   (epath.Path(model_dir) / CALM_RUN_FILE).write_text(json.dumps(document, indent=2))
 
 
-def read_calm_run(model_dir: str | epath.Path) -> tuple[CalmConfig, dict[str, Any]]:
-  """(CalmConfig, the frozen parameters) of a composition run directory."""
+def read_calm_run(model_dir: str | epath.Path, *, shardings: Any = None
+                  ) -> tuple[CalmConfig, dict[str, Any]]:
+  """(CalmConfig, the frozen parameters) of a composition run directory.
+
+  Args:
+    model_dir: the run's MODEL_DIR.
+    shardings: None: each frozen LM whole, on this process's first local device. Else a
+      function of the `Calm` returning the shardings of its parameters (unboxed, the tree of
+      `calm.abstract_params`): then only what the composition reads is restored (an augment's
+      head and its layers above the deepest connection are never read), each array straight
+      into its sharding.
+  """
+  config = calm_run_config(model_dir)
   document = json.loads((epath.Path(model_dir) / CALM_RUN_FILE).read_text())
-  anchor_config, anchor = checkpoints.load_lm(document['anchor_checkpoint'])
-  augments, augment_params = {}, {}
-  for name, path in document['augment_checkpoints'].items():
-    augments[name], augment_params[name] = checkpoints.load_lm(path)
-  config = CalmConfig(anchor=anchor_config, augments=augments,
-                      bridges={k: BridgeConfig.from_dict(v)
-                               for k, v in document['bridges'].items()},
-                      augment_as_encoder=document['augment_as_encoder'],
-                      own_tokenizer=tuple(document.get('own_tokenizer', ())))
-  return config, {'anchor': anchor, 'augments': augment_params}
+  if shardings is None:
+    anchor = checkpoints.load_lm(document['anchor_checkpoint'], config=config.anchor)[1]
+    augments = {name: checkpoints.load_lm(path, config=dict(config.augments)[name])[1]
+                for name, path in document['augment_checkpoints'].items()}
+    return config, {'anchor': anchor, 'augments': augments}
+  abstract = nn.unbox(calm_lib.abstract_params(config))
+  placed = shardings(Calm(config))
+  anchor = checkpoints.load_lm(document['anchor_checkpoint'], config=config.anchor,
+                               select=abstract['anchor'], shardings=placed['anchor'])[1]
+  augments = {name: checkpoints.load_lm(path, config=dict(config.augments)[name],
+                                        select=abstract['augments'][name],
+                                        shardings=placed['augments'][name])[1]
+              for name, path in document['augment_checkpoints'].items()}
+  return config, {'anchor': anchor, 'augments': augments}
+
+
+def calm_run_config(model_dir: str | epath.Path) -> CalmConfig:
+  """The `CalmConfig` of a composition run directory (only the LMs' configs are read)."""
+  document = json.loads((epath.Path(model_dir) / CALM_RUN_FILE).read_text())
+  return CalmConfig(
+      anchor=checkpoints.load_lm_config(document['anchor_checkpoint']),
+      augments={name: checkpoints.load_lm_config(path)
+                for name, path in document['augment_checkpoints'].items()},
+      bridges={k: BridgeConfig.from_dict(v) for k, v in document['bridges'].items()},
+      augment_as_encoder=document['augment_as_encoder'],
+      own_tokenizer=tuple(document.get('own_tokenizer', ())))
 
 
 class Loaded(NamedTuple):
@@ -91,39 +120,50 @@ class Loaded(NamedTuple):
   augment_vocabularies: Mapping[str, Any] = {}
 
 
-def load_checkpoint(checkpoint: str | epath.Path) -> Loaded:
+def load_checkpoint(checkpoint: str | epath.Path, *, shardings: Any = None) -> Loaded:
   """Loads an LM checkpoint, a composition run directory or a composed checkpoint.
 
   Every kind is verified against its manifest before it is restored, and refused if it holds
   a NaN or an infinity: nothing is evaluated or exported from a corrupt state.
 
+  Args:
+    checkpoint: the directory (local or `gs://`).
+    shardings: None: every parameter on this process's first local device. Else a function
+      of the model (`Transformer` or `Calm`) returning the shardings of its parameters
+      (unboxed, the tree of `decoding.abstract_params_of`; e.g. `decoding.mesh_placement`):
+      each parameter is restored straight into its sharding, each process reading only its
+      own shards, and only what the model reads is restored.
+
   Raises:
     checkpoints.CorruptCheckpointError: one line naming the checkpoint and the bad file.
     checkpoints.CheckpointError: missing or not a checkpoint.
   """
-  loaded = _load(epath.Path(checkpoint))
+  loaded = _load(epath.Path(checkpoint), shardings)
   checkpoints.check_finite(loaded.params, loaded.description)
   return loaded
 
 
-def _load(path: epath.Path) -> Loaded:
+def _load(path: epath.Path, shardings: Any) -> Loaded:
   if (path / CALM_RUN_FILE).exists():
-    config, frozen = read_calm_run(path)
+    config, frozen = read_calm_run(path, shardings=shardings)
     checkpointer = checkpoints.RunCheckpointer(path)
     step = checkpointer.latest_step()
-    bridges = checkpointer.restore_params()
+    bridges = checkpointer.restore_params(
+        sharding=None if shardings is None else shardings(Calm(config)))
     document = json.loads((path / CALM_RUN_FILE).read_text())
     return Loaded(Calm(config), trainable.merge_params(bridges, frozen),
                   f'composition {path} step {step}', int(step or 0),
                   _lm_vocabulary(document['anchor_checkpoint']),
                   read_augment_vocabularies(path, document.get('augment_vocabularies', {})))
   if composed.is_composed(path):
-    loaded = composed.load_composed(path)
+    loaded = composed.load_composed(
+        path, shardings=None if shardings is None else (lambda c: shardings(Calm(c))))
     step = int(loaded.metadata.get('step', 0))
     return Loaded(loaded.model, loaded.params, f'composed checkpoint {path}', step,
                   loaded.vocabulary, dict(loaded.augment_vocabularies))
   if (path / checkpoints.CONFIG_FILE).exists():
-    config, params = checkpoints.load_lm(path)
+    config, params = checkpoints.load_lm(
+        path, shardings=None if shardings is None else (lambda c: shardings(Transformer(c))))
     return Loaded(Transformer(config), params, f'LM {path}', 0, _lm_vocabulary(path))
   if not path.exists():
     raise checkpoints.CheckpointError(f'Checkpoint {path} does not exist.')

@@ -9,10 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from calm_jax import composed, data, decoding, runs
+from calm_jax import checkpoints, composed, data, decoding, partitioning, runs
 from calm_jax import eval as eval_lib
 from calm_jax import export as export_lib
 from calm_jax import infer as infer_lib
+from calm_jax.calm import Calm
 from calm_jax.checkpoints import CheckpointError
 from calm_jax.configs import BridgeConfig
 from calm_tasks import kv_arithmetic  # pylint: disable=unused-import
@@ -173,3 +174,79 @@ def test_two_process_calm_infer_writes_the_single_process_jsonl(run, tmp_path, r
   assert (_predictions(tmp_path / 'two' / f'{TASK}-000003.jsonl')
           == _predictions(tmp_path / 'one' / f'{TASK}-000003.jsonl'))
   assert sorted(p.name for p in (tmp_path / 'two').iterdir()) == [f'{TASK}-000003.jsonl']
+
+
+@pytest.fixture(scope='module')
+def one_device_export(run, tmp_path_factory):
+  """The run's composed checkpoint and serving artifact, exported on one device."""
+  out = tmp_path_factory.mktemp('exports') / 'one'
+  export_lib.export(checkpoint=str(run), output_dir=str(out), mixture_or_task_name=TASK,
+                    serving_prompt_length=LENGTHS['inputs'] + LENGTHS['targets'],
+                    max_decode_len=LENGTHS['targets'], log=lambda _: None)
+  return out
+
+
+@pytest.mark.slow
+def test_restore_and_export_on_a_mesh(run, one_device_export, tmp_path, repo_root):
+  # 8 emulated devices, data 4 x model 2 (tests/sharded_restore.py): the run, its anchor LM and
+  # the export restore straight into the decoder's shardings with the one-device values, and
+  # the mesh's serving artifact writes the one-device artifact's tokens.
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env.update(XLA_FLAGS='--xla_force_host_platform_device_count=8', PYTHONPATH=str(repo_root))
+  result = subprocess.run(
+      [sys.executable, str(repo_root / 'tests' / 'sharded_restore.py'), str(run),
+       str(one_device_export), str(tmp_path / 'mesh')],
+      capture_output=True, text=True, timeout=600, cwd=repo_root / 'tests', check=False, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout)
+  assert report['devices'] == 8
+  for kind in ('run', 'lm', 'export'):
+    row = report[kind]
+    assert row['elsewhere'] == 0 and row['in_place'] > 0, kind  # Every leaf where it decodes.
+    assert 0 < row['split'] < row['in_place'], kind  # Heads / MLP / vocab split, norms not.
+    assert row['equal'], kind
+  # Only what the composition reads is restored: the augment LM's final norm is not.
+  restored, whole = set(report['run']['paths']), set(report['run']['reference_paths'])
+  assert restored == set(report['run']['expected_paths']) and restored < whole
+  assert whole - restored == {"['augments']['augment']['final_norm']['scale']"}
+  signature = report['export']['signature']
+  assert signature['devices'] == 8 and signature['mesh'] == {'replica': 1, 'data': 4, 'model': 2}
+  assert signature['inputs']['input_tokens'][0] == '4*b'  # The batch splits over data.
+  assert report['serving']['mesh'] == report['serving']['one']
+  assert report['serving']['spec'][0] in ('data', ['replica', 'data'])
+
+
+@pytest.mark.slow
+def test_two_process_calm_export_writes_the_one_process_checkpoint(run, one_device_export,
+                                                                  tmp_path, repo_root):
+  # Two processes (4 emulated devices each, mesh data 4 x model 2 across them): each restores
+  # and writes its own shards, process 0 the config; the result equals the one-device export.
+  from test_multiprocess import _env, _free_port, _run_together  # pylint: disable=g-import-not-at-top
+  port = _free_port()
+  out = tmp_path / 'two'
+  commands = [[sys.executable, '-m', 'calm_jax.cli.export', f'--coordinator_address=127.0.0.1:{port}',
+               '--num_processes=2', f'--process_id={i}', '--gin_file=runs/export.gin',
+               '--gin_file=tasks/kv_arithmetic.gin', '--gin_file=meshes/default.gin',
+               '--gin.MESH_MODEL=2', f'--gin.CHECKPOINT="{run}"', f'--gin.EXPORT_DIR="{out}"',
+               f'--gin.MIXTURE_OR_TASK_NAME="{TASK}"'] for i in range(2)]
+  errors = _run_together(commands, env=_env(repo_root, 4), cwd=repo_root)
+  assert "exporting on mesh {'replica': 1, 'data': 4, 'model': 2}" in errors[0]
+  assert 'exporting on mesh' not in errors[1]  # Only process 0 logs.
+  two, one = composed.load_composed(out), composed.load_composed(one_device_export)
+  assert two.config == one.config and two.metadata == one.metadata
+  assert two.vocabulary.eos_id == one.vocabulary.eos_id
+  flat_two, flat_one = (checkpoints.flat_paths(x.params) for x in (two, one))
+  assert set(flat_two) <= set(flat_one)
+  for key, value in flat_two.items():
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(flat_one[key]), err_msg=key)
+
+
+def test_mesh_placement_refuses_an_own_tokenizer_composition(tmp_path):
+  # Refused when the shardings are asked for, i.e. before a checkpoint file is read.
+  from test_alignment import _config  # pylint: disable=g-import-not-at-top
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=1, model=1),
+                                devices=jax.devices()[:1])
+  placement = decoding.mesh_placement(mesh, partitioning.MeshConfig().rules())
+  assert placement(Calm(_config(40, 40, own=False)))  # Without its own tokenizer.
+  with pytest.raises(ValueError, match="own tokenizer \\(\\['aug'\\]\\)"):
+    placement(Calm(_config(40, 30)))
