@@ -34,6 +34,10 @@ slots at several positions, blocked (the default) and reading every slot
 length, from shapes alone (`jax.eval_shape` of the prefill): a window layer's stop growing at
 its window.
 
+And `sharded`: the report of benchmarks/decode_sharded.py at the same size, run as a
+subprocess on 8 emulated devices (the composition's generate on meshes 8x1, 4x2, 2x4 and 4x2
+FSDP against one device: equal tokens, bytes per device, times).
+
   python benchmarks/decode.py [--size=toy|small] [--output=PATH]
 """
 
@@ -42,10 +46,13 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import json
 import math
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -55,6 +62,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import decode_sharded  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from calm_jax import calm as calm_lib
 from calm_jax import decoding, flops, presets, trainable
@@ -409,9 +417,30 @@ def run(size: str, log: Callable[[str], None] = lambda _: None) -> dict:
   steps = progress(models, settings)
   log(f'progress table in {time.perf_counter() - start:.1f} s')
 
+  start = time.perf_counter()
+  on_meshes = sharded(size)
+  log(f'sharded decoding on {on_meshes["device_count"]} emulated devices in '
+      f'{time.perf_counter() - start:.1f} s')
+
   return {'size': size, **settings, **common.report_header(config, frozen, bridges),
           'design_decode_ratio': list(DESIGN_DECODE_RATIO), 'compile_s': compile_s,
-          'rows': rows, 'ratios': ratios, 'progress': steps, 'window_cache': window_cache()}
+          'rows': rows, 'ratios': ratios, 'progress': steps, 'window_cache': window_cache(),
+          'sharded': on_meshes}
+
+
+def sharded(size: str) -> dict[str, Any]:
+  """The report of benchmarks/decode_sharded.py at `size`, run in a process of 8 emulated
+  devices (this one's device count was fixed when JAX started)."""
+  script = decode_sharded.__file__
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  with tempfile.TemporaryDirectory() as tmp:
+    output = os.path.join(tmp, 'sharded.json')
+    result = subprocess.run([sys.executable, script, f'--size={size}', f'--output={output}'],
+                            capture_output=True, text=True, env=env, check=False)
+    if result.returncode:
+      raise RuntimeError(f'{script} failed:\n{result.stderr[-3000:]}')
+    with open(output) as f:
+      return json.load(f)
 
 
 def _ms(row: dict, key: str, width: int, digits: int) -> str:
@@ -445,6 +474,7 @@ def table(report: dict) -> str:
   for r in report['progress']:
     lines.append(f'  {r["model"]:<8} blocks {str(r["decode_block_size"]):<5} '
                  f'position {r["position"]:>5}: {r["step_s"] * 1e3:8.3f}')
+  lines.append(decode_sharded.table(report['sharded']))
   window = report['window_cache']
   lines.append(f'{window["model"]} cache bytes per layer (window {window["window"]})')
   for r in window['rows']:

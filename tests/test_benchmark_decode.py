@@ -64,3 +64,18 @@ def test_small_benchmark(repo_root, run_benchmark):
   for row in report['window_cache']['rows']:
     assert row['bytes_per_window_layer'] == per_slot * min(row['length'], 4096)
     assert row['bytes_per_global_layer'] == per_slot * row['length']
+
+  # The sharded decode on 8 emulated devices (benchmarks/decode_sharded.py as a subprocess):
+  # every mesh writes the one-device tokens; parameters and cache divide as the rules say.
+  sharded = {r['mesh']: r for r in report['sharded']['rows']}
+  assert report['sharded']['device_count'] == 8
+  assert set(sharded) == {'one device', '1x8x1', '1x4x2', '1x2x4', '1x4x2 fsdp'}
+  assert all(r['tokens_equal'] for r in sharded.values())
+  one = sharded['one device']
+  assert sharded['1x8x1']['params_bytes'] == one['params_bytes']  # Data parallel: replicas.
+  assert sharded['1x8x1']['cache_bytes'] * 8 == one['cache_bytes']  # The batch splits 8 ways.
+  assert (one['params_bytes'] > sharded['1x4x2']['params_bytes']
+          > sharded['1x4x2 fsdp']['params_bytes'])
+  assert sharded['1x2x4']['params_bytes'] < sharded['1x4x2']['params_bytes']
+  for row in sharded.values():
+    assert row['generate_s'] > 0 and row['temp_bytes'] > 0, row
