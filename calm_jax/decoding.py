@@ -156,7 +156,8 @@ def extend(model: nn.Module, params: Any, tokens: Array, positions: Array, cache
 
 def generate(model: nn.Module, params: Any, input_tokens: Array, prompt_mask: Array, *,
              max_decode_len: int, eos_id: int, sampling: Sampling = Sampling(),
-             rng: Array | None = None) -> Array:
+             rng: Array | None = None,
+             constrain_cache: Callable[[Any], Any] | None = None) -> Array:
   """Continues each row's prompt with the KV-cached model.
 
   Args:
@@ -169,6 +170,8 @@ def generate(model: nn.Module, params: Any, input_tokens: Array, prompt_mask: Ar
       when every row has stopped.
     sampling: greedy (default) or sampling with temperature / top-k / top-p.
     rng: PRNG key for sampling; token i uses `fold_in(rng, i)`.
+    constrain_cache: applied to the cache after the prefill and after every step (on a mesh:
+      its layout, `cache_shardings`); None: XLA chooses.
 
   Returns:
     [B, max_decode_len] int32 generated tokens.
@@ -176,8 +179,10 @@ def generate(model: nn.Module, params: Any, input_tokens: Array, prompt_mask: Ar
   if sampling.temperature > 0 and rng is None:
     raise ValueError('sampling with temperature > 0 needs an rng.')
   rng = jax.random.key(0) if rng is None else rng
+  constrain_cache = constrain_cache or (lambda cache: cache)
   batch = input_tokens.shape[0]
   last, logits, cache = prefill(model, params, input_tokens, prompt_mask, max_decode_len)
+  cache = constrain_cache(cache)
   token = sample_tokens(jax.random.fold_in(rng, 0), logits, sampling)
   out = jnp.zeros((batch, max_decode_len), jnp.int32).at[:, 0].set(token)
 
@@ -188,6 +193,7 @@ def generate(model: nn.Module, params: Any, input_tokens: Array, prompt_mask: Ar
   def body(carry):
     i, out, cache, token, done = carry
     logits, cache = extend(model, params, token[:, None], (last + i)[:, None], cache)
+    cache = constrain_cache(cache)
     token = sample_tokens(jax.random.fold_in(rng, i), logits, sampling)
     token = jnp.where(done, 0, token)
     out = out.at[:, i].set(token)
@@ -199,7 +205,8 @@ def generate(model: nn.Module, params: Any, input_tokens: Array, prompt_mask: Ar
 
 def beam_search(model: nn.Module, params: Any, input_tokens: Array, prompt_mask: Array, *,
                 max_decode_len: int, eos_id: int, num_beams: int,
-                length_penalty: float = 0.0) -> tuple[Array, Array]:
+                length_penalty: float = 0.0,
+                constrain_cache: Callable[[Any], Any] | None = None) -> tuple[Array, Array]:
   """Beam search with the KV-cached model.
 
   Beams are ranked by the sum of their tokens' log-probabilities; a beam that emitted EOS keeps
@@ -208,7 +215,8 @@ def beam_search(model: nn.Module, params: Any, input_tokens: Array, prompt_mask:
   With `num_beams = 1` this is greedy decoding.
 
   Args:
-    model, params, input_tokens, prompt_mask, max_decode_len, eos_id: as in `generate`.
+    model, params, input_tokens, prompt_mask, max_decode_len, eos_id, constrain_cache: as in
+      `generate`.
     num_beams: W beams per row (W <= vocabulary size).
     length_penalty: alpha of the length normalisation of the final choice (0: none).
 
@@ -222,7 +230,8 @@ def beam_search(model: nn.Module, params: Any, input_tokens: Array, prompt_mask:
   if width > vocab:
     raise ValueError(f'num_beams {width} exceeds the vocabulary size {vocab}.')
   # Every beam of a row starts from the row's prompt cache.
-  cache = jax.tree.map(lambda x: jnp.repeat(x, width, axis=0), cache)
+  constrain_cache = constrain_cache or (lambda cache: cache)
+  cache = constrain_cache(jax.tree.map(lambda x: jnp.repeat(x, width, axis=0), cache))
   rows = jnp.arange(batch)[:, None]
   pad_only = jnp.full((vocab,), _NEG_INF, jnp.float32).at[0].set(0.0)
 
@@ -234,8 +243,8 @@ def beam_search(model: nn.Module, params: Any, input_tokens: Array, prompt_mask:
     beam, token = flat // vocab, (flat % vocab).astype(jnp.int32)
     done = done[rows, beam] | (token == eos_id)
     seqs = seqs[rows, beam].at[:, :, i].set(token)
-    cache = jax.tree.map(
-        lambda x: x.reshape(batch, width, *x.shape[1:])[rows, beam].reshape(x.shape), cache)
+    cache = constrain_cache(jax.tree.map(
+        lambda x: x.reshape(batch, width, *x.shape[1:])[rows, beam].reshape(x.shape), cache))
     return scores, done, seqs, cache
 
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -341,13 +350,28 @@ def _prune(params: Any, like: Any) -> Any:
 def cache_shardings(cache: Any, mesh: jax.sharding.Mesh, rules: Any) -> Any:
   """Shardings of a decoding cache (arrays or shapes): [B, L, K, H] keys and values as
   ('batch', 'length', 'kv_heads', 'kv'), per-row vectors ([B] prompt lengths, [B, L] read
-  keys) over the batch."""
+  keys) over the batch.
+
+  Where the key/value heads do not divide over the axes `kv_heads` maps to (Gemma-2-9B's 8
+  heads on a model axis of 16), the head dimension `kv` is split over them instead: a step
+  then sums partial attention scores across those devices (a [B, heads, slots] all-reduce
+  per layer) rather than each device holding every head's whole cache.
+  """
+  heads_axes = [(name, axes) for name, axes in rules if name == 'kv_heads' and axes is not None]
+  cache_rules = [('kv', axes) for _, axes in heads_axes] + list(rules)
+
   def sharding(x):
     names = (('batch', 'length', 'kv_heads', 'kv') if len(x.shape) == 4
              else ('batch',) + ('length',) * (len(x.shape) - 1))
     return jax.sharding.NamedSharding(
-        mesh, partitioning.logical_to_spec(names, rules, mesh, x.shape))
+        mesh, partitioning.logical_to_spec(names, cache_rules, mesh, x.shape))
   return jax.tree.map(sharding, cache)
+
+
+def _cache_constraint(mesh: jax.sharding.Mesh, rules: Any) -> Callable[[Any], Any]:
+  """Constrains a decoding cache to `cache_shardings` inside a jitted program."""
+  return lambda cache: jax.lax.with_sharding_constraint(
+      cache, cache_shardings(cache, mesh, rules))
 
 
 def lower_decode_step(model: nn.Module, mesh: jax.sharding.Mesh, rules: Any, batch: int,
@@ -389,21 +413,24 @@ def make_generate_fn(model: nn.Module, *, max_decode_len: int, eos_id: int,
 
   With `mesh` and `rules` (`partitioning.MeshConfig`), the prefill and the decoding loop run
   on the mesh: parameters in their shardings (`shard_params`), the batch over the batch rule's
-  axes (B must divide by their size), heads, MLP and vocabulary over `model`, the model's
-  activation constraints in force; the tokens come back batch-sharded.
+  axes (B must divide by their size), heads, MLP and vocabulary over `model`, the cache in
+  `cache_shardings`, the model's activation constraints in force; the tokens come back
+  batch-sharded.
   """
   if num_beams < 1:
     raise ValueError(f'num_beams must be >= 1, got {num_beams}.')
   if num_beams > 1 and sampling.temperature > 0:
     raise ValueError('beam search does not sample: set temperature 0 or num_beams 1.')
 
+  constrain = None if mesh is None else _cache_constraint(mesh, rules)
+
   def fn(params, input_tokens, prompt_mask, rng):
     if num_beams > 1:
       return beam_search(model, params, input_tokens, prompt_mask,
                          max_decode_len=max_decode_len, eos_id=eos_id, num_beams=num_beams,
-                         length_penalty=length_penalty)[0]
+                         length_penalty=length_penalty, constrain_cache=constrain)[0]
     return generate(model, params, input_tokens, prompt_mask, max_decode_len=max_decode_len,
-                    eos_id=eos_id, sampling=sampling, rng=rng)
+                    eos_id=eos_id, sampling=sampling, rng=rng, constrain_cache=constrain)
 
   if mesh is None:
     return jax.jit(fn)
