@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calm_jax import lora, masks
+from calm_jax import lora, masks, partitioning
 from calm_jax.blocked_attention import blocked_attention, cached_attention
 from calm_jax.layers import RMSNorm, apply_rope, dense
 
@@ -101,6 +101,7 @@ def attend(q: Array, k: Array, v: Array, mask: Any, softcap: float | None = None
   cache's written slots in blocks when it has a block size (same result, cost following the
   current length), else all slots."""
   if isinstance(mask, masks.CacheMask):
+    q = partitioning.constrain_query_to_cache(q, k.shape)  # On a mesh: as the cache splits.
     # A cache of one block or less is one block either way: read whole, without a loop.
     if mask.block_size and mask.slots > mask.block_size:
       return cached_attention(q, k, v, mask, softcap)

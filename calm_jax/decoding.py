@@ -355,16 +355,15 @@ def cache_shardings(cache: Any, mesh: jax.sharding.Mesh, rules: Any) -> Any:
   Where the key/value heads do not divide over the axes `kv_heads` maps to (Gemma-2-9B's 8
   heads on a model axis of 16), the head dimension `kv` is split over them instead: a step
   then sums partial attention scores across those devices (a [B, heads, slots] all-reduce
-  per layer) rather than each device holding every head's whole cache.
+  per layer, `partitioning.constrain_query_to_cache`) rather than each device holding every
+  head's whole cache.
   """
-  heads_axes = [(name, axes) for name, axes in rules if name == 'kv_heads' and axes is not None]
-  cache_rules = [('kv', axes) for _, axes in heads_axes] + list(rules)
-
   def sharding(x):
-    names = (('batch', 'length', 'kv_heads', 'kv') if len(x.shape) == 4
-             else ('batch',) + ('length',) * (len(x.shape) - 1))
+    if len(x.shape) == 4:
+      return jax.sharding.NamedSharding(mesh, partitioning.cache_spec(x.shape, rules, mesh))
+    names = ('batch',) + ('length',) * (len(x.shape) - 1)
     return jax.sharding.NamedSharding(
-        mesh, partitioning.logical_to_spec(names, cache_rules, mesh, x.shape))
+        mesh, partitioning.logical_to_spec(names, rules, mesh, x.shape))
   return jax.tree.map(sharding, cache)
 
 

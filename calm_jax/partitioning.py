@@ -218,6 +218,36 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh,
   return out
 
 
+CACHE_NAMES = ('batch', 'length', 'kv_heads', 'kv')
+
+
+def cache_spec(shape: Sequence[int], rules: Rules, mesh: Any) -> PartitionSpec:
+  """The PartitionSpec of a [B, L, K, H] decoding cache of keys or values on `mesh` (a mesh
+  or an abstract mesh): ('batch', 'length', 'kv_heads', 'kv') under `rules`, except that
+  where the K heads do not divide over the axes `kv_heads` maps to (Gemma-2-9B's 8 on a
+  model axis of 16), the head dimension H is split over them instead."""
+  heads = [('kv', axes) for name, axes in rules if name == 'kv_heads' and axes is not None]
+  return logical_to_spec(CACHE_NAMES, heads + list(rules), mesh, shape)
+
+
+def constrain_query_to_cache(q: jax.Array, cache_shape: Sequence[int]) -> jax.Array:
+  """Queries [B, T, N, H] split along H where a [B, L, K, H] cache is (`cache_spec`), inside
+  `activation_context`; elsewhere `q` unchanged.
+
+  With the cache's H split across devices, so must be the queries' for the scores: each
+  device then sums its share of H and the [B, heads, T, L] scores are all-reduced, where XLA
+  left to itself gathers the whole cache of the layer onto every device.
+  """
+  rules = nn.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty or 'kv' not in {n for n, _ in rules}:
+    return q
+  spec = cache_spec(cache_shape, rules, mesh)
+  if spec[3] is None:
+    return q
+  return jax.lax.with_sharding_constraint(q, PartitionSpec(spec[0], None, None, spec[3]))
+
+
 @contextlib.contextmanager
 def activation_context(mesh: Mesh | None, rules: Rules | None):
   """Makes the model's `nn.with_logical_constraint` calls on activations take effect.

@@ -10,6 +10,8 @@ prompts per mesh, and the sharding the parameters and the output took.
 
 import dataclasses
 import json
+import math
+import re
 
 import flax.linen as nn
 import jax
@@ -89,8 +91,25 @@ def main():
                                       for a in out.sharding.spec]
       row[f'{name}/sharded_params'] = sum(
           1 for x in jax.tree.leaves(placed) if not x.sharding.is_fully_replicated)
+    row['lm/largest_gather'], row['lm/cache_layer'] = _gathers(mesh, rules)
     report['meshes'][key] = row
   print(json.dumps(report))
+
+
+def _gathers(mesh, rules):
+  """(elements of the largest all-gather in the compiled decoding step of the Gemma-like LM,
+  elements of one layer's key cache [B, L, K, H]): a step that gathered a layer's cache onto
+  every device would show one as large as the second."""
+  cache_length = PROMPT + NEW
+  compiled = decoding.lower_decode_step(Transformer(GEMMA_LIKE), mesh, rules, BATCH,
+                                        cache_length).compile()
+  largest = 0
+  for line in compiled.as_text().splitlines():
+    match = re.search(r'= \w+\[([\d,]*)\][^ ]* all-gather', line)
+    if match and match.group(1):
+      largest = max(largest, math.prod(int(d) for d in match.group(1).split(',')))
+  layer = BATCH * cache_length * GEMMA_LIKE.num_kv_heads * GEMMA_LIKE.head_dim
+  return largest, layer
 
 
 if __name__ == '__main__':

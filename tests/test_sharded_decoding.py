@@ -44,3 +44,12 @@ def test_parameters_and_outputs_are_really_sharded(report):
     assert rows[mesh]['composition/sharded_params'] > 0 and rows[mesh]['lm/sharded_params'] > 0
   assert rows['1x4x2 fsdp']['composition/sharded_params'] > rows['1x4x2'][
       'composition/sharded_params']
+
+
+@pytest.mark.slow
+def test_a_decoding_step_never_gathers_a_layers_cache(report):
+  # The Gemma-like LM's 2 key/value heads do not divide a model axis of 4: its cache splits
+  # the head dimension there, and the queries follow, so the step all-reduces scores instead
+  # of gathering a layer's whole cache onto every device (what XLA does left to itself).
+  for mesh, row in report['meshes'].items():
+    assert row['lm/largest_gather'] < row['lm/cache_layer'] / 2, mesh
