@@ -97,17 +97,18 @@ def main():
 
 
 def _gathers(mesh, rules):
-  """(elements of the largest all-gather in the compiled decoding step of the Gemma-like LM,
-  elements of one layer's key cache [B, L, K, H]): a step that gathered a layer's cache onto
-  every device would show one as large as the second."""
+  """(elements of the largest all-gather of a cache-shaped [B', L, K', H'] array in the
+  compiled decoding step of the Gemma-like LM, elements of one layer's key cache [B, L, K, H]):
+  a step that gathered a layer's cache onto every device would show one of its batch share."""
   cache_length = PROMPT + NEW
   compiled = decoding.lower_decode_step(Transformer(GEMMA_LIKE), mesh, rules, BATCH,
                                         cache_length).compile()
   largest = 0
   for line in compiled.as_text().splitlines():
     match = re.search(r'= \w+\[([\d,]*)\][^ ]* all-gather', line)
-    if match and match.group(1):
-      largest = max(largest, math.prod(int(d) for d in match.group(1).split(',')))
+    dims = [int(d) for d in match.group(1).split(',')] if match and match.group(1) else []
+    if len(dims) == 4 and dims[1] == cache_length:
+      largest = max(largest, math.prod(dims))
   layer = BATCH * cache_length * GEMMA_LIKE.num_kv_heads * GEMMA_LIKE.head_dim
   return largest, layer
 
