@@ -24,8 +24,13 @@ length P, with cache length L = P + max_decode_len, measures:
                    analysis of the compiled step / B (which counts a loop body once: exact while
                    the cache fits in one block of `Transformer.decode_block_size` slots).
 
+  bytes per step   the analytic bytes one step reads at the same length (`step_bytes`):
+                   the parameters once (an embedding table only its B looked-up rows, unless
+                   it is also the head) and every cache leaf up to min(length, its slots).
+
 Ratios composed / anchor of each are reported per (B, P), with `wall_over_analytic`: the wall
-ratio over the analytic one (1.0: the composition costs what its FLOPs say).
+ratio over the analytic FLOP one (1.0: the composition costs what its FLOPs say), and
+`wall_over_bytes`: over the bytes one (1.0: it costs what it reads, a memory-bound step).
 
 Two more tables: `progress`, one step of each model at B = 8 in a cache of `progress_cache`
 slots at several positions, blocked (the default) and reading every slot
@@ -237,6 +242,8 @@ def measure(programs: dict[str, Programs], models: dict[str, tuple[nn.Module, An
   token = jnp.ones((batch, 1), jnp.int32)
   state = {}
   steps = min(settings['step_runs'], max_decode_len - 2)
+  cache_shapes = {name: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), cache)
+                  for name, cache in caches.items()}
   for name, cache in caches.items():
     parts = cache_bytes(cache)
     rows[name]['cache_bytes_per_token'] = sum(parts.values()) / (batch * cache_length)
@@ -276,6 +283,9 @@ def measure(programs: dict[str, Programs], models: dict[str, tuple[nn.Module, An
     length = context + 1 + (timed_steps[name] - 1) / 2
     row['step_positions'] = [context, context + timed_steps[name] - 1]
     row['analytic_flops_per_token'] = flops.decode_step_flops(config, int(round(length)))
+    row['analytic_step_bytes'] = step_bytes(models[name][0], models[name][1], cache_shapes[name],
+                                            int(round(length)))
+    row['analytic_step_bytes_total'] = sum(row['analytic_step_bytes'].values())
     row['analytic_flops_per_token_every_slot'] = flops.decode_step_flops(
         config, cache_length, every_slot=True)
     row['step_xla_flops'] = common.xla_flops(programs[name].step)
@@ -292,12 +302,36 @@ def measure(programs: dict[str, Programs], models: dict[str, tuple[nn.Module, An
   return rows
 
 
+def step_bytes(model: nn.Module, params: Any, cache: Any, length: int) -> dict[str, int]:
+  """Analytic bytes one decoding step reads at sequence length `length`, by kind.
+
+  'params': every parameter once, except input embedding tables, of which only the B rows
+  looked up are read (a tied table is also the anchor's head: read whole); 'cache': each [B,
+  L, K, H] cache leaf up to min(length, L) slots per row (a window's ring holds L = window).
+  """
+  batch = jax.tree.leaves(cache)[0].shape[0]
+  anchor = model.config.anchor if isinstance(model, Calm) else model.config
+  total = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = [getattr(k, 'key', None) for k in path]
+    nbytes = leaf.size * leaf.dtype.itemsize
+    if 'input_embedding' in keys:
+      is_head = anchor.tie_embeddings and (not isinstance(model, Calm) or keys[0] == 'anchor')
+      if not is_head:
+        nbytes = batch * leaf.shape[-1] * leaf.dtype.itemsize
+    total += nbytes
+  cached = sum(x.shape[0] * min(length, x.shape[1]) * x.shape[2] * x.shape[3] * x.dtype.itemsize
+               for x in jax.tree.leaves(cache) if x.ndim == 4)
+  return {'params': int(total), 'cache': int(cached)}
+
+
 RATIO_KEYS = {'step_s': 'step_s', 'generate_per_token_s': 'generate_per_token_s',
               'generate_loop_per_token_s': 'generate_loop_per_token_s',
               'analytic_flops': 'analytic_flops_per_token',
               'analytic_flops_every_slot': 'analytic_flops_per_token_every_slot',
               'xla_flops': 'xla_flops_per_token', 'prefill_s': 'prefill_s',
-              'cache_bytes_per_token': 'cache_bytes_per_token'}
+              'cache_bytes_per_token': 'cache_bytes_per_token',
+              'analytic_bytes': 'analytic_step_bytes_total'}
 
 
 def progress(models: dict[str, tuple[nn.Module, Any]], settings: dict[str, Any],
@@ -412,6 +446,7 @@ def run(size: str, log: Callable[[str], None] = lambda _: None) -> dict:
                **{k: composed[v] / anchor[v] for k, v in RATIO_KEYS.items()
                   if v in anchor and v in composed}}
       ratio['wall_over_analytic'] = ratio['step_s'] / ratio['analytic_flops']
+      ratio['wall_over_bytes'] = ratio['step_s'] / ratio['analytic_bytes']
       ratios.append(ratio)
   start = time.perf_counter()
   steps = progress(models, settings)
@@ -460,12 +495,13 @@ def table(report: dict) -> str:
                  f'{r["cache_bytes_per_token"]:>11.0f}')
   low, high = report['design_decode_ratio']
   lines.append(f'composed / anchor (design: decoding {low}-{high}x the anchor per token)')
-  lines.append(f'{"B":>3} {"P":>4} {"step":>6} {"FLOPs":>6} {"wall/FLOPs":>10} {"gen/tok":>7} '
-               f'{"loop/tok":>8} {"prefill":>7} {"cache":>6}')
+  lines.append(f'{"B":>3} {"P":>4} {"step":>6} {"FLOPs":>6} {"wall/FLOPs":>10} {"bytes":>6} '
+               f'{"wall/bytes":>10} {"gen/tok":>7} {"loop/tok":>8} {"prefill":>7} {"cache":>6}')
   fmt = lambda r, k, w, d: f'{r[k]:>{w}.{d}f}' if k in r else f'{"-":>{w}}'
   for r in report['ratios']:
     lines.append(f'{r["batch"]:>3} {r["context"]:>4} {r["step_s"]:>6.2f} '
                  f'{r["analytic_flops"]:>6.3f} {r["wall_over_analytic"]:>10.3f} '
+                 f'{r["analytic_bytes"]:>6.3f} {r["wall_over_bytes"]:>10.3f} '
                  f'{fmt(r, "generate_per_token_s", 7, 2)} '
                  f'{fmt(r, "generate_loop_per_token_s", 8, 2)} {fmt(r, "prefill_s", 7, 2)} '
                  f'{r["cache_bytes_per_token"]:>6.3f}')

@@ -47,6 +47,20 @@ def test_small_benchmark(repo_root, run_benchmark):
   for row in rows.values():
     assert 0.9 <= row['xla_over_analytic'] <= 1.1, row
 
+  # Bytes per step: the anchor (tied embeddings) reads every parameter once; the composition
+  # reads more of both kinds; the cache part grows with the context.
+  params = report['parameters']
+  for (model, batch, context), row in rows.items():
+    read = row['analytic_step_bytes']
+    if model == 'anchor':
+      assert read['params'] == 4 * params['anchor']  # float32
+      assert read['cache'] <= batch * row['cache_length'] * anchor_bytes
+    else:
+      assert read['params'] > 4 * params['anchor'] and read['cache'] > rows[
+          'anchor', batch, context]['analytic_step_bytes']['cache']
+  for ratio in report['ratios']:
+    np.testing.assert_allclose(ratio['wall_over_bytes'], ratio['step_s'] / ratio['analytic_bytes'])
+
   # The per-token target's inputs: wall / analytic ratio of every (B, P).
   for ratio in report['ratios']:
     np.testing.assert_allclose(ratio['wall_over_analytic'],
