@@ -8,7 +8,9 @@ COMMAND = usage.Command(
     summary=('writes a composed checkpoint (anchor, augments, bridges, configuration and '
              'vocabulary in one directory, EXPORT_DIR) from a composition run, and with '
              'SERVING_PROMPT_LENGTH its generate function through jax.export (symbolic batch '
-             'size); --gin.export.saved_model=True adds a TF SavedModel.'),
+             'size); --gin.export.saved_model=True adds a TF SavedModel. With a mesh file '
+             '(--gin_file=meshes/default.gin) it restores and writes on that mesh, shard by '
+             'shard.'),
     run_files=('runs/export.gin',),
     example="""\
 # The composition of the key-value experiment (calm-kv-experiment, EXPERIMENT_DIR=/tmp/calm_kv):
