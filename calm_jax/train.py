@@ -140,14 +140,25 @@ def build_setup(mode: str, *, seed: int, model_config: TransformerConfig | None,
                  trained, anchor, anchor_cfg, lora)
   if not augment_checkpoints:
     raise ValueError('compose needs AUGMENT_CHECKPOINT (or augment_checkpoints).')
-  augments, augment_params = {}, {}
+  augments = {}
   for name, path in augment_checkpoints.items():
-    augments[name], augment_params[name] = checkpoints.load_lm(
-        path, config=(augment_configs or {}).get(name), shardings=lm_shardings)
+    augments[name] = checkpoints.load_lm_config(path)
+    expected = (augment_configs or {}).get(name)
+    if expected is not None and expected != augments[name]:
+      raise checkpoints.CheckpointError(
+          f'LM checkpoint {path} does not match the expected model: (stored, expected) = '
+          f'{augments[name].differences(expected)}.')
   config = CalmConfig(anchor=anchor_cfg, augments=augments, bridges=dict(bridges),
                       augment_as_encoder=augment_as_encoder, own_tokenizer=tuple(own_tokenizer))
-  bridge_shardings = partitioning.param_shardings(
-      calm_lib.abstract_params(config), mesh, rules)['bridge']
+  abstract = calm_lib.abstract_params(config)
+  shardings = partitioning.param_shardings(abstract, mesh, rules)
+  # Only what the composition reads: an augment's head and its layers above the deepest
+  # connection are never restored.
+  augment_params = {name: checkpoints.load_lm(
+      path, config=augments[name], select=nn.unbox(abstract)['augments'][name],
+      shardings=shardings['augments'][name])[1]
+                    for name, path in augment_checkpoints.items()}
+  bridge_shardings = shardings['bridge']
   trained = jax.jit(lambda key: calm_lib.init_bridge_params(config, key),
                     out_shardings={'bridge': bridge_shardings})(jax.random.key(seed))
   return Setup(calm_lib.Calm(config, remat=remat, attention_block_size=block), trained,

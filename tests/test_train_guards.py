@@ -189,3 +189,42 @@ def test_a_chunked_loss_trains_the_same_bridges(two_lms, tmp_path):
                  checkpoints.RunCheckpointer(tmp_path / 'plain').restore_params())
   with pytest.raises(Exception, match='LOSS_CHUNK_SIZE'):
     _compose(tmp_path / 'bad', a, b, loss_chunk_size=-1)
+
+
+def test_compose_restores_only_what_the_composition_reads(tmp_path):
+  # The augment's head and its layers above the deepest connection are never restored into
+  # the frozen tree; what is restored equals the checkpoint.
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from calm_jax import calm as calm_lib  # pylint: disable=g-import-not-at-top
+  from calm_jax.configs import CalmConfig, TransformerConfig  # pylint: disable=g-import-not-at-top
+  from calm_jax.random_init import random_like  # pylint: disable=g-import-not-at-top
+  from calm_jax.transformer import abstract_params  # pylint: disable=g-import-not-at-top
+  anchor = TransformerConfig(vocab_size=64, embed_dim=16, num_layers=2, num_heads=2,
+                             num_kv_heads=2, head_dim=8, mlp_dim=32)
+  augment = dataclasses.replace(anchor, num_layers=4)
+  stored = {}
+  for name, config in (('anchor', anchor), ('augment', augment)):
+    stored[name] = random_like(nn.unbox(abstract_params(config)), seed=len(name))
+    checkpoints.save_lm(tmp_path / name, config, stored[name])
+  bridges = {'aug': BridgeConfig(connections=((1, 1), (2, 2)))}
+  setup = train_lib.build_setup(
+      'compose', seed=0, model_config=None, anchor_checkpoint=str(tmp_path / 'anchor'),
+      augment_checkpoints={'aug': str(tmp_path / 'augment')}, bridges=bridges,
+      augment_as_encoder=False, trainable_patterns=None, anchor_config=None,
+      augment_configs=None)
+  restored = checkpoints.flat_paths(setup.frozen['augments']['aug'])
+  composition = CalmConfig(anchor=anchor, augments={'aug': augment}, bridges=bridges)
+  read = checkpoints.flat_paths(nn.unbox(calm_lib.abstract_params(composition))['augments']['aug'])
+  whole = checkpoints.flat_paths(stored['augment'])
+  assert set(restored) == set(read) and set(read) < set(whole)
+  assert not any(k.startswith(("['layer_3']", "['final_norm']")) for k in restored)
+  for key, value in restored.items():
+    np.testing.assert_array_equal(np.asarray(value), whole[key], err_msg=key)
+  # A frozen checkpoint of another architecture is still refused, naming the difference.
+  with pytest.raises(checkpoints.CheckpointError, match='does not match the expected model'):
+    train_lib.build_setup(
+        'compose', seed=0, model_config=None, anchor_checkpoint=str(tmp_path / 'anchor'),
+        augment_checkpoints={'aug': str(tmp_path / 'augment')}, bridges=bridges,
+        augment_as_encoder=False, trainable_patterns=None, anchor_config=None,
+        augment_configs={'aug': anchor})
