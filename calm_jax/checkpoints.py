@@ -196,10 +196,23 @@ def read_document(path: str | epath.Path, file_name: str, fmt: str, what: str) -
   return document
 
 
-def load_lm_config(path: str | epath.Path) -> TransformerConfig:
-  """Reads the `TransformerConfig` of the LM checkpoint at `path`."""
+def load_lm_config(path: str | epath.Path,
+                   expected: TransformerConfig | None = None) -> TransformerConfig:
+  """Reads the `TransformerConfig` of the LM checkpoint at `path`.
+
+  Raises:
+    CheckpointError: `expected` is given and the stored config differs (naming the fields).
+  """
   document = read_document(path, CONFIG_FILE, FORMAT, 'LM checkpoint')
-  return TransformerConfig.from_dict(document['config'])
+  return _expected(path, TransformerConfig.from_dict(document['config']), expected)
+
+
+def _expected(path: Any, stored: TransformerConfig,
+              expected: TransformerConfig | None) -> TransformerConfig:
+  if expected is not None and expected != stored:
+    raise CheckpointError(f'LM checkpoint {path} does not match the expected model: '
+                          f'(stored, expected) = {stored.differences(expected)}.')
+  return stored
 
 
 def lm_fingerprint(path: str | epath.Path) -> str:
@@ -233,10 +246,7 @@ def load_lm(path: str | epath.Path, *, config: TransformerConfig | None = None,
   """
   path = epath.Path(path)
   document = read_document(path, CONFIG_FILE, FORMAT, 'LM checkpoint')
-  stored = TransformerConfig.from_dict(document['config'])
-  if config is not None and config != stored:
-    raise CheckpointError(f'LM checkpoint {path} does not match the expected model: '
-                          f'(stored, expected) = {stored.differences(config)}.')
+  stored = _expected(path, TransformerConfig.from_dict(document['config']), config)
   params_path = path / PARAMS_DIR
   if not params_path.exists():
     raise CheckpointError(f'{path} has no {PARAMS_DIR}/ directory.')

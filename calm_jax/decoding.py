@@ -283,18 +283,14 @@ def abstract_params_of(model: nn.Module) -> Any:
   return transformer.abstract_params(model.config, getattr(model, 'lora', None))
 
 
-def decoding_mesh(mesh_config: Any, batch_size: int, own_tokenizer: Sequence[str] = ()
-                  ) -> tuple[jax.sharding.Mesh, Any]:
+def decoding_mesh(mesh_config: Any, batch_size: int) -> tuple[jax.sharding.Mesh, Any]:
   """(mesh over every device, rules) of a `partitioning.MeshConfig` for decoding batches of
-  `batch_size` rows (calm-eval, calm-infer).
+  `batch_size` rows (calm-eval, calm-infer; `mesh_placement` refuses the models it cannot
+  decode).
 
   Raises:
-    ValueError: a batch the mesh's replica x data axes do not divide, or a composition whose
-      augment reads its own tokenization (its decoding tokenizes on the host, row by row).
+    ValueError: a batch the mesh's replica x data axes do not divide.
   """
-  if own_tokenizer:
-    raise ValueError(f'decoding on a mesh is not available for augments with their own '
-                     f'tokenizer ({list(own_tokenizer)}): their decoding runs on the host.')
   mesh = partitioning.make_mesh(mesh_config)
   rows = mesh.shape['replica'] * mesh.shape['data']
   if batch_size % rows:

@@ -69,20 +69,21 @@ def read_calm_run(model_dir: str | epath.Path, *, shardings: Any = None
   """
   config = calm_run_config(model_dir)
   document = json.loads((epath.Path(model_dir) / CALM_RUN_FILE).read_text())
-  if shardings is None:
-    anchor = checkpoints.load_lm(document['anchor_checkpoint'], config=config.anchor)[1]
-    augments = {name: checkpoints.load_lm(path, config=dict(config.augments)[name])[1]
-                for name, path in document['augment_checkpoints'].items()}
-    return config, {'anchor': anchor, 'augments': augments}
-  abstract = nn.unbox(calm_lib.abstract_params(config))
-  placed = shardings(Calm(config))
-  anchor = checkpoints.load_lm(document['anchor_checkpoint'], config=config.anchor,
-                               select=abstract['anchor'], shardings=placed['anchor'])[1]
-  augments = {name: checkpoints.load_lm(path, config=dict(config.augments)[name],
-                                        select=abstract['augments'][name],
-                                        shardings=placed['augments'][name])[1]
-              for name, path in document['augment_checkpoints'].items()}
-  return config, {'anchor': anchor, 'augments': augments}
+  abstract = placed = None
+  if shardings is not None:
+    abstract = nn.unbox(calm_lib.abstract_params(config))
+    placed = shardings(Calm(config))
+
+  def load(path, lm_config, part):  # part: the LM's subtree of a composition tree.
+    return checkpoints.load_lm(path, config=lm_config,
+                               select=None if abstract is None else part(abstract),
+                               shardings=None if placed is None else part(placed))[1]
+
+  augment_configs = dict(config.augments)
+  return config, {
+      'anchor': load(document['anchor_checkpoint'], config.anchor, lambda t: t['anchor']),
+      'augments': {name: load(path, augment_configs[name], lambda t, n=name: t['augments'][n])
+                   for name, path in document['augment_checkpoints'].items()}}
 
 
 def calm_run_config(model_dir: str | epath.Path) -> CalmConfig:

@@ -140,14 +140,8 @@ def build_setup(mode: str, *, seed: int, model_config: TransformerConfig | None,
                  trained, anchor, anchor_cfg, lora)
   if not augment_checkpoints:
     raise ValueError('compose needs AUGMENT_CHECKPOINT (or augment_checkpoints).')
-  augments = {}
-  for name, path in augment_checkpoints.items():
-    augments[name] = checkpoints.load_lm_config(path)
-    expected = (augment_configs or {}).get(name)
-    if expected is not None and expected != augments[name]:
-      raise checkpoints.CheckpointError(
-          f'LM checkpoint {path} does not match the expected model: (stored, expected) = '
-          f'{augments[name].differences(expected)}.')
+  augments = {name: checkpoints.load_lm_config(path, (augment_configs or {}).get(name))
+              for name, path in augment_checkpoints.items()}
   config = CalmConfig(anchor=anchor_cfg, augments=augments, bridges=dict(bridges),
                       augment_as_encoder=augment_as_encoder, own_tokenizer=tuple(own_tokenizer))
   abstract = calm_lib.abstract_params(config)
